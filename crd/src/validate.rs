@@ -1,0 +1,427 @@
+//! Validation of `PgBalancerCluster` specs: pure, total, and every error names its field.
+//!
+//! `validate` checks one cluster; `validate_set` adds the checks across the clusters of one file
+//! (names, container names, host ports). Checks against what already runs (ports taken by other
+//! clusters, existing networks) belong to the backends, which use [`claimed_host_ports`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr};
+
+use ipnet::Ipv4Net;
+use thiserror::Error;
+
+use crate::spec::*;
+use crate::PgBalancerCluster;
+
+/// One invalid field.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{field}: {message}")]
+pub struct ValidationError {
+    /// Path of the field, e.g. `spec.replicas`, prefixed with the cluster name when several
+    /// clusters are validated together.
+    pub field: String,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+/// Every invalid field of a cluster or a set of clusters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidationErrors(pub Vec<ValidationError>);
+
+impl fmt::Display for ValidationErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let lines: Vec<String> = self.0.iter().map(ToString::to_string).collect();
+        f.write_str(&lines.join("\n"))
+    }
+}
+
+impl std::error::Error for ValidationErrors {}
+
+/// `postgresql.conf` parameters the planner owns; a user value would break replication,
+/// the images' paths or the balancer.
+pub const MANAGED_PARAMETERS: [&str; 14] = [
+    "listen_addresses",
+    "port",
+    "data_directory",
+    "config_file",
+    "hba_file",
+    "ident_file",
+    "unix_socket_directories",
+    "primary_conninfo",
+    "primary_slot_name",
+    "hot_standby",
+    "wal_level",
+    "password_encryption",
+    "cluster_name",
+    "external_pid_file",
+];
+
+/// Roles created by the images; the application user cannot take these names.
+pub const RESERVED_ROLES: [&str; 3] = ["postgres", "replicator", "pgbalancer_monitor"];
+
+/// Connections kept free for superusers, replication and monitoring when checking the pool budget.
+pub const RESERVED_CONNECTIONS: u32 = 10;
+/// `max_connections` rendered when the user sets none.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 200;
+/// Longest cluster name, so that derived names (`<name>-<ordinal>`, `<name>-balancer-<i>`)
+/// stay valid DNS labels.
+pub const MAX_NAME_LEN: usize = 40;
+
+struct Collector(Vec<ValidationError>);
+
+impl Collector {
+    fn err(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.0.push(ValidationError {
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+}
+
+/// Validates one cluster.
+pub fn validate(cluster: &PgBalancerCluster) -> Result<(), ValidationErrors> {
+    let mut c = Collector(Vec::new());
+    check_cluster(cluster, &mut c);
+    finish(c)
+}
+
+/// Validates the clusters of one file, separately and against each other.
+pub fn validate_set(clusters: &[PgBalancerCluster]) -> Result<(), ValidationErrors> {
+    let mut c = Collector(Vec::new());
+    for cluster in clusters {
+        let mut own = Collector(Vec::new());
+        check_cluster(cluster, &mut own);
+        let name = cluster.metadata.name.clone().unwrap_or_default();
+        for e in own.0 {
+            c.err(format!("{name}: {}", e.field), e.message);
+        }
+    }
+    let mut names = BTreeSet::new();
+    let mut containers: BTreeMap<String, String> = BTreeMap::new();
+    let mut ports: BTreeMap<u16, String> = BTreeMap::new();
+    for cluster in clusters {
+        let name = cluster.metadata.name.clone().unwrap_or_default();
+        if !names.insert(name.clone()) {
+            c.err(format!("{name}: metadata.name"), "two clusters in the file have this name");
+        }
+        for (container, field) in explicit_container_names(&cluster.spec) {
+            if let Some(other) = containers.insert(container.clone(), name.clone()) {
+                if other != name {
+                    c.err(
+                        format!("{name}: {field}"),
+                        format!("container name `{container}` is also used by cluster `{other}`"),
+                    );
+                }
+            }
+        }
+        for (port, field) in claimed_host_ports(&cluster.spec) {
+            if let Some(other) = ports.insert(port, name.clone()) {
+                if other != name {
+                    c.err(
+                        format!("{name}: {field}"),
+                        format!("host port {port} is also claimed by cluster `{other}`"),
+                    );
+                }
+            }
+        }
+    }
+    finish(c)
+}
+
+fn finish(c: Collector) -> Result<(), ValidationErrors> {
+    if c.0.is_empty() {
+        Ok(())
+    } else {
+        Err(ValidationErrors(c.0))
+    }
+}
+
+fn check_cluster(cluster: &PgBalancerCluster, c: &mut Collector) {
+    let name = cluster.metadata.name.as_deref().unwrap_or("");
+    if !is_dns_label(name) || name.len() > MAX_NAME_LEN {
+        c.err(
+            "metadata.name",
+            format!("`{name}` must be 1-{MAX_NAME_LEN} lowercase letters, digits or '-', starting with a letter"),
+        );
+    }
+    let spec = &cluster.spec;
+    if spec.replicas < 0 || spec.replicas > MAX_REPLICAS {
+        c.err("spec.replicas", format!("{} is out of range 0..={MAX_REPLICAS}", spec.replicas));
+    }
+    check_postgres(&spec.postgres, c);
+    check_balancer(spec, c);
+    if let Some(local) = &spec.local {
+        check_local(spec, local, c);
+    }
+}
+
+fn check_postgres(pg: &PostgresSpec, c: &mut Collector) {
+    if !SUPPORTED_POSTGRES_VERSIONS.contains(&pg.version) {
+        c.err(
+            "spec.postgres.version",
+            format!("{} is not supported; use one of {:?}", pg.version, SUPPORTED_POSTGRES_VERSIONS),
+        );
+    }
+    if !is_sql_identifier(&pg.database) {
+        c.err("spec.postgres.database", format!("`{}` must be a lowercase SQL identifier", pg.database));
+    }
+    if !is_sql_identifier(&pg.user) {
+        c.err("spec.postgres.user", format!("`{}` must be a lowercase SQL identifier", pg.user));
+    } else if RESERVED_ROLES.contains(&pg.user.as_str()) {
+        c.err("spec.postgres.user", format!("`{}` is reserved for the cluster's own roles", pg.user));
+    }
+    if !is_quantity(&pg.storage.size) {
+        c.err("spec.postgres.storage.size", format!("`{}` is not a quantity such as 1Gi", pg.storage.size));
+    }
+    for (key, value) in &pg.parameters {
+        let field = format!("spec.postgres.parameters.{key}");
+        if !key.chars().all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '_' || ch == '.')
+            || key.is_empty()
+        {
+            c.err(field, "is not a valid parameter name");
+        } else if MANAGED_PARAMETERS.contains(&key.as_str()) {
+            c.err(field, "is managed by pgbalancer and cannot be set");
+        } else if value.chars().any(|ch| ch == '\n' || ch == '\r' || ch == '\0') {
+            c.err(field, "value must be a single line");
+        }
+    }
+    if let Some(v) = pg.parameters.get("max_connections") {
+        if v.parse::<u32>().map_or(true, |n| n < 20) {
+            c.err("spec.postgres.parameters.max_connections", format!("`{v}` must be a number of at least 20"));
+        }
+    }
+}
+
+fn check_balancer(spec: &PgBalancerClusterSpec, c: &mut Collector) {
+    let b = &spec.balancer;
+    if b.instances < 1 || b.instances > MAX_BALANCER_INSTANCES {
+        c.err(
+            "spec.balancer.instances",
+            format!("{} is out of range 1..={MAX_BALANCER_INSTANCES}", b.instances),
+        );
+    }
+    if b.num_init_children == 0 || b.num_init_children > 2048 {
+        c.err("spec.balancer.numInitChildren", format!("{} is out of range 1..=2048", b.num_init_children));
+    }
+    if b.max_pool == 0 || b.max_pool > 64 {
+        c.err("spec.balancer.maxPool", format!("{} is out of range 1..=64", b.max_pool));
+    }
+    let max_connections = spec
+        .postgres
+        .parameters
+        .get("max_connections")
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(DEFAULT_MAX_CONNECTIONS);
+    let instances = u32::try_from(b.instances.max(1)).unwrap_or(1);
+    let needed = b.num_init_children.saturating_mul(b.max_pool).saturating_mul(instances);
+    let budget = max_connections.saturating_sub(RESERVED_CONNECTIONS);
+    if needed > budget {
+        c.err(
+            "spec.balancer.numInitChildren",
+            format!(
+                "numInitChildren × maxPool × instances = {needed} backend connections exceeds \
+                 max_connections ({max_connections}) minus {RESERVED_CONNECTIONS} reserved; lower them or raise \
+                 spec.postgres.parameters.max_connections"
+            ),
+        );
+    }
+}
+
+fn check_local(spec: &PgBalancerClusterSpec, local: &LocalSpec, c: &mut Collector) {
+    if let Some(addr) = &local.bind_address {
+        if addr.parse::<IpAddr>().is_err() {
+            c.err("spec.local.bindAddress", format!("`{addr}` is not an IP address"));
+        }
+    }
+    if let Some(net) = &local.network.name {
+        if !is_docker_name(net) {
+            c.err("spec.local.network.name", format!("`{net}` is not a valid Docker network name"));
+        }
+    }
+    let subnet = match &local.network.subnet {
+        Some(s) => match s.parse::<Ipv4Net>() {
+            Ok(n) => Some(n),
+            Err(_) => {
+                c.err("spec.local.network.subnet", format!("`{s}` is not an IPv4 CIDR such as 172.30.0.0/16"));
+                None
+            }
+        },
+        None => None,
+    };
+    let mut ips: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
+    let mut check_endpoint = |field: String, name: &Option<String>, host: &Option<String>, ip: &Option<String>, c: &mut Collector| {
+        if let Some(n) = name {
+            if !is_docker_name(n) {
+                c.err(format!("{field}.containerName"), format!("`{n}` is not a valid container name"));
+            }
+        }
+        if let Some(h) = host {
+            if !h.split('.').all(is_hostname_label) {
+                c.err(format!("{field}.hostname"), format!("`{h}` is not a valid hostname"));
+            }
+        }
+        if let Some(ip) = ip {
+            let ip_field = format!("{field}.ip");
+            match ip.parse::<Ipv4Addr>() {
+                Err(_) => c.err(ip_field, format!("`{ip}` is not an IPv4 address")),
+                Ok(addr) => {
+                    match subnet {
+                        None if local.network.subnet.is_none() => {
+                            c.err(ip_field.clone(), "static IPs need spec.local.network.subnet")
+                        }
+                        Some(net) if !net.contains(&addr) || addr == net.network() || addr == net.broadcast() => {
+                            c.err(ip_field.clone(), format!("{addr} is not a host address of subnet {net}"))
+                        }
+                        Some(net) if addr == gateway(net) => c.err(
+                            ip_field.clone(),
+                            format!("{addr} is the gateway of {net}, which Docker reserves"),
+                        ),
+                        _ => {}
+                    }
+                    if let Some(other) = ips.insert(addr, ip_field.clone()) {
+                        c.err(ip_field, format!("{addr} is also given to {other}"));
+                    }
+                }
+            }
+        }
+    };
+    let mut ordinals = BTreeSet::new();
+    for (i, inst) in local.instances.iter().enumerate() {
+        let field = format!("spec.local.instances[{i}]");
+        if !ordinals.insert(inst.ordinal) {
+            c.err(format!("{field}.ordinal"), format!("ordinal {} appears twice", inst.ordinal));
+        }
+        check_endpoint(field, &inst.container_name, &inst.hostname, &inst.ip, c);
+    }
+    if let Some(b) = &local.balancer {
+        check_endpoint("spec.local.balancer".into(), &b.container_name, &b.hostname, &b.ip, c);
+    }
+    let mut seen: BTreeMap<u16, String> = BTreeMap::new();
+    for (port, field) in claimed_host_ports(spec) {
+        if port == 0 {
+            c.err(field, "port 0 is not a host port; leave it out to let Docker choose");
+        } else if let Some(other) = seen.insert(port, field.clone()) {
+            c.err(field, format!("host port {port} is also used by {other}"));
+        }
+    }
+    if let Some(base) = local.ports.postgres {
+        if u32::from(base) + u32::try_from(spec.replicas.max(0)).unwrap_or(0) > 65535 {
+            c.err("spec.local.ports.postgres", format!("{base} + replicas goes past port 65535"));
+        }
+    }
+}
+
+/// The gateway Docker gives a subnet: its first host address.
+pub fn gateway(net: Ipv4Net) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(net.network()) + 1)
+}
+
+impl LocalSpec {
+    /// Host port of PostgreSQL instance `ordinal`: its explicit port, else `ports.postgres + ordinal`.
+    pub fn instance_port(&self, ordinal: u32) -> Option<u16> {
+        let explicit = self.instances.iter().find(|i| i.ordinal == ordinal).and_then(|i| i.port);
+        explicit.or_else(|| {
+            self.ports
+                .postgres
+                .and_then(|p| u16::try_from(u32::from(p) + ordinal).ok())
+        })
+    }
+
+    /// The explicit entry for instance `ordinal`, if any.
+    pub fn instance(&self, ordinal: u32) -> Option<&LocalInstance> {
+        self.instances.iter().find(|i| i.ordinal == ordinal)
+    }
+}
+
+/// Offsets a base port by `index`, for balancer instances.
+pub fn offset_port(base: Option<u16>, index: u32) -> Option<u16> {
+    base.and_then(|p| u16::try_from(u32::from(p) + index).ok())
+}
+
+/// Every fixed host port a cluster publishes, with the field that asks for it.
+pub fn claimed_host_ports(spec: &PgBalancerClusterSpec) -> Vec<(u16, String)> {
+    let Some(local) = &spec.local else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for ordinal in 0..=u32::try_from(spec.replicas.max(0)).unwrap_or(0) {
+        if let Some(p) = local.instance_port(ordinal) {
+            let field = match local.instances.iter().position(|i| i.ordinal == ordinal && i.port.is_some()) {
+                Some(i) => format!("spec.local.instances[{i}].port"),
+                None => format!("spec.local.ports.postgres (instance {ordinal})"),
+            };
+            out.push((p, field));
+        }
+    }
+    for i in 0..u32::try_from(spec.balancer.instances.max(1)).unwrap_or(1) {
+        for (base, name) in [(local.ports.balancer, "balancer"), (local.ports.pcp, "pcp")] {
+            if let Some(p) = offset_port(base, i) {
+                out.push((p, format!("spec.local.ports.{name} (balancer {i})")));
+            }
+        }
+    }
+    out
+}
+
+/// Every explicit container name of a cluster, with its field.
+pub fn explicit_container_names(spec: &PgBalancerClusterSpec) -> Vec<(String, String)> {
+    let Some(local) = &spec.local else {
+        return Vec::new();
+    };
+    let mut out: Vec<(String, String)> = local
+        .instances
+        .iter()
+        .enumerate()
+        .filter_map(|(i, inst)| {
+            inst.container_name
+                .clone()
+                .map(|n| (n, format!("spec.local.instances[{i}].containerName")))
+        })
+        .collect();
+    if let Some(n) = local.balancer.as_ref().and_then(|b| b.container_name.clone()) {
+        out.push((n, "spec.local.balancer.containerName".into()));
+    }
+    out
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.starts_with(|c: char| c.is_ascii_lowercase())
+        && !s.ends_with('-')
+        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+fn is_hostname_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+}
+
+fn is_docker_name(s: &str) -> bool {
+    s.len() >= 2
+        && s.len() <= 128
+        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
+fn is_sql_identifier(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+fn is_quantity(s: &str) -> bool {
+    let digits_end = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (number, suffix) = s.split_at(digits_end);
+    !number.is_empty()
+        && number.parse::<f64>().is_ok()
+        && ["", "Ki", "Mi", "Gi", "Ti", "Pi", "k", "M", "G", "T", "P"].contains(&suffix)
+}
+
+#[cfg(test)]
+mod tests;
