@@ -1,1 +1,18 @@
-fn main(){}
+//! `pgbalancer`: the command-line entry point.
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use pgbalancer_controller::cli::{run, Cli};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    run(Cli::parse()).await
+}

@@ -1,0 +1,59 @@
+//! Errors of the Docker backend.
+
+use thiserror::Error;
+
+use crate::backend::BackendError;
+
+/// A failure talking to the Docker engine or to the containers.
+#[derive(Debug, Error)]
+pub enum DockerError {
+    /// The engine could not be reached at all.
+    #[error("cannot reach the Docker engine ({hint})")]
+    Connect {
+        hint: String,
+        #[source]
+        source: bollard::errors::Error,
+    },
+    /// An engine API call failed.
+    #[error("docker: {what}")]
+    Api {
+        what: String,
+        #[source]
+        source: bollard::errors::Error,
+    },
+    /// A command run inside a container exited non-zero.
+    #[error("`{command}` in {container} exited with {code}: {output}")]
+    Exec {
+        container: String,
+        command: String,
+        code: i64,
+        output: String,
+    },
+    /// A SQL probe or statement failed.
+    #[error("{what}")]
+    Sql {
+        what: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// Something the plan needs is missing or taken.
+    #[error("{0}")]
+    Conflict(String),
+    /// A container expected by an action does not exist (yet).
+    #[error("container for {0} not found")]
+    Missing(String),
+}
+
+impl DockerError {
+    /// Wraps an engine error with what was being done.
+    pub fn api(what: impl Into<String>) -> impl FnOnce(bollard::errors::Error) -> DockerError {
+        let what = what.into();
+        move |source| DockerError::Api { what, source }
+    }
+}
+
+impl BackendError for DockerError {
+    fn is_transient(&self) -> bool {
+        matches!(self, DockerError::Exec { .. } | DockerError::Sql { .. } | DockerError::Missing(_))
+    }
+}

@@ -1,0 +1,422 @@
+//! The Docker backend: containers, volumes and a network through bollard, observed through
+//! the engine (labels, state, published ports) and SQL over the published ports.
+//!
+//! Ownership is by label (`app.kubernetes.io/instance=<cluster>` and friends), never by name,
+//! so renamed or orphaned objects are still found and removed.
+
+mod error;
+mod exec;
+pub mod images;
+pub mod objects;
+pub mod preflight;
+mod sql;
+
+use std::collections::HashMap;
+
+use bollard::models::{ContainerSummary, Ipam, IpamConfig, NetworkCreateRequest, VolumeCreateRequest};
+use bollard::query_parameters::{
+    CreateContainerOptions, ListContainersOptions, RemoveContainerOptions, RemoveVolumeOptions,
+    StopContainerOptions, UploadToContainerOptions,
+};
+use bollard::Docker;
+use futures::future::join_all;
+
+pub use error::DockerError;
+
+use crate::backend::{Action, Backend, Observed, ObservedBalancer, ObservedInstance};
+use crate::credentials::Credentials;
+use crate::labels;
+use crate::plan::{Plan, BALANCER_PORT, PCP_PORT, PCP_USER, POSTGRES_PORT, SUPERUSER};
+use crate::render::CONFIG_DIR;
+
+/// Connects to the engine named by `DOCKER_HOST` (or the local socket) and settles the API
+/// version with it.
+pub async fn connect() -> Result<Docker, DockerError> {
+    let hint = || {
+        let at = std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into());
+        format!("{at}; start dockerd or set DOCKER_HOST")
+    };
+    let docker = Docker::connect_with_local_defaults().map_err(|source| DockerError::Connect { hint: hint(), source })?;
+    let docker = docker
+        .negotiate_version()
+        .await
+        .map_err(|source| DockerError::Connect { hint: hint(), source })?;
+    docker
+        .ping()
+        .await
+        .map_err(|source| DockerError::Connect { hint: hint(), source })?;
+    Ok(docker)
+}
+
+/// Docker backend for one cluster's credentials.
+pub struct DockerBackend {
+    docker: Docker,
+    creds: Credentials,
+}
+
+impl DockerBackend {
+    /// A backend using `docker` with the cluster's credentials.
+    pub fn new(docker: Docker, creds: Credentials) -> Self {
+        Self { docker, creds }
+    }
+
+    /// The engine client.
+    pub fn docker(&self) -> &Docker {
+        &self.docker
+    }
+
+    async fn containers(&self, cluster: &str) -> Result<Vec<ContainerSummary>, DockerError> {
+        list_owned(&self.docker, Some(cluster)).await
+    }
+
+    async fn container_of(&self, plan: &Plan, component: &str, ordinal: u32) -> Result<String, DockerError> {
+        self.containers(&plan.cluster)
+            .await?
+            .into_iter()
+            .find(|c| label(c, labels::COMPONENT) == Some(component) && ordinal_of(c) == Some(ordinal))
+            .and_then(|c| c.id)
+            .ok_or_else(|| DockerError::Missing(format!("{component} {ordinal}")))
+    }
+
+    async fn observe_instance(&self, plan: &Plan, c: &ContainerSummary, ordinal: u32) -> ObservedInstance {
+        let (state, health) = state_and_health(c);
+        let running = state == "running";
+        let up_to_date = plan
+            .instance(ordinal)
+            .is_none_or(|inst| label(c, labels::CONFIG_HASH) == Some(objects::instance_hash(plan, inst).as_str()));
+        let host_port = public_port(c, POSTGRES_PORT);
+        let mut seen = ObservedInstance {
+            name: container_name(c),
+            state,
+            health,
+            running,
+            up_to_date,
+            host_port,
+            ..Default::default()
+        };
+        if let (true, Some(port)) = (running, host_port) {
+            let client = sql::connect(plan.connect_address(), port, SUPERUSER, &self.creds.superuser_password, "postgres").await;
+            if let Ok(client) = client {
+                seen.accepting = true;
+                seen.in_recovery = sql::in_recovery(&client).await.ok();
+            }
+        }
+        seen
+    }
+
+    async fn observe_balancer(&self, plan: &Plan, c: &ContainerSummary, index: u32) -> ObservedBalancer {
+        let (state, health) = state_and_health(c);
+        let running = state == "running";
+        let up_to_date = plan
+            .balancer
+            .instances
+            .get(index as usize)
+            .is_none_or(|b| label(c, labels::CONFIG_HASH) == Some(objects::balancer_hash(plan, b).as_str()));
+        let host_port = public_port(c, BALANCER_PORT);
+        let mut seen = ObservedBalancer {
+            name: container_name(c),
+            state,
+            health,
+            running,
+            up_to_date,
+            host_port,
+            ..Default::default()
+        };
+        if let (true, Some(port)) = (running, host_port) {
+            let client = sql::connect(
+                plan.connect_address(),
+                port,
+                &plan.postgres.user,
+                &self.creds.app_password,
+                &plan.postgres.database,
+            )
+            .await;
+            if let Ok(client) = client {
+                if let Ok(nodes) = sql::pool_nodes(&client).await {
+                    seen.routing = client.simple_query("SELECT 1").await.is_ok();
+                    seen.nodes = nodes;
+                }
+            }
+        }
+        seen
+    }
+
+    async fn create_instance(&self, plan: &Plan, ordinal: u32) -> Result<(), DockerError> {
+        let inst = plan.instance(ordinal).ok_or_else(|| DockerError::Missing(format!("instance {ordinal}")))?;
+        let volume = objects::volume_name(&plan.cluster, ordinal);
+        self.docker
+            .create_volume(VolumeCreateRequest {
+                name: Some(volume.clone()),
+                labels: Some(objects::instance_labels(plan, inst)),
+                ..Default::default()
+            })
+            .await
+            .map_err(DockerError::api(format!("create volume {volume}")))?;
+        let body = objects::instance_container(plan, inst);
+        self.create_and_start(&inst.container, body, objects::instance_files(plan, &self.creds)).await
+    }
+
+    async fn create_balancer(&self, plan: &Plan, index: u32) -> Result<(), DockerError> {
+        let b = plan
+            .balancer
+            .instances
+            .get(index as usize)
+            .ok_or_else(|| DockerError::Missing(format!("balancer {index}")))?;
+        let body = objects::balancer_container(plan, b);
+        self.create_and_start(&b.container, body, objects::balancer_files(plan, &self.creds)).await
+    }
+
+    async fn create_and_start(&self, name: &str, body: bollard::models::ContainerCreateBody, files: Vec<u8>) -> Result<(), DockerError> {
+        let created = self
+            .docker
+            .create_container(Some(CreateContainerOptions { name: Some(name.to_owned()), ..Default::default() }), body)
+            .await
+            .map_err(DockerError::api(format!("create container {name}")))?;
+        self.upload(&created.id, files).await?;
+        self.docker
+            .start_container(&created.id, None)
+            .await
+            .map_err(DockerError::api(format!("start container {name}")))
+    }
+
+    async fn upload(&self, container: &str, files: Vec<u8>) -> Result<(), DockerError> {
+        self.docker
+            .upload_to_container(
+                container,
+                Some(UploadToContainerOptions { path: CONFIG_DIR.into(), ..Default::default() }),
+                bollard::body_full(files.into()),
+            )
+            .await
+            .map_err(DockerError::api(format!("upload configuration to {container}")))
+    }
+
+    async fn remove_container(&self, id: &str) -> Result<(), DockerError> {
+        // A clean stop first: PostgreSQL checkpoints, pgpool closes its sessions.
+        let _ = self
+            .docker
+            .stop_container(id, Some(StopContainerOptions { t: Some(30), ..Default::default() }))
+            .await;
+        self.docker
+            .remove_container(id, Some(RemoveContainerOptions { force: true, v: true, ..Default::default() }))
+            .await
+            .map_err(DockerError::api(format!("remove container {id}")))
+    }
+
+    async fn remove_instance(&self, plan: &Plan, ordinal: u32) -> Result<(), DockerError> {
+        if let Ok(id) = self.container_of(plan, labels::POSTGRES, ordinal).await {
+            self.remove_container(&id).await?;
+        }
+        let volume = objects::volume_name(&plan.cluster, ordinal);
+        match self.docker.remove_volume(&volume, Some(RemoveVolumeOptions { force: true })).await {
+            Ok(()) | Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => {}
+            Err(e) => return Err(DockerError::api(format!("remove volume {volume}"))(e)),
+        }
+        self.drop_slot(plan, ordinal).await
+    }
+
+    /// Drops the removed replica's slot on the primary so it does not pin WAL.
+    async fn drop_slot(&self, plan: &Plan, ordinal: u32) -> Result<(), DockerError> {
+        let primary = plan.primary();
+        let Some(port) = self
+            .containers(&plan.cluster)
+            .await?
+            .iter()
+            .find(|c| label(c, labels::COMPONENT) == Some(labels::POSTGRES) && ordinal_of(c) == Some(primary.ordinal))
+            .and_then(|c| public_port(c, POSTGRES_PORT))
+        else {
+            return Ok(());
+        };
+        let client = sql::connect(plan.connect_address(), port, SUPERUSER, &self.creds.superuser_password, "postgres").await?;
+        let slot = format!("instance_{ordinal}");
+        for _ in 0..50 {
+            if sql::drop_slot(&client, &slot).await? {
+                return Ok(());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        Err(DockerError::Conflict(format!("replication slot {slot} is still in use")))
+    }
+
+    async fn pcp(&self, plan: &Plan, index: u32, tool: &str, node: Option<u32>) -> Result<(), DockerError> {
+        let id = self.container_of(plan, labels::BALANCER, index).await?;
+        let port = PCP_PORT.to_string();
+        let node = node.map(|n| n.to_string());
+        let mut cmd = vec![tool, "-w", "-h", "127.0.0.1", "-p", &port, "-U", PCP_USER];
+        if let Some(n) = &node {
+            cmd.extend(["-n", n]);
+        }
+        exec::run(&self.docker, &id, &cmd).await.map(|_| ())
+    }
+
+    async fn update_backends(&self, plan: &Plan, index: u32) -> Result<(), DockerError> {
+        let id = self.container_of(plan, labels::BALANCER, index).await?;
+        self.upload(&id, objects::balancer_files(plan, &self.creds)).await?;
+        self.pcp(plan, index, "pcp_reload_config", None).await
+    }
+
+    async fn replace(&self, plan: &Plan, component: &str, ordinal: u32) -> Result<(), DockerError> {
+        if let Ok(id) = self.container_of(plan, component, ordinal).await {
+            self.remove_container(&id).await?;
+        }
+        if component == labels::POSTGRES {
+            self.create_instance(plan, ordinal).await
+        } else {
+            self.create_balancer(plan, ordinal).await
+        }
+    }
+
+    async fn start(&self, plan: &Plan, component: &str, ordinal: u32) -> Result<(), DockerError> {
+        let id = self.container_of(plan, component, ordinal).await?;
+        self.docker
+            .start_container(&id, None)
+            .await
+            .map_err(DockerError::api(format!("start {component} {ordinal}")))
+    }
+
+    async fn ensure_network(&self, plan: &Plan) -> Result<(), DockerError> {
+        let request = NetworkCreateRequest {
+            name: plan.local.network.clone(),
+            driver: Some("bridge".into()),
+            labels: Some(labels::cluster(&plan.cluster).into_iter().collect()),
+            ipam: plan.local.subnet.as_ref().map(|subnet| Ipam {
+                config: Some(vec![IpamConfig { subnet: Some(subnet.clone()), ..Default::default() }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        match self.docker.create_network(request).await {
+            Ok(_) | Err(bollard::errors::Error::DockerResponseServerError { status_code: 409, .. }) => Ok(()),
+            Err(e) => Err(DockerError::api(format!("create network {}", plan.local.network))(e)),
+        }
+    }
+}
+
+impl Backend for DockerBackend {
+    type Error = DockerError;
+
+    async fn observe(&self, plan: &Plan) -> Result<Observed, DockerError> {
+        let network = match self.docker.inspect_network(&plan.local.network, None).await {
+            Ok(_) => true,
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => false,
+            Err(e) => return Err(DockerError::api("inspect network")(e)),
+        };
+        let containers = self.containers(&plan.cluster).await?;
+        let instance_probes = containers
+            .iter()
+            .filter(|c| label(c, labels::COMPONENT) == Some(labels::POSTGRES))
+            .filter_map(|c| ordinal_of(c).map(|o| (c, o)))
+            .map(|(c, o)| async move { (o, self.observe_instance(plan, c, o).await) });
+        let balancer_probes = containers
+            .iter()
+            .filter(|c| label(c, labels::COMPONENT) == Some(labels::BALANCER))
+            .filter_map(|c| ordinal_of(c).map(|o| (c, o)))
+            .map(|(c, o)| async move { (o, self.observe_balancer(plan, c, o).await) });
+        let (instances, balancers) = futures::join!(join_all(instance_probes), join_all(balancer_probes));
+        let mut observed = Observed {
+            network,
+            instances: instances.into_iter().collect(),
+            balancers: balancers.into_iter().collect(),
+        };
+        // Replication as the current primary sees it.
+        let primary_port = observed
+            .instances
+            .values()
+            .find(|i| i.in_recovery == Some(false))
+            .and_then(|i| i.host_port);
+        if let Some(port) = primary_port {
+            if let Ok(client) =
+                sql::connect(plan.connect_address(), port, SUPERUSER, &self.creds.superuser_password, "postgres").await
+            {
+                if let Ok(standbys) = sql::replication(&client).await {
+                    for (ordinal, seen) in observed.instances.iter_mut() {
+                        let name = format!("{}-{ordinal}", plan.cluster);
+                        if let Some((state, lag)) = standbys.get(&name) {
+                            seen.streaming = state == "streaming";
+                            seen.lag_bytes = Some(*lag);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(observed)
+    }
+
+    async fn apply(&self, plan: &Plan, action: Action) -> Result<(), DockerError> {
+        match action {
+            Action::EnsureNetwork => self.ensure_network(plan).await,
+            Action::CreateInstance(o) => self.create_instance(plan, o).await,
+            Action::ReplaceInstance(o) => self.replace(plan, labels::POSTGRES, o).await,
+            Action::StartInstance(o) => self.start(plan, labels::POSTGRES, o).await,
+            Action::RemoveInstance(o) => self.remove_instance(plan, o).await,
+            Action::CreateBalancer(i) => self.create_balancer(plan, i).await,
+            Action::ReplaceBalancer(i) => self.replace(plan, labels::BALANCER, i).await,
+            Action::StartBalancer(i) => self.start(plan, labels::BALANCER, i).await,
+            Action::RemoveBalancer(i) => {
+                let id = self.container_of(plan, labels::BALANCER, i).await?;
+                self.remove_container(&id).await
+            }
+            Action::UpdateBackends(i) => self.update_backends(plan, i).await,
+            Action::AttachBackend { balancer, slot } => self.pcp(plan, balancer, "pcp_attach_node", Some(slot)).await,
+            Action::DetachBackend { balancer, slot } => self.pcp(plan, balancer, "pcp_detach_node", Some(slot)).await,
+        }
+    }
+}
+
+/// Containers managed by this project, of one cluster or of all.
+pub async fn list_owned(docker: &Docker, cluster: Option<&str>) -> Result<Vec<ContainerSummary>, DockerError> {
+    let mut label_filters = vec![format!("{}={}", labels::MANAGED_BY, labels::MANAGER)];
+    if let Some(cluster) = cluster {
+        label_filters.push(format!("{}={cluster}", labels::INSTANCE));
+    }
+    docker
+        .list_containers(Some(ListContainersOptions {
+            all: true,
+            filters: Some(HashMap::from([("label".to_owned(), label_filters)])),
+            ..Default::default()
+        }))
+        .await
+        .map_err(DockerError::api("list containers"))
+}
+
+/// Engine state and health of a container from its summary.
+fn state_and_health(c: &ContainerSummary) -> (String, String) {
+    let state = c.state.as_ref().map(|s| s.to_string()).unwrap_or_default();
+    let status = c.status.clone().unwrap_or_default();
+    let health = if status.contains("(healthy)") {
+        "healthy"
+    } else if status.contains("(unhealthy)") {
+        "unhealthy"
+    } else if status.contains("health: starting") {
+        "starting"
+    } else {
+        ""
+    };
+    (state, health.to_owned())
+}
+
+/// Value of label `key` on a container.
+pub fn label<'a>(c: &'a ContainerSummary, key: &str) -> Option<&'a str> {
+    c.labels.as_ref().and_then(|l| l.get(key)).map(String::as_str)
+}
+
+fn ordinal_of(c: &ContainerSummary) -> Option<u32> {
+    label(c, labels::ORDINAL).and_then(|o| o.parse().ok())
+}
+
+/// Name of a container without Docker's leading slash.
+pub fn container_name(c: &ContainerSummary) -> String {
+    c.names
+        .as_ref()
+        .and_then(|n| n.first())
+        .map(|n| n.trim_start_matches('/').to_owned())
+        .unwrap_or_default()
+}
+
+/// Host port published for `private` (TCP), if any.
+pub fn public_port(c: &ContainerSummary, private: u16) -> Option<u16> {
+    c.ports
+        .as_ref()?
+        .iter()
+        .find(|p| p.private_port == private && p.public_port.is_some())
+        .and_then(|p| p.public_port)
+}

@@ -1,0 +1,279 @@
+//! Operations of local mode shared by both command-line front ends: apply clusters (validate,
+//! check, store, converge), observe one, and remove one.
+//!
+//! Every input check happens before the first change, so a refused command leaves Docker and
+//! the state directory exactly as they were.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bollard::query_parameters::{ListNetworksOptions, ListVolumesOptions, RemoveVolumeOptions};
+use bollard::Docker;
+use futures::future::join_all;
+use pgbalancer_crd::validate::validate_set;
+use pgbalancer_crd::PgBalancerCluster;
+use thiserror::Error;
+
+use crate::backend::docker::{self, list_owned, preflight, DockerBackend, DockerError};
+use crate::backend::{Backend, Observed};
+use crate::credentials::Credentials;
+use crate::labels;
+use crate::local::state::{StateDir, StateError, StoredCluster};
+use crate::plan::Plan;
+use crate::reconcile::{converge, ConvergeError};
+
+/// Why a local operation failed.
+#[derive(Debug, Error)]
+pub enum OpError {
+    /// The input is wrong; nothing was changed.
+    #[error("{0}")]
+    Input(String),
+    /// Docker failed.
+    #[error(transparent)]
+    Docker(#[from] DockerError),
+    /// The state directory failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// A cluster did not become ready.
+    #[error("cluster {cluster}: {source}")]
+    Converge {
+        cluster: String,
+        #[source]
+        source: ConvergeError<DockerError>,
+    },
+}
+
+/// A cluster as stored and as observed.
+pub struct ClusterView {
+    /// What was stored by `up`.
+    pub stored: StoredCluster,
+    /// Its plan.
+    pub plan: Plan,
+    /// What runs.
+    pub observed: Observed,
+}
+
+/// What `down` removed.
+#[derive(Debug, Default)]
+pub struct DownReport {
+    /// Containers removed.
+    pub containers: Vec<String>,
+    /// Volumes removed.
+    pub volumes: Vec<String>,
+    /// Networks removed.
+    pub networks: Vec<String>,
+    /// Networks kept because another cluster still uses them.
+    pub kept_networks: Vec<String>,
+}
+
+/// Local mode bound to an engine and a state directory.
+pub struct Local {
+    docker: Docker,
+    state: StateDir,
+}
+
+impl Local {
+    /// Connects to Docker and opens the state directory from the environment.
+    pub async fn connect() -> Result<Self, OpError> {
+        Ok(Self { docker: docker::connect().await?, state: StateDir::from_env() })
+    }
+
+    /// The engine client.
+    pub fn docker(&self) -> &Docker {
+        &self.docker
+    }
+
+    /// The state directory.
+    pub fn state(&self) -> &StateDir {
+        &self.state
+    }
+
+    /// The stored cluster `name`, or an input error listing the known ones.
+    pub fn stored(&self, name: &str) -> Result<StoredCluster, OpError> {
+        self.state.load(name)?.ok_or_else(|| {
+            let known = self.state.names().unwrap_or_default();
+            OpError::Input(if known.is_empty() {
+                format!("no cluster named `{name}` (none is running; start one with `pgbalancer up -f FILE`)")
+            } else {
+                format!("no cluster named `{name}`; known clusters: {}", known.join(", "))
+            })
+        })
+    }
+
+    /// Validates, checks, stores and converges `clusters`; returns each one's final view.
+    pub async fn apply(
+        &self,
+        clusters: Vec<PgBalancerCluster>,
+        seed_file: Option<PathBuf>,
+        timeout: Duration,
+        report: &(dyn Fn(&str, &str) + Sync),
+    ) -> Result<Vec<ClusterView>, OpError> {
+        validate_set(&clusters).map_err(|e| OpError::Input(e.to_string()))?;
+        let mut prepared = Vec::new();
+        for cluster in clusters {
+            let name = cluster.metadata.name.clone().unwrap_or_default();
+            let previous = self.state.load(&name)?;
+            let (credentials, primary) = match &previous {
+                Some(p) => (p.credentials.clone(), p.primary),
+                None => {
+                    self.refuse_foreign_data(&name).await?;
+                    (Credentials::generate(), 0)
+                }
+            };
+            let plan = Plan::new(&cluster, primary);
+            let stored = StoredCluster {
+                cluster: cluster.clone(),
+                credentials,
+                primary,
+                seed_file: seed_file.clone().or(previous.and_then(|p| p.seed_file)),
+            };
+            prepared.push((cluster, plan, stored));
+        }
+        let pairs: Vec<(PgBalancerCluster, Plan)> = prepared.iter().map(|(c, p, _)| (c.clone(), p.clone())).collect();
+        let problems = preflight::check(&self.docker, &pairs).await?;
+        if !problems.is_empty() {
+            return Err(OpError::Input(problems.join("\n")));
+        }
+        for (_, _, stored) in &prepared {
+            self.state.save(stored)?;
+        }
+        let runs = prepared.into_iter().map(|(_, plan, stored)| async move {
+            let backend = DockerBackend::new(self.docker.clone(), stored.credentials.clone());
+            let name = plan.cluster.clone();
+            let observed = converge(&backend, &plan, timeout, |line| report(&name, line))
+                .await
+                .map_err(|source| OpError::Converge { cluster: name.clone(), source })?;
+            Ok::<_, OpError>(ClusterView { stored, plan, observed })
+        });
+        join_all(runs).await.into_iter().collect()
+    }
+
+    /// Data volumes of `name` without stored credentials would be unusable: refuse instead of
+    /// generating passwords that do not match them.
+    async fn refuse_foreign_data(&self, name: &str) -> Result<(), OpError> {
+        let volumes = self.owned_volumes(name).await?;
+        if volumes.is_empty() {
+            return Ok(());
+        }
+        Err(OpError::Input(format!(
+            "volumes of cluster `{name}` exist ({}) but its credentials are not in {}; \
+             restore that directory, or delete the old data with `pgbalancer down {name}`",
+            volumes.join(", "),
+            self.state.root().display()
+        )))
+    }
+
+    async fn owned_volumes(&self, name: &str) -> Result<Vec<String>, OpError> {
+        let filters = HashMap::from([(
+            "label".to_owned(),
+            vec![format!("{}={}", labels::MANAGED_BY, labels::MANAGER), format!("{}={name}", labels::INSTANCE)],
+        )]);
+        let volumes = self
+            .docker
+            .list_volumes(Some(ListVolumesOptions { filters: Some(filters) }))
+            .await
+            .map_err(DockerError::api("list volumes"))?;
+        Ok(volumes.volumes.unwrap_or_default().into_iter().map(|v| v.name).collect())
+    }
+
+    /// Observes cluster `name`.
+    pub async fn view(&self, name: &str) -> Result<ClusterView, OpError> {
+        let stored = self.stored(name)?;
+        let plan = Plan::new(&stored.cluster, stored.primary);
+        let backend = DockerBackend::new(self.docker.clone(), stored.credentials.clone());
+        let observed = backend.observe(&plan).await?;
+        Ok(ClusterView { stored, plan, observed })
+    }
+
+    /// Removes everything cluster `name` owns; with `keep_data` its volumes and state stay.
+    pub async fn down(&self, name: &str, keep_data: bool) -> Result<DownReport, OpError> {
+        let stored = self.state.load(name)?;
+        let mut report = DownReport::default();
+        let containers = list_owned(&self.docker, Some(name)).await?;
+        let mut networks: Vec<String> = stored
+            .as_ref()
+            .map(|s| Plan::new(&s.cluster, s.primary).local.network)
+            .into_iter()
+            .collect();
+        // Balancers first so no client is routed to an instance being stopped.
+        let (balancers, instances): (Vec<_>, Vec<_>) = containers
+            .iter()
+            .partition(|c| docker::label(c, labels::COMPONENT) == Some(labels::BALANCER));
+        for group in [balancers, instances] {
+            let removals = group.iter().map(|c| async move {
+                let id = c.id.clone().unwrap_or_default();
+                let _ = self
+                    .docker
+                    .stop_container(&id, Some(bollard::query_parameters::StopContainerOptions { t: Some(30), ..Default::default() }))
+                    .await;
+                self.docker
+                    .remove_container(
+                        &id,
+                        Some(bollard::query_parameters::RemoveContainerOptions { force: true, v: true, ..Default::default() }),
+                    )
+                    .await
+                    .map_err(DockerError::api(format!("remove container {}", docker::container_name(c))))
+            });
+            for result in join_all(removals).await {
+                result?;
+            }
+            report.containers.extend(group.iter().map(|c| docker::container_name(c)));
+        }
+        if !keep_data {
+            for volume in self.owned_volumes(name).await? {
+                self.docker
+                    .remove_volume(&volume, Some(RemoveVolumeOptions { force: true }))
+                    .await
+                    .map_err(DockerError::api(format!("remove volume {volume}")))?;
+                report.volumes.push(volume);
+            }
+        }
+        let labelled = self
+            .docker
+            .list_networks(Some(ListNetworksOptions {
+                filters: Some(HashMap::from([(
+                    "label".to_owned(),
+                    vec![format!("{}={}", labels::MANAGED_BY, labels::MANAGER), format!("{}={name}", labels::INSTANCE)],
+                )])),
+            }))
+            .await
+            .map_err(DockerError::api("list networks"))?;
+        networks.extend(labelled.into_iter().filter_map(|n| n.name));
+        networks.sort();
+        networks.dedup();
+        for network in networks {
+            self.remove_network_if_unused(&network, &mut report).await?;
+        }
+        if stored.is_none() && report.containers.is_empty() && report.volumes.is_empty() && report.networks.is_empty() {
+            return Err(self.stored(name).err().unwrap_or_else(|| OpError::Input(format!("no cluster named `{name}`"))));
+        }
+        if !keep_data {
+            self.state.remove(name)?;
+        }
+        Ok(report)
+    }
+
+    async fn remove_network_if_unused(&self, network: &str, report: &mut DownReport) -> Result<(), OpError> {
+        let Ok(info) = self.docker.inspect_network(network, None).await else {
+            return Ok(());
+        };
+        let ours = info.labels.as_ref().and_then(|l| l.get(labels::MANAGED_BY)).map(String::as_str) == Some(labels::MANAGER);
+        if !ours {
+            return Ok(());
+        }
+        if info.containers.as_ref().is_some_and(|c| !c.is_empty()) {
+            report.kept_networks.push(network.to_owned());
+            return Ok(());
+        }
+        match self.docker.remove_network(network).await {
+            Ok(()) => report.networks.push(network.to_owned()),
+            // Another cluster joined it meanwhile: keep it.
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 403 | 409, .. }) => {
+                report.kept_networks.push(network.to_owned())
+            }
+            Err(e) => return Err(DockerError::api(format!("remove network {network}"))(e).into()),
+        }
+        Ok(())
+    }
+}

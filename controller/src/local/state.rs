@@ -1,0 +1,169 @@
+//! Desired state of local clusters, kept between invocations and reboots: the spec as last
+//! applied, the generated credentials and the current primary, one file per cluster (mode
+//! 0600 in a 0700 directory). Docker stays the truth for what actually runs.
+
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use pgbalancer_crd::PgBalancerCluster;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::credentials::Credentials;
+
+/// A state file that cannot be read or written.
+#[derive(Debug, Error)]
+pub enum StateError {
+    /// Filesystem error.
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file that is not a state file.
+    #[error("{path}: not a pgbalancer state file: {message}")]
+    Format { path: String, message: String },
+}
+
+/// What `up` stored about one cluster.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredCluster {
+    /// The cluster as last applied.
+    pub cluster: PgBalancerCluster,
+    /// Generated credentials; created once, never replaced.
+    pub credentials: Credentials,
+    /// Ordinal of the current primary.
+    #[serde(default)]
+    pub primary: u32,
+    /// Seed JSON file the cluster came from, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed_file: Option<PathBuf>,
+}
+
+/// The directory holding every cluster's state.
+pub struct StateDir {
+    root: PathBuf,
+}
+
+impl StateDir {
+    /// `$PGBALANCER_STATE_DIR`, else `$XDG_STATE_HOME/pgbalancer`, else `~/.local/state/pgbalancer`.
+    pub fn from_env() -> Self {
+        let root = std::env::var_os("PGBALANCER_STATE_DIR")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("XDG_STATE_HOME").map(|d| PathBuf::from(d).join("pgbalancer")))
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state/pgbalancer")))
+            .unwrap_or_else(|| PathBuf::from("/var/lib/pgbalancer"));
+        Self { root }
+    }
+
+    /// A state directory at `root`.
+    pub fn at(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    /// Where the state lives.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn file(&self, name: &str) -> PathBuf {
+        self.root.join("clusters").join(format!("{name}.yaml"))
+    }
+
+    /// Names of every stored cluster, sorted.
+    pub fn names(&self) -> Result<Vec<String>, StateError> {
+        let dir = self.root.join("clusters");
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => return Err(StateError::Io { path: dir.display().to_string(), source }),
+        };
+        let mut names: Vec<String> = entries
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".yaml").map(str::to_owned))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// The stored cluster `name`, if any.
+    pub fn load(&self, name: &str) -> Result<Option<StoredCluster>, StateError> {
+        let path = self.file(name);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(StateError::Io { path: path.display().to_string(), source }),
+        };
+        serde_yaml::from_str(&text).map(Some).map_err(|e| StateError::Format {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Writes `stored` atomically (temp file + rename), private to the user.
+    pub fn save(&self, stored: &StoredCluster) -> Result<(), StateError> {
+        let name = stored.cluster.metadata.name.clone().unwrap_or_default();
+        let path = self.file(&name);
+        let dir = path.parent().unwrap_or(&self.root).to_path_buf();
+        let io = |p: &Path| {
+            let p = p.display().to_string();
+            move |source| StateError::Io { path: p, source }
+        };
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(io(&dir))?;
+        let text = serde_yaml::to_string(stored).map_err(|e| StateError::Format {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        let tmp = path.with_extension("yaml.tmp");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io(&tmp))?;
+        f.write_all(text.as_bytes()).map_err(io(&tmp))?;
+        f.sync_all().map_err(io(&tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io(&path))
+    }
+
+    /// Forgets cluster `name`.
+    pub fn remove(&self, name: &str) -> Result<(), StateError> {
+        let path = self.file(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(StateError::Io { path: path.display().to_string(), source }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn saved_state_round_trips_and_is_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::at(dir.path());
+        let cluster = pgbalancer_crd::parse_documents(
+            "apiVersion: pgbalancer.io/v1alpha1\nkind: PgBalancerCluster\nmetadata: {name: demo}\n",
+        )
+        .unwrap()
+        .remove(0);
+        let stored = StoredCluster { cluster, credentials: Credentials::generate(), primary: 0, seed_file: None };
+        state.save(&stored).unwrap();
+        let back = state.load("demo").unwrap().unwrap();
+        assert_eq!(back.credentials, stored.credentials);
+        assert_eq!(back.cluster.spec, stored.cluster.spec);
+        assert_eq!(state.names().unwrap(), ["demo"]);
+        let mode = std::fs::metadata(state.file("demo")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        state.remove("demo").unwrap();
+        assert!(state.load("demo").unwrap().is_none());
+    }
+}

@@ -1,0 +1,263 @@
+//! The plan: everything a backend needs to know about a cluster, derived purely from the
+//! spec and the current primary. No IO, no clock, no environment.
+//!
+//! Instances are `<cluster>-<ordinal>`; ordinal 0 is the first primary and the balancer slot
+//! of an instance is its ordinal. Roles come from `primary`, never from names.
+
+mod images;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use pgbalancer_crd::validate::offset_port;
+use pgbalancer_crd::PgBalancerCluster;
+
+pub use images::{default_balancer_image, default_postgres_image, BALANCER_IMAGE_REPO, POSTGRES_IMAGE_REPO};
+
+/// Container/pod port of PostgreSQL.
+pub const POSTGRES_PORT: u16 = 5432;
+/// Container/pod port of the balancer's SQL endpoint.
+pub const BALANCER_PORT: u16 = 9999;
+/// Container/pod port of PCP.
+pub const PCP_PORT: u16 = 9898;
+/// PCP user of the balancer.
+pub const PCP_USER: &str = "pgbalancer";
+/// Role used by the balancer's health and replication checks.
+pub const MONITOR_USER: &str = "pgbalancer_monitor";
+/// Role used by streaming replication.
+pub const REPLICATION_USER: &str = "replicator";
+/// Superuser.
+pub const SUPERUSER: &str = "postgres";
+
+/// Role of an instance in the plan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    /// Accepts writes; replicas stream from it.
+    Primary,
+    /// Streams from the primary, serves reads.
+    Replica,
+}
+
+impl Role {
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Replica => "replica",
+        }
+    }
+}
+
+/// The typed bundle every backend applies.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    /// Cluster name.
+    pub cluster: String,
+    /// PostgreSQL settings shared by all instances.
+    pub postgres: PostgresPlan,
+    /// Instances, ordered by ordinal; exactly one is primary.
+    pub instances: Vec<InstancePlan>,
+    /// Balancer settings and instances.
+    pub balancer: BalancerPlan,
+    /// Docker-only settings.
+    pub local: LocalPlan,
+}
+
+/// PostgreSQL settings shared by all instances.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PostgresPlan {
+    /// Major version.
+    pub version: u32,
+    /// Image.
+    pub image: String,
+    /// Database created at bootstrap.
+    pub database: String,
+    /// Owner of `database`.
+    pub user: String,
+    /// User parameters, rendered after the managed ones.
+    pub parameters: BTreeMap<String, String>,
+    /// Resources (Kubernetes; limits also on Docker).
+    pub resources: Option<ResourceRequirements>,
+    /// PVC size.
+    pub storage_size: String,
+    /// PVC storage class.
+    pub storage_class: Option<String>,
+}
+
+/// One PostgreSQL instance.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InstancePlan {
+    /// Ordinal, also the balancer slot.
+    pub ordinal: u32,
+    /// `<cluster>-<ordinal>`: the instance's identity and `application_name`.
+    pub name: String,
+    /// Desired role.
+    pub role: Role,
+    /// Physical replication slot this instance streams through.
+    pub slot: String,
+    /// Hostname other containers use to reach it (Docker network alias).
+    pub host: String,
+    /// Docker container name.
+    pub container: String,
+    /// Docker volume name.
+    pub volume: String,
+    /// Static IP on the Docker network.
+    pub ip: Option<Ipv4Addr>,
+    /// Host port on Docker; `None` lets Docker choose.
+    pub host_port: Option<u16>,
+}
+
+/// The balancers.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BalancerPlan {
+    /// Image.
+    pub image: String,
+    /// pgpool `num_init_children`.
+    pub num_init_children: u32,
+    /// pgpool `max_pool`.
+    pub max_pool: u32,
+    /// pgpool `load_balance_mode`.
+    pub load_balance_mode: bool,
+    /// Balancer containers (Docker) / replicas of the Deployment (Kubernetes).
+    pub instances: Vec<BalancerInstancePlan>,
+}
+
+/// One balancer container.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BalancerInstancePlan {
+    /// Index, 0-based.
+    pub index: u32,
+    /// Container name.
+    pub container: String,
+    /// Hostname / network alias.
+    pub host: String,
+    /// Static IP.
+    pub ip: Option<Ipv4Addr>,
+    /// Host port of the SQL endpoint.
+    pub sql_port: Option<u16>,
+    /// Host port of PCP.
+    pub pcp_port: Option<u16>,
+}
+
+/// Docker network and publishing.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LocalPlan {
+    /// Network name.
+    pub network: String,
+    /// Subnet, when fixed.
+    pub subnet: Option<String>,
+    /// Address ports are published on.
+    pub bind_address: String,
+}
+
+impl Plan {
+    /// Plans `cluster` with instance `primary` as the primary. The cluster must be valid.
+    ///
+    /// Scaling keeps the primary: the instance set is the primary plus the lowest other
+    /// ordinals, so removing replicas never removes the primary whatever its ordinal.
+    pub fn new(cluster: &PgBalancerCluster, primary: u32) -> Plan {
+        let name = cluster.metadata.name.clone().unwrap_or_default();
+        let spec = &cluster.spec;
+        let local = spec.local.clone().unwrap_or_default();
+        let replicas = u32::try_from(spec.replicas.max(0)).unwrap_or(0);
+        let mut ordinals = vec![primary];
+        ordinals.extend((0..).filter(|o| *o != primary).take(replicas as usize));
+        ordinals.sort_unstable();
+        let instances = ordinals
+            .into_iter()
+            .map(|ordinal| {
+                let explicit = local.instance(ordinal);
+                let inst_name = format!("{name}-{ordinal}");
+                InstancePlan {
+                    ordinal,
+                    role: if ordinal == primary { Role::Primary } else { Role::Replica },
+                    slot: format!("instance_{ordinal}"),
+                    host: explicit
+                        .and_then(|e| e.hostname.clone())
+                        .unwrap_or_else(|| inst_name.clone()),
+                    container: explicit
+                        .and_then(|e| e.container_name.clone())
+                        .unwrap_or_else(|| inst_name.clone()),
+                    volume: format!("pgbalancer-{name}-{ordinal}-data"),
+                    ip: explicit.and_then(|e| e.ip.as_deref()).and_then(|ip| ip.parse().ok()),
+                    host_port: local.instance_port(ordinal),
+                    name: inst_name,
+                }
+            })
+            .collect();
+        let balancers = (0..u32::try_from(spec.balancer.instances.max(1)).unwrap_or(1))
+            .map(|index| {
+                let default_name = if index == 0 {
+                    format!("{name}-balancer")
+                } else {
+                    format!("{name}-balancer-{index}")
+                };
+                let explicit = local.balancer.as_ref().filter(|_| index == 0);
+                BalancerInstancePlan {
+                    index,
+                    container: explicit
+                        .and_then(|e| e.container_name.clone())
+                        .unwrap_or_else(|| default_name.clone()),
+                    host: explicit.and_then(|e| e.hostname.clone()).unwrap_or(default_name),
+                    ip: explicit.and_then(|e| e.ip.as_deref()).and_then(|ip| ip.parse().ok()),
+                    sql_port: offset_port(local.ports.balancer, index),
+                    pcp_port: offset_port(local.ports.pcp, index),
+                }
+            })
+            .collect();
+        Plan {
+            postgres: PostgresPlan {
+                version: spec.postgres.version,
+                image: spec
+                    .postgres
+                    .image
+                    .clone()
+                    .unwrap_or_else(|| default_postgres_image(spec.postgres.version)),
+                database: spec.postgres.database.clone(),
+                user: spec.postgres.user.clone(),
+                parameters: spec.postgres.parameters.clone(),
+                resources: spec.postgres.resources.clone(),
+                storage_size: spec.postgres.storage.size.clone(),
+                storage_class: spec.postgres.storage.storage_class_name.clone(),
+            },
+            instances,
+            balancer: BalancerPlan {
+                image: spec.balancer.image.clone().unwrap_or_else(default_balancer_image),
+                num_init_children: spec.balancer.num_init_children,
+                max_pool: spec.balancer.max_pool,
+                load_balance_mode: spec.balancer.load_balance_mode,
+                instances: balancers,
+            },
+            local: LocalPlan {
+                network: local.network.name.clone().unwrap_or_else(|| format!("pgbalancer-{name}")),
+                subnet: local.network.subnet.clone(),
+                bind_address: local.bind_address.clone().unwrap_or_else(|| "127.0.0.1".into()),
+            },
+            cluster: name,
+        }
+    }
+
+    /// The current primary.
+    pub fn primary(&self) -> &InstancePlan {
+        self.instances
+            .iter()
+            .find(|i| i.role == Role::Primary)
+            .unwrap_or(&self.instances[0])
+    }
+
+    /// The instance with `ordinal`, if planned.
+    pub fn instance(&self, ordinal: u32) -> Option<&InstancePlan> {
+        self.instances.iter().find(|i| i.ordinal == ordinal)
+    }
+
+    /// Address a host process uses to reach published ports.
+    pub fn connect_address(&self) -> &str {
+        match self.local.bind_address.as_str() {
+            "0.0.0.0" | "::" => "127.0.0.1",
+            other => other,
+        }
+    }
+}

@@ -1,0 +1,63 @@
+//! `postgresql.conf` and `pg_hba.conf` of every instance.
+
+use std::fmt::Write;
+
+use pgbalancer_crd::validate::DEFAULT_MAX_CONNECTIONS;
+
+use super::conf_quote;
+use crate::plan::{Plan, POSTGRES_PORT, REPLICATION_USER};
+
+/// Parameters the operator sets; user parameters follow and may override the tunables
+/// (not the managed ones, which validation refuses).
+pub fn postgresql_conf(plan: &Plan) -> String {
+    let replicas = plan.instances.len() as u32;
+    let mut out = format!(
+        "# Rendered by pgbalancer for cluster {cluster}; changes here are overwritten.\n\
+         listen_addresses = '*'\n\
+         port = {POSTGRES_PORT}\n\
+         hba_file = '{dir}/pg_hba.conf'\n\
+         unix_socket_directories = '/var/run/postgresql'\n\
+         password_encryption = 'scram-sha-256'\n\
+         max_connections = {DEFAULT_MAX_CONNECTIONS}\n\
+         # Replication: every instance can serve as primary after a switchover.\n\
+         wal_level = replica\n\
+         max_wal_senders = {senders}\n\
+         max_replication_slots = {senders}\n\
+         wal_keep_size = '128MB'\n\
+         max_slot_wal_keep_size = '2GB'\n\
+         wal_log_hints = on\n\
+         hot_standby = on\n\
+         hot_standby_feedback = on\n\
+         wal_receiver_status_interval = '1s'\n\
+         # Logs go to the container's stderr.\n\
+         logging_collector = off\n\
+         log_destination = 'stderr'\n\
+         log_line_prefix = '%m [%p] %q%u@%d '\n\
+         log_connections = off\n\
+         log_checkpoints = on\n",
+        cluster = plan.cluster,
+        dir = super::CONFIG_DIR,
+        senders = 10 + replicas,
+    );
+    if !plan.postgres.parameters.is_empty() {
+        out.push_str("# From spec.postgres.parameters.\n");
+    }
+    for (key, value) in &plan.postgres.parameters {
+        let _ = writeln!(out, "{key} = {}", conf_quote(value));
+    }
+    out
+}
+
+/// SCRAM for every network connection; peer for the local socket (healthchecks, exec).
+pub fn pg_hba(plan: &Plan) -> String {
+    format!(
+        "# Rendered by pgbalancer for cluster {cluster}.\n\
+         # TYPE  DATABASE     USER        ADDRESS     METHOD\n\
+         local   all          all                     peer\n\
+         host    replication  {REPLICATION_USER}  0.0.0.0/0   scram-sha-256\n\
+         host    replication  {REPLICATION_USER}  ::/0        scram-sha-256\n\
+         host    all          all         0.0.0.0/0   scram-sha-256\n\
+         host    all          all         ::/0        scram-sha-256\n",
+        cluster = plan.cluster
+    )
+}

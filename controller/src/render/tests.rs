@@ -1,0 +1,77 @@
+//! Golden-file tests of the rendered configuration. `UPDATE_GOLDEN=1 cargo test` rewrites them.
+
+use std::path::PathBuf;
+
+use super::*;
+use crate::plan::Plan;
+use pgbalancer_crd::parse_documents;
+
+fn plan() -> Plan {
+    let text = "apiVersion: pgbalancer.io/v1alpha1\nkind: PgBalancerCluster\nmetadata: {name: demo}\n\
+                spec:\n  replicas: 2\n  postgres:\n    parameters: {work_mem: 8MB, search_path: \"'$user', public\"}\n";
+    Plan::new(&parse_documents(text).unwrap()[0], 0)
+}
+
+fn creds() -> Credentials {
+    Credentials {
+        superuser_password: "su".into(),
+        replication_password: "re:pl".into(),
+        app_password: "ap".into(),
+        monitor_password: "mo".into(),
+        pcp_password: "pc".into(),
+    }
+}
+
+fn golden(name: &str, actual: &str) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/render/golden").join(name);
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, actual).unwrap();
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_default();
+    assert_eq!(actual, expected, "{name} differs from its golden file");
+}
+
+#[test]
+fn postgresql_conf_matches_golden() {
+    golden("postgresql.conf", &postgresql_conf(&plan()));
+}
+
+#[test]
+fn pg_hba_matches_golden() {
+    golden("pg_hba.conf", &pg_hba(&plan()));
+}
+
+#[test]
+fn pgpool_conf_matches_golden() {
+    golden("pgpool.conf", &pgpool_conf(&plan()));
+}
+
+#[test]
+fn pgpool_conf_has_one_slot_per_instance_numbered_by_ordinal() {
+    let conf = pgpool_conf(&plan());
+    for n in 0..3 {
+        assert!(conf.contains(&format!("backend_hostname{n} = 'demo-{n}'")), "{conf}");
+    }
+    assert!(!conf.contains("backend_hostname3"));
+}
+
+#[test]
+fn user_parameters_are_quoted() {
+    assert!(postgresql_conf(&plan()).contains("search_path = '''$user'', public'\n"));
+}
+
+#[test]
+fn secrets_are_marked_and_escaped() {
+    let files = postgres_files(&plan(), &creds());
+    let pgpass = files.iter().find(|f| f.path == "secrets/pgpass").unwrap();
+    assert!(pgpass.secret);
+    assert_eq!(pgpass.contents, "*:*:*:replicator:re\\:pl\n");
+    assert!(files.iter().filter(|f| !f.secret).all(|f| !f.contents.contains("re:pl")));
+    let balancer = balancer_files(&plan(), &creds());
+    assert_eq!(
+        balancer.iter().find(|f| f.path == "pcp.conf").unwrap().contents,
+        "pgbalancer:bc54f4d60f1cec0f9a6cb70e13f2127a\n"
+    );
+    assert!(balancer.iter().find(|f| f.path == "secrets/pool_passwd").unwrap().contents.contains("app:TEXTap\n"));
+}
