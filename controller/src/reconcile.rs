@@ -35,7 +35,8 @@ pub enum ConvergeError<E: std::error::Error + 'static> {
 
 /// Whether instance `ordinal` serves in its planned role.
 pub fn instance_ready(plan: &Plan, observed: &Observed, ordinal: u32) -> bool {
-    let (Some(inst), Some(seen)) = (plan.instance(ordinal), observed.instances.get(&ordinal)) else {
+    let (Some(inst), Some(seen)) = (plan.instance(ordinal), observed.instances.get(&ordinal))
+    else {
         return false;
     };
     seen.running
@@ -60,7 +61,10 @@ pub fn decide(plan: &Plan, observed: &Observed) -> Vec<Action> {
             .balancers
             .iter()
             .filter(|(_, b)| b.running && b.nodes.iter().any(|n| n.slot == ordinal && n.is_up()))
-            .map(|(&balancer, _)| Action::DetachBackend { balancer, slot: ordinal })
+            .map(|(&balancer, _)| Action::DetachBackend {
+                balancer,
+                slot: ordinal,
+            })
             .collect();
         if attached.is_empty() || !seen.running {
             actions.push(Action::RemoveInstance(ordinal));
@@ -72,27 +76,43 @@ pub fn decide(plan: &Plan, observed: &Observed) -> Vec<Action> {
         match observed.instances.get(&inst.ordinal) {
             None => actions.push(Action::CreateInstance(inst.ordinal)),
             Some(seen) if !seen.up_to_date => actions.push(Action::ReplaceInstance(inst.ordinal)),
-            Some(seen) if !seen.running => actions.push(Action::StartInstance(inst.ordinal)),
+            Some(seen) if !seen.running && seen.state != "restarting" => {
+                actions.push(Action::StartInstance(inst.ordinal))
+            }
             Some(_) => {}
         }
     }
-    let all_ready = plan.instances.iter().all(|i| instance_ready(plan, observed, i.ordinal));
+    let all_ready = plan
+        .instances
+        .iter()
+        .all(|i| instance_ready(plan, observed, i.ordinal));
     for b in &plan.balancer.instances {
         match observed.balancers.get(&b.index) {
             None if all_ready => actions.push(Action::CreateBalancer(b.index)),
             None => {}
             Some(seen) if !seen.up_to_date => actions.push(Action::ReplaceBalancer(b.index)),
-            Some(seen) if !seen.running => actions.push(Action::StartBalancer(b.index)),
+            Some(seen) if !seen.running && seen.state != "restarting" => {
+                actions.push(Action::StartBalancer(b.index))
+            }
             Some(seen) if seen.routing => {
-                let missing = plan.instances.iter().any(|i| !seen.nodes.iter().any(|n| n.slot == i.ordinal));
+                let missing = plan
+                    .instances
+                    .iter()
+                    .any(|i| !seen.nodes.iter().any(|n| n.slot == i.ordinal));
                 if missing {
                     actions.push(Action::UpdateBackends(b.index));
                     continue;
                 }
                 for inst in &plan.instances {
-                    let down = seen.nodes.iter().any(|n| n.slot == inst.ordinal && !n.is_up());
+                    let down = seen
+                        .nodes
+                        .iter()
+                        .any(|n| n.slot == inst.ordinal && !n.is_up());
                     if down && instance_ready(plan, observed, inst.ordinal) {
-                        actions.push(Action::AttachBackend { balancer: b.index, slot: inst.ordinal });
+                        actions.push(Action::AttachBackend {
+                            balancer: b.index,
+                            slot: inst.ordinal,
+                        });
                     }
                 }
             }
@@ -100,7 +120,11 @@ pub fn decide(plan: &Plan, observed: &Observed) -> Vec<Action> {
         }
     }
     let planned_balancers = plan.balancer.instances.len() as u32;
-    for &index in observed.balancers.keys().filter(|i| **i >= planned_balancers) {
+    for &index in observed
+        .balancers
+        .keys()
+        .filter(|i| **i >= planned_balancers)
+    {
         actions.push(Action::RemoveBalancer(index));
     }
     actions
@@ -128,14 +152,25 @@ pub fn pending(plan: &Plan, observed: &Observed) -> Vec<String> {
             Some(seen) if !seen.routing => out.push(format!("{} not routing queries", b.container)),
             Some(seen) => {
                 for inst in &plan.instances {
-                    if !seen.nodes.iter().any(|n| n.slot == inst.ordinal && n.is_up()) {
-                        out.push(format!("{} node {} ({}) not up", b.container, inst.ordinal, inst.name));
+                    if !seen
+                        .nodes
+                        .iter()
+                        .any(|n| n.slot == inst.ordinal && n.is_up())
+                    {
+                        out.push(format!(
+                            "{} node {} ({}) not up",
+                            b.container, inst.ordinal, inst.name
+                        ));
                     }
                 }
             }
         }
     }
-    for &ordinal in observed.instances.keys().filter(|o| plan.instance(**o).is_none()) {
+    for &ordinal in observed
+        .instances
+        .keys()
+        .filter(|o| plan.instance(**o).is_none())
+    {
         out.push(format!("instance {ordinal} still to be removed"));
     }
     out
@@ -150,8 +185,12 @@ pub async fn converge<B: Backend>(
 ) -> Result<Observed, ConvergeError<B::Error>> {
     let started = Instant::now();
     let mut last_pending = String::new();
+    let mut last_actions = Vec::new();
     loop {
-        let observed = backend.observe(plan).await.map_err(ConvergeError::Observe)?;
+        let observed = backend
+            .observe(plan)
+            .await
+            .map_err(ConvergeError::Observe)?;
         let actions = decide(plan, &observed);
         let waiting = pending(plan, &observed);
         if actions.is_empty() && waiting.is_empty() {
@@ -165,10 +204,14 @@ pub async fn converge<B: Backend>(
         }
         // The network must exist before anything joins it; everything else in one decision
         // is independent and runs concurrently.
-        let results = join_all(actions.iter().map(|&action| {
-            report(&action.to_string());
-            async move { (action, backend.apply(plan, action).await) }
-        }))
+        if actions != last_actions {
+            actions.iter().for_each(|a| report(&a.to_string()));
+        }
+        let results = join_all(
+            actions
+                .iter()
+                .map(|&action| async move { (action, backend.apply(plan, action).await) }),
+        )
         .await;
         for (action, result) in results {
             match result {
@@ -187,7 +230,13 @@ pub async fn converge<B: Backend>(
             report(&format!("waiting: {now}"));
             last_pending = now;
         }
-        tokio::time::sleep(Duration::from_millis(if actions.is_empty() { 150 } else { 50 })).await;
+        tokio::time::sleep(Duration::from_millis(if actions.is_empty() {
+            150
+        } else {
+            50
+        }))
+        .await;
+        last_actions = actions;
     }
 }
 

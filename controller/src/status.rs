@@ -25,13 +25,23 @@ pub fn compute(plan: &Plan, observed: &Observed, now: Time) -> PgBalancerCluster
                 name: inst.name.clone(),
                 role: role.as_str().to_owned(),
                 ready: instance_ready(plan, observed, inst.ordinal),
-                lag_bytes: if role == Role::Replica { seen.and_then(|s| s.lag_bytes) } else { None },
+                lag_bytes: if role == Role::Replica {
+                    seen.and_then(|s| s.lag_bytes)
+                } else {
+                    None
+                },
             }
         })
         .collect();
     let replicas = instances.iter().filter(|i| i.role == "replica").count() as i32;
-    let ready_replicas = instances.iter().filter(|i| i.role == "replica" && i.ready).count() as i32;
-    let current_primary = instances.iter().find(|i| i.role == "primary").map(|i| i.name.clone());
+    let ready_replicas = instances
+        .iter()
+        .filter(|i| i.role == "replica" && i.ready)
+        .count() as i32;
+    let current_primary = instances
+        .iter()
+        .find(|i| i.role == "primary")
+        .map(|i| i.name.clone());
     let ready_balancers = observed.balancers.values().filter(|b| b.routing).count() as i32;
     let endpoint = observed
         .balancers
@@ -68,7 +78,11 @@ pub fn compute(plan: &Plan, observed: &Observed, now: Time) -> PgBalancerCluster
                 "Ready",
                 ready,
                 if ready { "AllReady" } else { "NotReady" },
-                if ready { "every instance and balancer is ready".into() } else { waiting.join("; ") },
+                if ready {
+                    "every instance and balancer is ready".into()
+                } else {
+                    waiting.join("; ")
+                },
             ),
             condition("Progressing", false, "Idle", String::new()),
             condition(

@@ -58,24 +58,50 @@ fn field(doc: usize, path: &str, message: impl Into<String>) -> DocumentError {
 }
 
 fn parse_one(doc: usize, value: serde_yaml::Value) -> Result<PgBalancerCluster, DocumentError> {
-    let map = value
-        .as_mapping()
-        .ok_or_else(|| field(doc, "(document)", "expected a mapping with apiVersion, kind, metadata and spec"))?;
+    let map = value.as_mapping().ok_or_else(|| {
+        field(
+            doc,
+            "(document)",
+            "expected a mapping with apiVersion, kind, metadata and spec",
+        )
+    })?;
     for key in map.keys() {
         let key = key.as_str().unwrap_or("");
         if !TOP_LEVEL_KEYS.contains(&key) {
-            return Err(field(doc, key, "unknown field (expected apiVersion, kind, metadata, spec)"));
+            return Err(field(
+                doc,
+                key,
+                "unknown field (expected apiVersion, kind, metadata, spec)",
+            ));
         }
     }
     let text = |k: &str| map.get(k).and_then(|v| v.as_str()).map(str::to_owned);
     match text("apiVersion") {
         Some(v) if v == API_VERSION => {}
-        Some(v) => return Err(field(doc, "apiVersion", format!("`{v}` is not supported, use `{API_VERSION}`"))),
-        None => return Err(field(doc, "apiVersion", format!("missing, use `{API_VERSION}`"))),
+        Some(v) => {
+            return Err(field(
+                doc,
+                "apiVersion",
+                format!("`{v}` is not supported, use `{API_VERSION}`"),
+            ))
+        }
+        None => {
+            return Err(field(
+                doc,
+                "apiVersion",
+                format!("missing, use `{API_VERSION}`"),
+            ))
+        }
     }
     match text("kind") {
         Some(k) if k == KIND => {}
-        Some(k) => return Err(field(doc, "kind", format!("`{k}` is not supported, use `{KIND}`"))),
+        Some(k) => {
+            return Err(field(
+                doc,
+                "kind",
+                format!("`{k}` is not supported, use `{KIND}`"),
+            ))
+        }
         None => return Err(field(doc, "kind", format!("missing, use `{KIND}`"))),
     }
     let metadata: ObjectMeta = typed(doc, "metadata", map.get("metadata").cloned())?;
@@ -85,7 +111,11 @@ fn parse_one(doc: usize, value: serde_yaml::Value) -> Result<PgBalancerCluster, 
     let spec: PgBalancerClusterSpec = typed(
         doc,
         "spec",
-        Some(map.get("spec").cloned().unwrap_or(serde_yaml::Value::Mapping(Default::default()))),
+        Some(
+            map.get("spec")
+                .cloned()
+                .unwrap_or(serde_yaml::Value::Mapping(Default::default())),
+        ),
     )?;
     let mut cluster = PgBalancerCluster::new(metadata.name.as_deref().unwrap_or_default(), spec);
     cluster.metadata = metadata;
@@ -113,7 +143,8 @@ fn typed<T: serde::de::DeserializeOwned>(
 mod tests {
     use super::*;
 
-    const MINIMAL: &str = "apiVersion: pgbalancer.io/v1alpha1\nkind: PgBalancerCluster\nmetadata: {name: demo}\n";
+    const MINIMAL: &str =
+        "apiVersion: pgbalancer.io/v1alpha1\nkind: PgBalancerCluster\nmetadata: {name: demo}\n";
 
     #[test]
     fn minimal_document_gets_defaults() {
@@ -154,7 +185,10 @@ mod tests {
     fn wrong_kind_and_invalid_yaml_are_refused() {
         let err = parse_documents(&MINIMAL.replace("PgBalancerCluster", "Deployment")).unwrap_err();
         assert!(err.to_string().contains("kind"));
-        assert!(matches!(parse_documents("a: [b"), Err(DocumentError::Yaml { .. })));
+        assert!(matches!(
+            parse_documents("a: [b"),
+            Err(DocumentError::Yaml { .. })
+        ));
         assert_eq!(parse_documents("\n"), Err(DocumentError::Empty));
     }
 }

@@ -115,7 +115,11 @@ impl SeedConfig {
 
     /// One cluster per balancer entry.
     pub fn clusters(&self) -> Result<Vec<PgBalancerCluster>, SeedError> {
-        self.balancers.iter().enumerate().map(|(i, b)| self.cluster(i, b)).collect()
+        self.balancers
+            .iter()
+            .enumerate()
+            .map(|(i, b)| self.cluster(i, b))
+            .collect()
     }
 
     fn cluster(&self, index: usize, b: &SeedBalancer) -> Result<PgBalancerCluster, SeedError> {
@@ -153,7 +157,10 @@ impl SeedConfig {
         };
         let load_balance = match b.config.get("load_balance_mode") {
             Some(Value::Bool(v)) => *v,
-            Some(Value::String(s)) => !matches!(s.to_ascii_lowercase().as_str(), "off" | "false" | "no" | "0"),
+            Some(Value::String(s)) => !matches!(
+                s.to_ascii_lowercase().as_str(),
+                "off" | "false" | "no" | "0"
+            ),
             _ => true,
         };
         let spec = PgBalancerClusterSpec {
@@ -201,12 +208,24 @@ impl SeedBalancer {
     pub fn add_replicas(&mut self, count: u32) -> Result<Vec<u32>, SeedError> {
         let mut added = Vec::new();
         for _ in 0..count {
-            let id = self.replicas.iter().filter_map(|r| r.node_id).max().unwrap_or(0) + 1;
-            let port = u16::try_from(u32::from(self.primary.port) + id).map_err(|_| SeedError::Field {
-                field: format!("balancers.{}.primary.port", self.name),
-                message: format!("port {} + {id} is past 65535", self.primary.port),
-            })?;
-            let last = self.replicas.last().unwrap_or(&self.primary).ip_address.clone();
+            let id = self
+                .replicas
+                .iter()
+                .filter_map(|r| r.node_id)
+                .max()
+                .unwrap_or(0)
+                + 1;
+            let port =
+                u16::try_from(u32::from(self.primary.port) + id).map_err(|_| SeedError::Field {
+                    field: format!("balancers.{}.primary.port", self.name),
+                    message: format!("port {} + {id} is past 65535", self.primary.port),
+                })?;
+            let last = self
+                .replicas
+                .last()
+                .unwrap_or(&self.primary)
+                .ip_address
+                .clone();
             let ip = next_ip(&last, self.used_ips()).ok_or_else(|| SeedError::Field {
                 field: format!("balancers.{}.replicas", self.name),
                 message: format!("no free address after {last} in its /24"),
@@ -275,8 +294,14 @@ mod tests {
         let local = lb1.spec.local.as_ref().unwrap();
         assert_eq!(local.network.name.as_deref(), Some("pgbalancer_net"));
         assert_eq!(local.instance_port(2), Some(15434));
-        assert_eq!(local.instance(1).unwrap().hostname.as_deref(), Some("lb1-replica1"));
-        assert_eq!(local.instance(0).unwrap().container_name.as_deref(), Some("lb1_primary"));
+        assert_eq!(
+            local.instance(1).unwrap().hostname.as_deref(),
+            Some("lb1-replica1")
+        );
+        assert_eq!(
+            local.instance(0).unwrap().container_name.as_deref(),
+            Some("lb1_primary")
+        );
         assert_eq!(clusters[1].spec.replicas, 1);
         crate::validate::validate_set(&clusters).unwrap();
     }
@@ -287,7 +312,10 @@ mod tests {
         let lb2 = seed.balancer_mut("lb2").unwrap();
         assert_eq!(lb2.add_replicas(2).unwrap(), [2, 3]);
         let added = &lb2.replicas[1];
-        assert_eq!((added.port, added.ip_address.as_str()), (25434, "172.30.2.22"));
+        assert_eq!(
+            (added.port, added.ip_address.as_str()),
+            (25434, "172.30.2.22")
+        );
         let back = SeedConfig::parse(&seed.to_json()).unwrap();
         assert_eq!(back, seed);
         assert_eq!(back.clusters().unwrap()[1].spec.replicas, 3);
@@ -295,7 +323,11 @@ mod tests {
 
     #[test]
     fn load_balance_mode_off_is_honoured() {
-        let text = SEED.replacen("\"load_balance_mode\": \"on\"", "\"load_balance_mode\": \"off\"", 1);
+        let text = SEED.replacen(
+            "\"load_balance_mode\": \"on\"",
+            "\"load_balance_mode\": \"off\"",
+            1,
+        );
         let clusters = SeedConfig::parse(&text).unwrap().clusters().unwrap();
         assert!(!clusters[0].spec.balancer.load_balance_mode);
     }
@@ -304,6 +336,9 @@ mod tests {
     fn missing_key_is_named_with_its_path() {
         let text = SEED.replacen("\"pcp_port\": 19898,", "", 1);
         let err = SeedConfig::parse(&text).unwrap_err().to_string();
-        assert!(err.contains("balancers[0]") && err.contains("pcp_port"), "{err}");
+        assert!(
+            err.contains("balancers[0]") && err.contains("pcp_port"),
+            "{err}"
+        );
     }
 }

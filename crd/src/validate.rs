@@ -103,7 +103,10 @@ pub fn validate_set(clusters: &[PgBalancerCluster]) -> Result<(), ValidationErro
     for cluster in clusters {
         let name = cluster.metadata.name.clone().unwrap_or_default();
         if !names.insert(name.clone()) {
-            c.err(format!("{name}: metadata.name"), "two clusters in the file have this name");
+            c.err(
+                format!("{name}: metadata.name"),
+                "two clusters in the file have this name",
+            );
         }
         for (container, field) in explicit_container_names(&cluster.spec) {
             if let Some(other) = containers.insert(container.clone(), name.clone()) {
@@ -147,7 +150,10 @@ fn check_cluster(cluster: &PgBalancerCluster, c: &mut Collector) {
     }
     let spec = &cluster.spec;
     if spec.replicas < 0 || spec.replicas > MAX_REPLICAS {
-        c.err("spec.replicas", format!("{} is out of range 0..={MAX_REPLICAS}", spec.replicas));
+        c.err(
+            "spec.replicas",
+            format!("{} is out of range 0..={MAX_REPLICAS}", spec.replicas),
+        );
     }
     check_postgres(&spec.postgres, c);
     check_balancer(spec, c);
@@ -160,35 +166,58 @@ fn check_postgres(pg: &PostgresSpec, c: &mut Collector) {
     if !SUPPORTED_POSTGRES_VERSIONS.contains(&pg.version) {
         c.err(
             "spec.postgres.version",
-            format!("{} is not supported; use one of {:?}", pg.version, SUPPORTED_POSTGRES_VERSIONS),
+            format!(
+                "{} is not supported; use one of {:?}",
+                pg.version, SUPPORTED_POSTGRES_VERSIONS
+            ),
         );
     }
     if !is_sql_identifier(&pg.database) {
-        c.err("spec.postgres.database", format!("`{}` must be a lowercase SQL identifier", pg.database));
+        c.err(
+            "spec.postgres.database",
+            format!("`{}` must be a lowercase SQL identifier", pg.database),
+        );
     }
     if !is_sql_identifier(&pg.user) {
-        c.err("spec.postgres.user", format!("`{}` must be a lowercase SQL identifier", pg.user));
+        c.err(
+            "spec.postgres.user",
+            format!("`{}` must be a lowercase SQL identifier", pg.user),
+        );
     } else if RESERVED_ROLES.contains(&pg.user.as_str()) {
-        c.err("spec.postgres.user", format!("`{}` is reserved for the cluster's own roles", pg.user));
+        c.err(
+            "spec.postgres.user",
+            format!("`{}` is reserved for the cluster's own roles", pg.user),
+        );
     }
     if !is_quantity(&pg.storage.size) {
-        c.err("spec.postgres.storage.size", format!("`{}` is not a quantity such as 1Gi", pg.storage.size));
+        c.err(
+            "spec.postgres.storage.size",
+            format!("`{}` is not a quantity such as 1Gi", pg.storage.size),
+        );
     }
     for (key, value) in &pg.parameters {
         let field = format!("spec.postgres.parameters.{key}");
-        if !key.chars().all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '_' || ch == '.')
+        if !key
+            .chars()
+            .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '_' || ch == '.')
             || key.is_empty()
         {
             c.err(field, "is not a valid parameter name");
         } else if MANAGED_PARAMETERS.contains(&key.as_str()) {
             c.err(field, "is managed by pgbalancer and cannot be set");
-        } else if value.chars().any(|ch| ch == '\n' || ch == '\r' || ch == '\0') {
+        } else if value
+            .chars()
+            .any(|ch| ch == '\n' || ch == '\r' || ch == '\0')
+        {
             c.err(field, "value must be a single line");
         }
     }
     if let Some(v) = pg.parameters.get("max_connections") {
         if v.parse::<u32>().map_or(true, |n| n < 20) {
-            c.err("spec.postgres.parameters.max_connections", format!("`{v}` must be a number of at least 20"));
+            c.err(
+                "spec.postgres.parameters.max_connections",
+                format!("`{v}` must be a number of at least 20"),
+            );
         }
     }
 }
@@ -198,14 +227,23 @@ fn check_balancer(spec: &PgBalancerClusterSpec, c: &mut Collector) {
     if b.instances < 1 || b.instances > MAX_BALANCER_INSTANCES {
         c.err(
             "spec.balancer.instances",
-            format!("{} is out of range 1..={MAX_BALANCER_INSTANCES}", b.instances),
+            format!(
+                "{} is out of range 1..={MAX_BALANCER_INSTANCES}",
+                b.instances
+            ),
         );
     }
     if b.num_init_children == 0 || b.num_init_children > 2048 {
-        c.err("spec.balancer.numInitChildren", format!("{} is out of range 1..=2048", b.num_init_children));
+        c.err(
+            "spec.balancer.numInitChildren",
+            format!("{} is out of range 1..=2048", b.num_init_children),
+        );
     }
     if b.max_pool == 0 || b.max_pool > 64 {
-        c.err("spec.balancer.maxPool", format!("{} is out of range 1..=64", b.max_pool));
+        c.err(
+            "spec.balancer.maxPool",
+            format!("{} is out of range 1..=64", b.max_pool),
+        );
     }
     let max_connections = spec
         .postgres
@@ -214,7 +252,10 @@ fn check_balancer(spec: &PgBalancerClusterSpec, c: &mut Collector) {
         .and_then(|v| v.parse::<u32>().ok())
         .unwrap_or(DEFAULT_MAX_CONNECTIONS);
     let instances = u32::try_from(b.instances.max(1)).unwrap_or(1);
-    let needed = b.num_init_children.saturating_mul(b.max_pool).saturating_mul(instances);
+    let needed = b
+        .num_init_children
+        .saturating_mul(b.max_pool)
+        .saturating_mul(instances);
     let budget = max_connections.saturating_sub(RESERVED_CONNECTIONS);
     if needed > budget {
         c.err(
@@ -231,34 +272,53 @@ fn check_balancer(spec: &PgBalancerClusterSpec, c: &mut Collector) {
 fn check_local(spec: &PgBalancerClusterSpec, local: &LocalSpec, c: &mut Collector) {
     if let Some(addr) = &local.bind_address {
         if addr.parse::<IpAddr>().is_err() {
-            c.err("spec.local.bindAddress", format!("`{addr}` is not an IP address"));
+            c.err(
+                "spec.local.bindAddress",
+                format!("`{addr}` is not an IP address"),
+            );
         }
     }
     if let Some(net) = &local.network.name {
         if !is_docker_name(net) {
-            c.err("spec.local.network.name", format!("`{net}` is not a valid Docker network name"));
+            c.err(
+                "spec.local.network.name",
+                format!("`{net}` is not a valid Docker network name"),
+            );
         }
     }
     let subnet = match &local.network.subnet {
         Some(s) => match s.parse::<Ipv4Net>() {
             Ok(n) => Some(n),
             Err(_) => {
-                c.err("spec.local.network.subnet", format!("`{s}` is not an IPv4 CIDR such as 172.30.0.0/16"));
+                c.err(
+                    "spec.local.network.subnet",
+                    format!("`{s}` is not an IPv4 CIDR such as 172.30.0.0/16"),
+                );
                 None
             }
         },
         None => None,
     };
     let mut ips: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
-    let mut check_endpoint = |field: String, name: &Option<String>, host: &Option<String>, ip: &Option<String>, c: &mut Collector| {
+    let mut check_endpoint = |field: String,
+                              name: &Option<String>,
+                              host: &Option<String>,
+                              ip: &Option<String>,
+                              c: &mut Collector| {
         if let Some(n) = name {
             if !is_docker_name(n) {
-                c.err(format!("{field}.containerName"), format!("`{n}` is not a valid container name"));
+                c.err(
+                    format!("{field}.containerName"),
+                    format!("`{n}` is not a valid container name"),
+                );
             }
         }
         if let Some(h) = host {
             if !h.split('.').all(is_hostname_label) {
-                c.err(format!("{field}.hostname"), format!("`{h}` is not a valid hostname"));
+                c.err(
+                    format!("{field}.hostname"),
+                    format!("`{h}` is not a valid hostname"),
+                );
             }
         }
         if let Some(ip) = ip {
@@ -267,11 +327,19 @@ fn check_local(spec: &PgBalancerClusterSpec, local: &LocalSpec, c: &mut Collecto
                 Err(_) => c.err(ip_field, format!("`{ip}` is not an IPv4 address")),
                 Ok(addr) => {
                     match subnet {
-                        None if local.network.subnet.is_none() => {
-                            c.err(ip_field.clone(), "static IPs need spec.local.network.subnet")
-                        }
-                        Some(net) if !net.contains(&addr) || addr == net.network() || addr == net.broadcast() => {
-                            c.err(ip_field.clone(), format!("{addr} is not a host address of subnet {net}"))
+                        None if local.network.subnet.is_none() => c.err(
+                            ip_field.clone(),
+                            "static IPs need spec.local.network.subnet",
+                        ),
+                        Some(net)
+                            if !net.contains(&addr)
+                                || addr == net.network()
+                                || addr == net.broadcast() =>
+                        {
+                            c.err(
+                                ip_field.clone(),
+                                format!("{addr} is not a host address of subnet {net}"),
+                            )
                         }
                         Some(net) if addr == gateway(net) => c.err(
                             ip_field.clone(),
@@ -290,24 +358,39 @@ fn check_local(spec: &PgBalancerClusterSpec, local: &LocalSpec, c: &mut Collecto
     for (i, inst) in local.instances.iter().enumerate() {
         let field = format!("spec.local.instances[{i}]");
         if !ordinals.insert(inst.ordinal) {
-            c.err(format!("{field}.ordinal"), format!("ordinal {} appears twice", inst.ordinal));
+            c.err(
+                format!("{field}.ordinal"),
+                format!("ordinal {} appears twice", inst.ordinal),
+            );
         }
         check_endpoint(field, &inst.container_name, &inst.hostname, &inst.ip, c);
     }
     if let Some(b) = &local.balancer {
-        check_endpoint("spec.local.balancer".into(), &b.container_name, &b.hostname, &b.ip, c);
+        check_endpoint(
+            "spec.local.balancer".into(),
+            &b.container_name,
+            &b.hostname,
+            &b.ip,
+            c,
+        );
     }
     let mut seen: BTreeMap<u16, String> = BTreeMap::new();
     for (port, field) in claimed_host_ports(spec) {
         if port == 0 {
-            c.err(field, "port 0 is not a host port; leave it out to let Docker choose");
+            c.err(
+                field,
+                "port 0 is not a host port; leave it out to let Docker choose",
+            );
         } else if let Some(other) = seen.insert(port, field.clone()) {
             c.err(field, format!("host port {port} is also used by {other}"));
         }
     }
     if let Some(base) = local.ports.postgres {
         if u32::from(base) + u32::try_from(spec.replicas.max(0)).unwrap_or(0) > 65535 {
-            c.err("spec.local.ports.postgres", format!("{base} + replicas goes past port 65535"));
+            c.err(
+                "spec.local.ports.postgres",
+                format!("{base} + replicas goes past port 65535"),
+            );
         }
     }
 }
@@ -320,7 +403,11 @@ pub fn gateway(net: Ipv4Net) -> Ipv4Addr {
 impl LocalSpec {
     /// Host port of PostgreSQL instance `ordinal`: its explicit port, else `ports.postgres + ordinal`.
     pub fn instance_port(&self, ordinal: u32) -> Option<u16> {
-        let explicit = self.instances.iter().find(|i| i.ordinal == ordinal).and_then(|i| i.port);
+        let explicit = self
+            .instances
+            .iter()
+            .find(|i| i.ordinal == ordinal)
+            .and_then(|i| i.port);
         explicit.or_else(|| {
             self.ports
                 .postgres
@@ -347,7 +434,11 @@ pub fn claimed_host_ports(spec: &PgBalancerClusterSpec) -> Vec<(u16, String)> {
     let mut out = Vec::new();
     for ordinal in 0..=u32::try_from(spec.replicas.max(0)).unwrap_or(0) {
         if let Some(p) = local.instance_port(ordinal) {
-            let field = match local.instances.iter().position(|i| i.ordinal == ordinal && i.port.is_some()) {
+            let field = match local
+                .instances
+                .iter()
+                .position(|i| i.ordinal == ordinal && i.port.is_some())
+            {
                 Some(i) => format!("spec.local.instances[{i}].port"),
                 None => format!("spec.local.ports.postgres (instance {ordinal})"),
             };
@@ -379,7 +470,11 @@ pub fn explicit_container_names(spec: &PgBalancerClusterSpec) -> Vec<(String, St
                 .map(|n| (n, format!("spec.local.instances[{i}].containerName")))
         })
         .collect();
-    if let Some(n) = local.balancer.as_ref().and_then(|b| b.container_name.clone()) {
+    if let Some(n) = local
+        .balancer
+        .as_ref()
+        .and_then(|b| b.container_name.clone())
+    {
         out.push((n, "spec.local.balancer.containerName".into()));
     }
     out
@@ -390,7 +485,8 @@ fn is_dns_label(s: &str) -> bool {
         && s.len() <= 63
         && s.starts_with(|c: char| c.is_ascii_lowercase())
         && !s.ends_with('-')
-        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
 }
 
 fn is_hostname_label(s: &str) -> bool {
@@ -405,18 +501,22 @@ fn is_docker_name(s: &str) -> bool {
     s.len() >= 2
         && s.len() <= 128
         && s.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
 }
 
 fn is_sql_identifier(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && s.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
-        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
 }
 
 fn is_quantity(s: &str) -> bool {
-    let digits_end = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let digits_end = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
     let (number, suffix) = s.split_at(digits_end);
     !number.is_empty()
         && number.parse::<f64>().is_ok()

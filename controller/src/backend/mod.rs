@@ -126,7 +126,9 @@ impl std::fmt::Display for Action {
         match self {
             Action::EnsureNetwork => write!(f, "create network"),
             Action::CreateInstance(o) => write!(f, "create instance {o}"),
-            Action::ReplaceInstance(o) => write!(f, "replace instance {o} (settings changed, data kept)"),
+            Action::ReplaceInstance(o) => {
+                write!(f, "replace instance {o} (settings changed, data kept)")
+            }
             Action::StartInstance(o) => write!(f, "start instance {o}"),
             Action::RemoveInstance(o) => write!(f, "remove instance {o} and its volume"),
             Action::CreateBalancer(i) => write!(f, "create balancer {i}"),
@@ -134,8 +136,12 @@ impl std::fmt::Display for Action {
             Action::StartBalancer(i) => write!(f, "start balancer {i}"),
             Action::RemoveBalancer(i) => write!(f, "remove balancer {i}"),
             Action::UpdateBackends(i) => write!(f, "reload balancer {i} with the new backend list"),
-            Action::AttachBackend { balancer, slot } => write!(f, "attach node {slot} on balancer {balancer}"),
-            Action::DetachBackend { balancer, slot } => write!(f, "detach node {slot} on balancer {balancer}"),
+            Action::AttachBackend { balancer, slot } => {
+                write!(f, "attach node {slot} on balancer {balancer}")
+            }
+            Action::DetachBackend { balancer, slot } => {
+                write!(f, "detach node {slot} on balancer {balancer}")
+            }
         }
     }
 }
@@ -155,5 +161,9 @@ pub trait Backend: Sync {
     fn observe(&self, plan: &Plan) -> impl Future<Output = Result<Observed, Self::Error>> + Send;
 
     /// Applies one action.
-    fn apply(&self, plan: &Plan, action: Action) -> impl Future<Output = Result<(), Self::Error>> + Send;
+    fn apply(
+        &self,
+        plan: &Plan,
+        action: Action,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
 }

@@ -121,30 +121,56 @@ pub fn print_error(e: &(dyn std::error::Error + 'static)) {
 async fn dispatch(cli: Cli) -> Result<(), OpError> {
     match cli.command {
         Command::Up { file, timeout } => up(&file, timeout).await,
-        Command::Status { name, output, show_secrets } => status(name, output, show_secrets).await,
-        Command::Scale { name, replicas, timeout } => scale(&name, replicas, timeout).await,
+        Command::Status {
+            name,
+            output,
+            show_secrets,
+        } => status(name, output, show_secrets).await,
+        Command::Scale {
+            name,
+            replicas,
+            timeout,
+        } => scale(&name, replicas, timeout).await,
         Command::Down { names, keep_data } => down(&names, keep_data).await,
-        Command::Images { command: ImagesCommand::Build { versions } } => build_images(&versions).await,
+        Command::Images {
+            command: ImagesCommand::Build { versions },
+        } => build_images(&versions).await,
         Command::Crd => {
-            print!("{}", serde_yaml::to_string(&PgBalancerCluster::crd()).unwrap_or_default());
+            print!(
+                "{}",
+                serde_yaml::to_string(&PgBalancerCluster::crd()).unwrap_or_default()
+            );
             Ok(())
         }
     }
 }
 
 fn progress(started: Instant) -> impl Fn(&str, &str) + Sync {
-    move |cluster, line| eprintln!("[{:>5.1}s] {cluster}: {line}", started.elapsed().as_secs_f64())
+    move |cluster, line| {
+        eprintln!(
+            "[{:>5.1}s] {cluster}: {line}",
+            started.elapsed().as_secs_f64()
+        )
+    }
 }
 
 async fn up(file: &PathBuf, timeout: u64) -> Result<(), OpError> {
     let text = std::fs::read_to_string(file)
         .map_err(|e| OpError::Input(format!("{}: cannot read: {e}", file.display())))?;
-    let clusters = parse_documents(&text).map_err(|e| OpError::Input(format!("{}: {e}", file.display())))?;
+    let clusters =
+        parse_documents(&text).map_err(|e| OpError::Input(format!("{}: {e}", file.display())))?;
     pgbalancer_crd::validate::validate_set(&clusters)
         .map_err(|e| OpError::Input(format!("{} is invalid:\n{e}", file.display())))?;
     let local = Local::connect().await?;
     let started = Instant::now();
-    let views = local.apply(clusters, None, Duration::from_secs(timeout), &progress(started)).await?;
+    let views = local
+        .apply(
+            clusters,
+            None,
+            Duration::from_secs(timeout),
+            &progress(started),
+        )
+        .await?;
     for view in &views {
         println!("{}", output::ready_summary(view, started.elapsed()));
     }
@@ -166,8 +192,14 @@ async fn status(name: Option<String>, format: Format, show_secrets: bool) -> Res
     match (format, docs.len()) {
         (Format::Table, 0) => println!("no clusters; start one with `pgbalancer up -f FILE`"),
         (Format::Table, _) => docs.iter().for_each(|d| print(status_table(d))),
-        (Format::Json, 1) => println!("{}", serde_json::to_string_pretty(&docs[0]).unwrap_or_default()),
-        (Format::Json, _) => println!("{}", serde_json::to_string_pretty(&docs).unwrap_or_default()),
+        (Format::Json, 1) => println!(
+            "{}",
+            serde_json::to_string_pretty(&docs[0]).unwrap_or_default()
+        ),
+        (Format::Json, _) => println!(
+            "{}",
+            serde_json::to_string_pretty(&docs).unwrap_or_default()
+        ),
         (Format::Yaml, 1) => print(serde_yaml::to_string(&docs[0]).unwrap_or_default()),
         (Format::Yaml, _) => print(serde_yaml::to_string(&docs).unwrap_or_default()),
     }
@@ -179,9 +211,17 @@ async fn scale(name: &str, replicas: i32, timeout: u64) -> Result<(), OpError> {
     let stored = local.stored(name)?;
     let mut cluster = stored.cluster.clone();
     cluster.spec.replicas = replicas;
-    pgbalancer_crd::validate::validate(&cluster).map_err(|e| OpError::Input(format!("--replicas: {e}")))?;
+    pgbalancer_crd::validate::validate(&cluster)
+        .map_err(|e| OpError::Input(format!("--replicas: {e}")))?;
     let started = Instant::now();
-    let views = local.apply(vec![cluster], None, Duration::from_secs(timeout), &progress(started)).await?;
+    let views = local
+        .apply(
+            vec![cluster],
+            None,
+            Duration::from_secs(timeout),
+            &progress(started),
+        )
+        .await?;
     for view in &views {
         println!("{}", output::ready_summary(view, started.elapsed()));
     }
@@ -200,9 +240,16 @@ async fn down(names: &[String], keep_data: bool) -> Result<(), OpError> {
             if report.kept_networks.is_empty() {
                 String::new()
             } else {
-                format!("; kept network {} (still in use)", report.kept_networks.join(", "))
+                format!(
+                    "; kept network {} (still in use)",
+                    report.kept_networks.join(", ")
+                )
             },
-            if keep_data { "; data volumes and credentials kept" } else { "" },
+            if keep_data {
+                "; data volumes and credentials kept"
+            } else {
+                ""
+            },
         );
     }
     Ok(())
@@ -219,7 +266,8 @@ async fn build_images(versions: &[u32]) -> Result<(), OpError> {
     }
     let docker = crate::backend::docker::connect().await?;
     let started = Instant::now();
-    let mut report = |line: &str| eprintln!("[{:>5.1}s] images: {line}", started.elapsed().as_secs_f64());
+    let mut report =
+        |line: &str| eprintln!("[{:>5.1}s] images: {line}", started.elapsed().as_secs_f64());
     images::build(&docker, versions, &mut report).await?;
     Ok(())
 }

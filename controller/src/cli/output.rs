@@ -119,7 +119,11 @@ pub struct SecretsDoc {
 
 /// Builds the status document of a view.
 pub fn status_document(view: &ClusterView, show_secrets: bool) -> StatusDocument {
-    let ClusterView { stored, plan, observed } = view;
+    let ClusterView {
+        stored,
+        plan,
+        observed,
+    } = view;
     let computed = status::compute(plan, observed, Time(k8s_openapi::jiff::Timestamp::now()));
     let first_balancer = observed.balancers.get(&0);
     let docs: Vec<InstanceDoc> = plan
@@ -133,23 +137,35 @@ pub fn status_document(view: &ClusterView, show_secrets: bool) -> StatusDocument
                 container: inst.container.clone(),
                 role: st.role.clone(),
                 ready: st.ready,
-                state: seen.map(|s| s.state.clone()).unwrap_or_else(|| "missing".into()),
+                state: seen
+                    .map(|s| s.state.clone())
+                    .unwrap_or_else(|| "missing".into()),
                 health: seen.map(|s| s.health.clone()).unwrap_or_default(),
                 port: seen.and_then(|s| s.host_port),
                 lag_bytes: st.lag_bytes,
                 balancer_node: first_balancer
                     .and_then(|b| b.nodes.iter().find(|n| n.slot == inst.ordinal))
-                    .map(|n| NodeDoc { slot: n.slot, status: n.status.clone(), select_count: n.select_count }),
+                    .map(|n| NodeDoc {
+                        slot: n.slot,
+                        status: n.status.clone(),
+                        select_count: n.select_count,
+                    }),
             }
         })
         .collect();
-    let (primary, replicas): (Vec<InstanceDoc>, Vec<InstanceDoc>) =
-        docs.into_iter().partition(|d| d.role == Role::Primary.as_str());
+    let (primary, replicas): (Vec<InstanceDoc>, Vec<InstanceDoc>) = docs
+        .into_iter()
+        .partition(|d| d.role == Role::Primary.as_str());
     let host = plan.connect_address();
     let balancer_port = first_balancer.and_then(|b| b.host_port);
     let primary = primary.into_iter().next();
     let uri = |user: &str, password: &str, port: Option<u16>| {
-        port.map(|p| format!("postgresql://{user}:{password}@{host}:{p}/{}", plan.postgres.database))
+        port.map(|p| {
+            format!(
+                "postgresql://{user}:{password}@{host}:{p}/{}",
+                plan.postgres.database
+            )
+        })
     };
     let secrets = show_secrets.then(|| SecretsDoc {
         user: plan.postgres.user.clone(),
@@ -157,8 +173,16 @@ pub fn status_document(view: &ClusterView, show_secrets: bool) -> StatusDocument
         superuser_password: stored.credentials.superuser_password.clone(),
         replication_password: stored.credentials.replication_password.clone(),
         pcp_password: stored.credentials.pcp_password.clone(),
-        balancer_uri: uri(&plan.postgres.user, &stored.credentials.app_password, balancer_port),
-        primary_uri: uri(&plan.postgres.user, &stored.credentials.app_password, primary.as_ref().and_then(|p| p.port)),
+        balancer_uri: uri(
+            &plan.postgres.user,
+            &stored.credentials.app_password,
+            balancer_port,
+        ),
+        primary_uri: uri(
+            &plan.postgres.user,
+            &stored.credentials.app_password,
+            primary.as_ref().and_then(|p| p.port),
+        ),
     });
     let balancers: Vec<BalancerInstanceDoc> = plan
         .balancer
@@ -169,7 +193,9 @@ pub fn status_document(view: &ClusterView, show_secrets: bool) -> StatusDocument
             BalancerInstanceDoc {
                 name: b.container.clone(),
                 ready: seen.is_some_and(|s| s.routing),
-                state: seen.map(|s| s.state.clone()).unwrap_or_else(|| "missing".into()),
+                state: seen
+                    .map(|s| s.state.clone())
+                    .unwrap_or_else(|| "missing".into()),
                 port: seen.and_then(|s| s.host_port),
             }
         })
@@ -204,8 +230,8 @@ pub fn status_table(doc: &StatusDocument) -> String {
     );
     let _ = writeln!(
         out,
-        "  {:<20} {:<8} {:<6} {:<9} {:<9} {:<6} {:<10} {}",
-        "INSTANCE", "ROLE", "READY", "STATE", "HEALTH", "PORT", "LAG", "BALANCER NODE"
+        "  {:<20} {:<8} {:<6} {:<9} {:<9} {:<6} {:<10} BALANCER NODE",
+        "INSTANCE", "ROLE", "READY", "STATE", "HEALTH", "PORT", "LAG"
     );
     for i in doc.primary.iter().chain(&doc.replicas) {
         let node = i
@@ -222,11 +248,17 @@ pub fn status_table(doc: &StatusDocument) -> String {
             i.state,
             dash((!i.health.is_empty()).then_some(&i.health)),
             dash(i.port),
-            i.lag_bytes.map(|b| format!("{b} B")).unwrap_or_else(|| "-".into()),
+            i.lag_bytes
+                .map(|b| format!("{b} B"))
+                .unwrap_or_else(|| "-".into()),
             node
         );
     }
-    let _ = writeln!(out, "  {:<20} {:<8} {:<6} {:<9} {:<9} {:<6}", "BALANCER", "", "READY", "STATE", "", "PORT");
+    let _ = writeln!(
+        out,
+        "  {:<20} {:<8} {:<6} {:<9} {:<9} {:<6}",
+        "BALANCER", "", "READY", "STATE", "", "PORT"
+    );
     for b in &doc.balancer.instances {
         let _ = writeln!(
             out,
@@ -245,7 +277,11 @@ pub fn status_table(doc: &StatusDocument) -> String {
     if let Some(s) = &doc.secrets {
         let _ = writeln!(out, "  balancer URI: {}", dash(s.balancer_uri.as_ref()));
         let _ = writeln!(out, "  primary URI:  {}", dash(s.primary_uri.as_ref()));
-        let _ = writeln!(out, "  superuser:    {SUPERUSER} / {}", s.superuser_password);
+        let _ = writeln!(
+            out,
+            "  superuser:    {SUPERUSER} / {}",
+            s.superuser_password
+        );
     }
     out
 }
@@ -269,7 +305,11 @@ pub fn ready_summary(view: &ClusterView, took: Duration) -> String {
     if let Some(port) = doc.primary.as_ref().and_then(|p| p.port) {
         let _ = writeln!(out, "  primary (direct):                          psql \"postgresql://{user}@{host}:{port}/{db}\"");
     }
-    let _ = write!(out, "  password: pgbalancer status {} --show-secrets", doc.name);
+    let _ = write!(
+        out,
+        "  password: pgbalancer status {} --show-secrets",
+        doc.name
+    );
     if view.stored.seed_file.is_none() {
         let _ = write!(out, "\n  status:   pgbalancer status {}", doc.name);
     }

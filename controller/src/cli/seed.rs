@@ -68,9 +68,14 @@ pub async fn run(cli: SeedCli) -> ExitCode {
 }
 
 fn load(path: &Path) -> Result<SeedConfig, OpError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| OpError::Input(format!("Configuration file not found: {} ({e})", path.display())))?;
-    let seed = SeedConfig::parse(&text).map_err(|e| OpError::Input(format!("{}: {e}", path.display())))?;
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        OpError::Input(format!(
+            "Configuration file not found: {} ({e})",
+            path.display()
+        ))
+    })?;
+    let seed =
+        SeedConfig::parse(&text).map_err(|e| OpError::Input(format!("{}: {e}", path.display())))?;
     println!("📖 Configuration loaded: {}", seed.cluster_name);
     for b in &seed.balancers {
         println!("   - {}: 1 primary + {} replicas", b.name, b.replicas.len());
@@ -80,14 +85,26 @@ fn load(path: &Path) -> Result<SeedConfig, OpError> {
 
 async fn dispatch(cli: &SeedCli) -> Result<(), OpError> {
     let seed = load(&cli.config)?;
-    let clusters = seed.clusters().map_err(|e| OpError::Input(format!("{}: {e}", cli.config.display())))?;
+    let clusters = seed
+        .clusters()
+        .map_err(|e| OpError::Input(format!("{}: {e}", cli.config.display())))?;
     let timeout = Duration::from_secs(cli.timeout);
     let started = Instant::now();
-    let report = move |cluster: &str, line: &str| println!("   [{:>5.1}s] {cluster}: {line}", started.elapsed().as_secs_f64());
+    let report = move |cluster: &str, line: &str| {
+        println!(
+            "   [{:>5.1}s] {cluster}: {line}",
+            started.elapsed().as_secs_f64()
+        )
+    };
     if cli.init {
         let local = Local::connect().await?;
-        local.apply(clusters, Some(absolute(&cli.config)), timeout, &report).await?;
-        println!("✅ Cluster ready in {:.1} s", started.elapsed().as_secs_f64());
+        local
+            .apply(clusters, Some(absolute(&cli.config)), timeout, &report)
+            .await?;
+        println!(
+            "✅ Cluster ready in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
         return print_status(&local, &seed).await;
     }
     if cli.destroy {
@@ -123,9 +140,12 @@ async fn add_replicas(
     timeout: Duration,
     report: &(dyn Fn(&str, &str) + Sync),
 ) -> Result<(), OpError> {
-    let entry = seed
-        .balancer_mut(balancer)
-        .ok_or_else(|| OpError::Input(format!("Balancer {balancer} not found in {}", cli.config.display())))?;
+    let entry = seed.balancer_mut(balancer).ok_or_else(|| {
+        OpError::Input(format!(
+            "Balancer {balancer} not found in {}",
+            cli.config.display()
+        ))
+    })?;
     let added = entry
         .add_replicas(cli.count)
         .map_err(|e| OpError::Input(format!("{}: {e}", cli.config.display())))?;
@@ -136,13 +156,18 @@ async fn add_replicas(
         .find(|c| c.metadata.name.as_deref() == Some(name.as_str()))
         .ok_or_else(|| OpError::Input(format!("balancer {balancer} has no cluster")))?;
     let local = Local::connect().await?;
-    let result = local.apply(vec![cluster], Some(absolute(&cli.config)), timeout, report).await;
+    let result = local
+        .apply(vec![cluster], Some(absolute(&cli.config)), timeout, report)
+        .await;
     if !matches!(result, Err(OpError::Input(_))) {
         // Containers may exist now: record them so --status and --destroy see them.
         write_atomically(&cli.config, &seed.to_json())?;
     }
     result?;
-    println!("✅ Added replica(s) {added:?} to {balancer}; the balancer routes to them; {} updated", cli.config.display());
+    println!(
+        "✅ Added replica(s) {added:?} to {balancer}; the balancer routes to them; {} updated",
+        cli.config.display()
+    );
     print_status(&local, &seed).await
 }
 
@@ -172,20 +197,36 @@ async fn print_status(local: &Local, seed: &SeedConfig) -> Result<(), OpError> {
         println!(
             "   Status: {} | Health: {}",
             balancer.map(|x| x.state.as_str()).unwrap_or("not_found"),
-            balancer.map(|x| if x.ready { "healthy (routing)" } else { "not routing" }).unwrap_or("unknown")
+            balancer
+                .map(|x| if x.ready {
+                    "healthy (routing)"
+                } else {
+                    "not routing"
+                })
+                .unwrap_or("unknown")
         );
-        println!("   Ports: {} (main), {} (PCP), {} (REST)", b.port, b.pcp_port, b.rest_api_port);
+        println!(
+            "   Ports: {} (main), {} (PCP), {} (REST)",
+            b.port, b.pcp_port, b.rest_api_port
+        );
         println!("   IP: {}", b.ip_address);
-        let nodes = std::iter::once((None, &b.primary)).chain(b.replicas.iter().map(|r| (r.node_id, r)));
+        let nodes =
+            std::iter::once((None, &b.primary)).chain(b.replicas.iter().map(|r| (r.node_id, r)));
         for (id, node) in nodes {
             let inst = doc.as_ref().and_then(|d| {
-                d.primary.iter().chain(&d.replicas).find(|i| i.container == node.container_name)
+                d.primary
+                    .iter()
+                    .chain(&d.replicas)
+                    .find(|i| i.container == node.container_name)
             });
             let label = match id {
                 None => "[PRIMARY]".to_owned(),
                 Some(id) => format!("[REPLICA {id}]"),
             };
-            let lag = inst.and_then(|i| i.lag_bytes).map(|l| format!(" | Lag: {l} B")).unwrap_or_default();
+            let lag = inst
+                .and_then(|i| i.lag_bytes)
+                .map(|l| format!(" | Lag: {l} B"))
+                .unwrap_or_default();
             println!(
                 "   {label} {}  Host: {}:{} | IP: {}  Status: {} | Health: {} | Role: {}{lag}",
                 node.container_name,
@@ -193,7 +234,12 @@ async fn print_status(local: &Local, seed: &SeedConfig) -> Result<(), OpError> {
                 node.port,
                 node.ip_address,
                 inst.map(|i| i.state.as_str()).unwrap_or("not_found"),
-                inst.map(|i| if i.health.is_empty() { "unknown" } else { i.health.as_str() }).unwrap_or("unknown"),
+                inst.map(|i| if i.health.is_empty() {
+                    "unknown"
+                } else {
+                    i.health.as_str()
+                })
+                .unwrap_or("unknown"),
                 inst.map(|i| i.role.as_str()).unwrap_or("-"),
             );
         }

@@ -40,7 +40,7 @@ pub enum OpError {
     Converge {
         cluster: String,
         #[source]
-        source: ConvergeError<DockerError>,
+        source: Box<ConvergeError<DockerError>>,
     },
 }
 
@@ -76,7 +76,10 @@ pub struct Local {
 impl Local {
     /// Connects to Docker and opens the state directory from the environment.
     pub async fn connect() -> Result<Self, OpError> {
-        Ok(Self { docker: docker::connect().await?, state: StateDir::from_env() })
+        Ok(Self {
+            docker: docker::connect().await?,
+            state: StateDir::from_env(),
+        })
     }
 
     /// The engine client.
@@ -130,7 +133,10 @@ impl Local {
             };
             prepared.push((cluster, plan, stored));
         }
-        let pairs: Vec<(PgBalancerCluster, Plan)> = prepared.iter().map(|(c, p, _)| (c.clone(), p.clone())).collect();
+        let pairs: Vec<(PgBalancerCluster, Plan)> = prepared
+            .iter()
+            .map(|(c, p, _)| (c.clone(), p.clone()))
+            .collect();
         let problems = preflight::check(&self.docker, &pairs).await?;
         if !problems.is_empty() {
             return Err(OpError::Input(problems.join("\n")));
@@ -143,8 +149,15 @@ impl Local {
             let name = plan.cluster.clone();
             let observed = converge(&backend, &plan, timeout, |line| report(&name, line))
                 .await
-                .map_err(|source| OpError::Converge { cluster: name.clone(), source })?;
-            Ok::<_, OpError>(ClusterView { stored, plan, observed })
+                .map_err(|source| OpError::Converge {
+                    cluster: name.clone(),
+                    source: Box::new(source),
+                })?;
+            Ok::<_, OpError>(ClusterView {
+                stored,
+                plan,
+                observed,
+            })
         });
         join_all(runs).await.into_iter().collect()
     }
@@ -167,14 +180,24 @@ impl Local {
     async fn owned_volumes(&self, name: &str) -> Result<Vec<String>, OpError> {
         let filters = HashMap::from([(
             "label".to_owned(),
-            vec![format!("{}={}", labels::MANAGED_BY, labels::MANAGER), format!("{}={name}", labels::INSTANCE)],
+            vec![
+                format!("{}={}", labels::MANAGED_BY, labels::MANAGER),
+                format!("{}={name}", labels::INSTANCE),
+            ],
         )]);
         let volumes = self
             .docker
-            .list_volumes(Some(ListVolumesOptions { filters: Some(filters) }))
+            .list_volumes(Some(ListVolumesOptions {
+                filters: Some(filters),
+            }))
             .await
             .map_err(DockerError::api("list volumes"))?;
-        Ok(volumes.volumes.unwrap_or_default().into_iter().map(|v| v.name).collect())
+        Ok(volumes
+            .volumes
+            .unwrap_or_default()
+            .into_iter()
+            .map(|v| v.name)
+            .collect())
     }
 
     /// Observes cluster `name`.
@@ -183,7 +206,11 @@ impl Local {
         let plan = Plan::new(&stored.cluster, stored.primary);
         let backend = DockerBackend::new(self.docker.clone(), stored.credentials.clone());
         let observed = backend.observe(&plan).await?;
-        Ok(ClusterView { stored, plan, observed })
+        Ok(ClusterView {
+            stored,
+            plan,
+            observed,
+        })
     }
 
     /// Removes everything cluster `name` owns; with `keep_data` its volumes and state stay.
@@ -205,20 +232,35 @@ impl Local {
                 let id = c.id.clone().unwrap_or_default();
                 let _ = self
                     .docker
-                    .stop_container(&id, Some(bollard::query_parameters::StopContainerOptions { t: Some(30), ..Default::default() }))
+                    .stop_container(
+                        &id,
+                        Some(bollard::query_parameters::StopContainerOptions {
+                            t: Some(30),
+                            ..Default::default()
+                        }),
+                    )
                     .await;
                 self.docker
                     .remove_container(
                         &id,
-                        Some(bollard::query_parameters::RemoveContainerOptions { force: true, v: true, ..Default::default() }),
+                        Some(bollard::query_parameters::RemoveContainerOptions {
+                            force: true,
+                            v: true,
+                            ..Default::default()
+                        }),
                     )
                     .await
-                    .map_err(DockerError::api(format!("remove container {}", docker::container_name(c))))
+                    .map_err(DockerError::api(format!(
+                        "remove container {}",
+                        docker::container_name(c)
+                    )))
             });
             for result in join_all(removals).await {
                 result?;
             }
-            report.containers.extend(group.iter().map(|c| docker::container_name(c)));
+            report
+                .containers
+                .extend(group.iter().map(|c| docker::container_name(c)));
         }
         if !keep_data {
             for volume in self.owned_volumes(name).await? {
@@ -234,7 +276,10 @@ impl Local {
             .list_networks(Some(ListNetworksOptions {
                 filters: Some(HashMap::from([(
                     "label".to_owned(),
-                    vec![format!("{}={}", labels::MANAGED_BY, labels::MANAGER), format!("{}={name}", labels::INSTANCE)],
+                    vec![
+                        format!("{}={}", labels::MANAGED_BY, labels::MANAGER),
+                        format!("{}={name}", labels::INSTANCE),
+                    ],
                 )])),
             }))
             .await
@@ -245,8 +290,15 @@ impl Local {
         for network in networks {
             self.remove_network_if_unused(&network, &mut report).await?;
         }
-        if stored.is_none() && report.containers.is_empty() && report.volumes.is_empty() && report.networks.is_empty() {
-            return Err(self.stored(name).err().unwrap_or_else(|| OpError::Input(format!("no cluster named `{name}`"))));
+        if stored.is_none()
+            && report.containers.is_empty()
+            && report.volumes.is_empty()
+            && report.networks.is_empty()
+        {
+            return Err(self
+                .stored(name)
+                .err()
+                .unwrap_or_else(|| OpError::Input(format!("no cluster named `{name}`"))));
         }
         if !keep_data {
             self.state.remove(name)?;
@@ -254,11 +306,20 @@ impl Local {
         Ok(report)
     }
 
-    async fn remove_network_if_unused(&self, network: &str, report: &mut DownReport) -> Result<(), OpError> {
+    async fn remove_network_if_unused(
+        &self,
+        network: &str,
+        report: &mut DownReport,
+    ) -> Result<(), OpError> {
         let Ok(info) = self.docker.inspect_network(network, None).await else {
             return Ok(());
         };
-        let ours = info.labels.as_ref().and_then(|l| l.get(labels::MANAGED_BY)).map(String::as_str) == Some(labels::MANAGER);
+        let ours = info
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(labels::MANAGED_BY))
+            .map(String::as_str)
+            == Some(labels::MANAGER);
         if !ours {
             return Ok(());
         }
@@ -269,9 +330,10 @@ impl Local {
         match self.docker.remove_network(network).await {
             Ok(()) => report.networks.push(network.to_owned()),
             // Another cluster joined it meanwhile: keep it.
-            Err(bollard::errors::Error::DockerResponseServerError { status_code: 403 | 409, .. }) => {
-                report.kept_networks.push(network.to_owned())
-            }
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 403 | 409,
+                ..
+            }) => report.kept_networks.push(network.to_owned()),
             Err(e) => return Err(DockerError::api(format!("remove network {network}"))(e).into()),
         }
         Ok(())

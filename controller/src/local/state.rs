@@ -53,8 +53,12 @@ impl StateDir {
     pub fn from_env() -> Self {
         let root = std::env::var_os("PGBALANCER_STATE_DIR")
             .map(PathBuf::from)
-            .or_else(|| std::env::var_os("XDG_STATE_HOME").map(|d| PathBuf::from(d).join("pgbalancer")))
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state/pgbalancer")))
+            .or_else(|| {
+                std::env::var_os("XDG_STATE_HOME").map(|d| PathBuf::from(d).join("pgbalancer"))
+            })
+            .or_else(|| {
+                std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state/pgbalancer"))
+            })
             .unwrap_or_else(|| PathBuf::from("/var/lib/pgbalancer"));
         Self { root }
     }
@@ -79,11 +83,21 @@ impl StateDir {
         let entries = match std::fs::read_dir(&dir) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(source) => return Err(StateError::Io { path: dir.display().to_string(), source }),
+            Err(source) => {
+                return Err(StateError::Io {
+                    path: dir.display().to_string(),
+                    source,
+                })
+            }
         };
         let mut names: Vec<String> = entries
             .filter_map(Result::ok)
-            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".yaml").map(str::to_owned))
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()?
+                    .strip_suffix(".yaml")
+                    .map(str::to_owned)
+            })
             .collect();
         names.sort();
         Ok(names)
@@ -95,12 +109,19 @@ impl StateDir {
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(StateError::Io { path: path.display().to_string(), source }),
+            Err(source) => {
+                return Err(StateError::Io {
+                    path: path.display().to_string(),
+                    source,
+                })
+            }
         };
-        serde_yaml::from_str(&text).map(Some).map_err(|e| StateError::Format {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })
+        serde_yaml::from_str(&text)
+            .map(Some)
+            .map_err(|e| StateError::Format {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })
     }
 
     /// Writes `stored` atomically (temp file + rename), private to the user.
@@ -112,7 +133,11 @@ impl StateDir {
             let p = p.display().to_string();
             move |source| StateError::Io { path: p, source }
         };
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(io(&dir))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(io(&dir))?;
         let text = serde_yaml::to_string(stored).map_err(|e| StateError::Format {
             path: path.display().to_string(),
             message: e.to_string(),
@@ -136,7 +161,10 @@ impl StateDir {
         match std::fs::remove_file(&path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(StateError::Io { path: path.display().to_string(), source }),
+            Err(source) => Err(StateError::Io {
+                path: path.display().to_string(),
+                source,
+            }),
         }
     }
 }
@@ -155,13 +183,21 @@ mod tests {
         )
         .unwrap()
         .remove(0);
-        let stored = StoredCluster { cluster, credentials: Credentials::generate(), primary: 0, seed_file: None };
+        let stored = StoredCluster {
+            cluster,
+            credentials: Credentials::generate(),
+            primary: 0,
+            seed_file: None,
+        };
         state.save(&stored).unwrap();
         let back = state.load("demo").unwrap().unwrap();
         assert_eq!(back.credentials, stored.credentials);
         assert_eq!(back.cluster.spec, stored.cluster.spec);
         assert_eq!(state.names().unwrap(), ["demo"]);
-        let mode = std::fs::metadata(state.file("demo")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(state.file("demo"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         state.remove("demo").unwrap();
         assert!(state.load("demo").unwrap().is_none());

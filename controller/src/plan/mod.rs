@@ -15,7 +15,9 @@ use k8s_openapi::api::core::v1::ResourceRequirements;
 use pgbalancer_crd::validate::offset_port;
 use pgbalancer_crd::PgBalancerCluster;
 
-pub use images::{default_balancer_image, default_postgres_image, BALANCER_IMAGE_REPO, POSTGRES_IMAGE_REPO};
+pub use images::{
+    default_balancer_image, default_postgres_image, BALANCER_IMAGE_REPO, POSTGRES_IMAGE_REPO,
+};
 
 /// Container/pod port of PostgreSQL.
 pub const POSTGRES_PORT: u16 = 5432;
@@ -173,7 +175,11 @@ impl Plan {
                 let inst_name = format!("{name}-{ordinal}");
                 InstancePlan {
                     ordinal,
-                    role: if ordinal == primary { Role::Primary } else { Role::Replica },
+                    role: if ordinal == primary {
+                        Role::Primary
+                    } else {
+                        Role::Replica
+                    },
                     slot: format!("instance_{ordinal}"),
                     host: explicit
                         .and_then(|e| e.hostname.clone())
@@ -182,7 +188,9 @@ impl Plan {
                         .and_then(|e| e.container_name.clone())
                         .unwrap_or_else(|| inst_name.clone()),
                     volume: format!("pgbalancer-{name}-{ordinal}-data"),
-                    ip: explicit.and_then(|e| e.ip.as_deref()).and_then(|ip| ip.parse().ok()),
+                    ip: explicit
+                        .and_then(|e| e.ip.as_deref())
+                        .and_then(|ip| ip.parse().ok()),
                     host_port: local.instance_port(ordinal),
                     name: inst_name,
                 }
@@ -201,8 +209,12 @@ impl Plan {
                     container: explicit
                         .and_then(|e| e.container_name.clone())
                         .unwrap_or_else(|| default_name.clone()),
-                    host: explicit.and_then(|e| e.hostname.clone()).unwrap_or(default_name),
-                    ip: explicit.and_then(|e| e.ip.as_deref()).and_then(|ip| ip.parse().ok()),
+                    host: explicit
+                        .and_then(|e| e.hostname.clone())
+                        .unwrap_or(default_name),
+                    ip: explicit
+                        .and_then(|e| e.ip.as_deref())
+                        .and_then(|ip| ip.parse().ok()),
                     sql_port: offset_port(local.ports.balancer, index),
                     pcp_port: offset_port(local.ports.pcp, index),
                 }
@@ -225,16 +237,27 @@ impl Plan {
             },
             instances,
             balancer: BalancerPlan {
-                image: spec.balancer.image.clone().unwrap_or_else(default_balancer_image),
+                image: spec
+                    .balancer
+                    .image
+                    .clone()
+                    .unwrap_or_else(default_balancer_image),
                 num_init_children: spec.balancer.num_init_children,
                 max_pool: spec.balancer.max_pool,
                 load_balance_mode: spec.balancer.load_balance_mode,
                 instances: balancers,
             },
             local: LocalPlan {
-                network: local.network.name.clone().unwrap_or_else(|| format!("pgbalancer-{name}")),
+                network: local
+                    .network
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| format!("pgbalancer-{name}")),
                 subnet: local.network.subnet.clone(),
-                bind_address: local.bind_address.clone().unwrap_or_else(|| "127.0.0.1".into()),
+                bind_address: local
+                    .bind_address
+                    .clone()
+                    .unwrap_or_else(|| "127.0.0.1".into()),
             },
             cluster: name,
         }

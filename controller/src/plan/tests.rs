@@ -11,8 +11,19 @@ fn cluster(spec: &str) -> PgBalancerCluster {
 #[test]
 fn instances_are_named_by_ordinal_and_the_first_is_primary() {
     let plan = Plan::new(&cluster("  replicas: 2\n"), 0);
-    let names: Vec<_> = plan.instances.iter().map(|i| (i.name.as_str(), i.role)).collect();
-    assert_eq!(names, [("demo-0", Role::Primary), ("demo-1", Role::Replica), ("demo-2", Role::Replica)]);
+    let names: Vec<_> = plan
+        .instances
+        .iter()
+        .map(|i| (i.name.as_str(), i.role))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("demo-0", Role::Primary),
+            ("demo-1", Role::Replica),
+            ("demo-2", Role::Replica)
+        ]
+    );
     assert_eq!(plan.primary().name, "demo-0");
     assert_eq!(plan.local.network, "pgbalancer-demo");
     assert_eq!(plan.balancer.instances[0].container, "demo-balancer");
@@ -39,7 +50,10 @@ fn explicit_local_identity_and_ports_are_used() {
         0,
     );
     let r = plan.instance(1).unwrap();
-    assert_eq!((r.container.as_str(), r.host.as_str()), ("r1", "replica-one"));
+    assert_eq!(
+        (r.container.as_str(), r.host.as_str()),
+        ("r1", "replica-one")
+    );
     assert_eq!(r.ip, Some("10.9.0.21".parse().unwrap()));
     assert_eq!(r.host_port, Some(15433));
     assert_eq!(plan.balancer.instances[0].sql_port, Some(19999));

@@ -59,22 +59,35 @@ fn converged(replicas: u32) -> Observed {
 
 #[test]
 fn empty_world_starts_with_the_network() {
-    assert_eq!(decide(&plan(2), &Observed::default()), [Action::EnsureNetwork]);
+    assert_eq!(
+        decide(&plan(2), &Observed::default()),
+        [Action::EnsureNetwork]
+    );
 }
 
 #[test]
 fn instances_are_created_together_and_the_balancer_waits_for_them() {
-    let observed = Observed { network: true, ..Observed::default() };
+    let observed = Observed {
+        network: true,
+        ..Observed::default()
+    };
     let actions = decide(&plan(2), &observed);
     assert_eq!(
         actions,
-        [Action::CreateInstance(0), Action::CreateInstance(1), Action::CreateInstance(2)]
+        [
+            Action::CreateInstance(0),
+            Action::CreateInstance(1),
+            Action::CreateInstance(2)
+        ]
     );
     let mut cloning = converged(2);
     cloning.balancers.clear();
     cloning.instances.get_mut(&2).unwrap().streaming = false;
     assert_eq!(decide(&plan(2), &cloning), []);
-    assert_eq!(pending(&plan(2), &cloning)[0], "demo-2 not streaming from the primary");
+    assert_eq!(
+        pending(&plan(2), &cloning)[0],
+        "demo-2 not streaming from the primary"
+    );
 }
 
 #[test]
@@ -89,8 +102,19 @@ fn scale_up_adds_the_slot_then_attaches_it() {
     let mut observed = converged(2);
     observed.instances.insert(3, ready(3));
     assert_eq!(decide(&plan(3), &observed), [Action::UpdateBackends(0)]);
-    observed.balancers.get_mut(&0).unwrap().nodes.push(node(3, "down"));
-    assert_eq!(decide(&plan(3), &observed), [Action::AttachBackend { balancer: 0, slot: 3 }]);
+    observed
+        .balancers
+        .get_mut(&0)
+        .unwrap()
+        .nodes
+        .push(node(3, "down"));
+    assert_eq!(
+        decide(&plan(3), &observed),
+        [Action::AttachBackend {
+            balancer: 0,
+            slot: 3
+        }]
+    );
 }
 
 #[test]
@@ -100,8 +124,14 @@ fn scale_down_detaches_before_removing_and_never_touches_the_primary() {
     assert_eq!(
         actions,
         [
-            Action::DetachBackend { balancer: 0, slot: 1 },
-            Action::DetachBackend { balancer: 0, slot: 2 }
+            Action::DetachBackend {
+                balancer: 0,
+                slot: 1
+            },
+            Action::DetachBackend {
+                balancer: 0,
+                slot: 2
+            }
         ]
     );
     for n in &mut observed.balancers.get_mut(&0).unwrap().nodes {
@@ -109,7 +139,10 @@ fn scale_down_detaches_before_removing_and_never_touches_the_primary() {
             n.status = "down".into();
         }
     }
-    assert_eq!(decide(&plan(0), &observed), [Action::RemoveInstance(1), Action::RemoveInstance(2)]);
+    assert_eq!(
+        decide(&plan(0), &observed),
+        [Action::RemoveInstance(1), Action::RemoveInstance(2)]
+    );
 }
 
 #[test]
@@ -117,7 +150,10 @@ fn changed_or_stopped_objects_are_replaced_or_started() {
     let mut observed = converged(1);
     observed.instances.get_mut(&1).unwrap().up_to_date = false;
     observed.balancers.get_mut(&0).unwrap().running = false;
-    assert_eq!(decide(&plan(1), &observed), [Action::ReplaceInstance(1), Action::StartBalancer(0)]);
+    assert_eq!(
+        decide(&plan(1), &observed),
+        [Action::ReplaceInstance(1), Action::StartBalancer(0)]
+    );
 }
 
 #[test]
@@ -127,5 +163,11 @@ fn a_down_node_is_attached_only_once_its_instance_is_ready() {
     observed.instances.get_mut(&1).unwrap().streaming = false;
     assert!(decide(&plan(1), &observed).is_empty());
     observed.instances.get_mut(&1).unwrap().streaming = true;
-    assert_eq!(decide(&plan(1), &observed), [Action::AttachBackend { balancer: 0, slot: 1 }]);
+    assert_eq!(
+        decide(&plan(1), &observed),
+        [Action::AttachBackend {
+            balancer: 0,
+            slot: 1
+        }]
+    );
 }

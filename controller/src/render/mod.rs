@@ -35,11 +35,19 @@ pub struct ConfigFile {
 }
 
 fn file(path: &'static str, contents: String) -> ConfigFile {
-    ConfigFile { path, contents, secret: false }
+    ConfigFile {
+        path,
+        contents,
+        secret: false,
+    }
 }
 
 fn secret(path: &'static str, contents: String) -> ConfigFile {
-    ConfigFile { path, contents, secret: true }
+    ConfigFile {
+        path,
+        contents,
+        secret: true,
+    }
 }
 
 /// Files of a PostgreSQL instance. The same for every instance: the role lives in the data.
@@ -47,13 +55,23 @@ pub fn postgres_files(plan: &Plan, creds: &Credentials) -> Vec<ConfigFile> {
     vec![
         file("postgresql.conf", postgresql_conf(plan)),
         file("pg_hba.conf", pg_hba(plan)),
-        secret("secrets/superuser-password", creds.superuser_password.clone()),
-        secret("secrets/replication-password", creds.replication_password.clone()),
+        secret(
+            "secrets/superuser-password",
+            creds.superuser_password.clone(),
+        ),
+        secret(
+            "secrets/replication-password",
+            creds.replication_password.clone(),
+        ),
         secret("secrets/app-password", creds.app_password.clone()),
         secret("secrets/monitor-password", creds.monitor_password.clone()),
         secret(
             "secrets/pgpass",
-            format!("*:*:*:{}:{}\n", crate::plan::REPLICATION_USER, pgpass_escape(&creds.replication_password)),
+            format!(
+                "*:*:*:{}:{}\n",
+                crate::plan::REPLICATION_USER,
+                pgpass_escape(&creds.replication_password)
+            ),
         ),
     ]
 }

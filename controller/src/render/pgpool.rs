@@ -11,7 +11,9 @@ use md5::{Digest, Md5};
 
 use super::{conf_quote, pgpass_escape, PGDATA};
 use crate::credentials::Credentials;
-use crate::plan::{Plan, BALANCER_PORT, MONITOR_USER, PCP_PORT, PCP_USER, POSTGRES_PORT, SUPERUSER};
+use crate::plan::{
+    Plan, BALANCER_PORT, MONITOR_USER, PCP_PORT, PCP_USER, POSTGRES_PORT, SUPERUSER,
+};
 
 /// `pgpool.conf`, with one backend block per planned instance.
 pub fn pgpool_conf(plan: &Plan) -> String {

@@ -7,10 +7,13 @@ use pgbalancer_crd::validate::DEFAULT_MAX_CONNECTIONS;
 use super::conf_quote;
 use crate::plan::{Plan, POSTGRES_PORT, REPLICATION_USER};
 
+/// WAL senders and slots: the most replicas plus room for backups, independent of the
+/// replica count so that scaling never changes (and restarts) an instance.
+const MAX_WAL_SENDERS: i32 = pgbalancer_crd::MAX_REPLICAS + 8;
+
 /// Parameters the operator sets; user parameters follow and may override the tunables
 /// (not the managed ones, which validation refuses).
 pub fn postgresql_conf(plan: &Plan) -> String {
-    let replicas = plan.instances.len() as u32;
     let mut out = format!(
         "# Rendered by pgbalancer for cluster {cluster}; changes here are overwritten.\n\
          listen_addresses = '*'\n\
@@ -37,7 +40,7 @@ pub fn postgresql_conf(plan: &Plan) -> String {
          log_checkpoints = on\n",
         cluster = plan.cluster,
         dir = super::CONFIG_DIR,
-        senders = 10 + replicas,
+        senders = MAX_WAL_SENDERS,
     );
     if !plan.postgres.parameters.is_empty() {
         out.push_str("# From spec.postgres.parameters.\n");

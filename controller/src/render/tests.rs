@@ -23,7 +23,9 @@ fn creds() -> Credentials {
 }
 
 fn golden(name: &str, actual: &str) {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/render/golden").join(name);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("src/render/golden")
+        .join(name);
     if std::env::var_os("UPDATE_GOLDEN").is_some() {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, actual).unwrap();
@@ -51,7 +53,10 @@ fn pgpool_conf_matches_golden() {
 fn pgpool_conf_has_one_slot_per_instance_numbered_by_ordinal() {
     let conf = pgpool_conf(&plan());
     for n in 0..3 {
-        assert!(conf.contains(&format!("backend_hostname{n} = 'demo-{n}'")), "{conf}");
+        assert!(
+            conf.contains(&format!("backend_hostname{n} = 'demo-{n}'")),
+            "{conf}"
+        );
     }
     assert!(!conf.contains("backend_hostname3"));
 }
@@ -67,11 +72,23 @@ fn secrets_are_marked_and_escaped() {
     let pgpass = files.iter().find(|f| f.path == "secrets/pgpass").unwrap();
     assert!(pgpass.secret);
     assert_eq!(pgpass.contents, "*:*:*:replicator:re\\:pl\n");
-    assert!(files.iter().filter(|f| !f.secret).all(|f| !f.contents.contains("re:pl")));
+    assert!(files
+        .iter()
+        .filter(|f| !f.secret)
+        .all(|f| !f.contents.contains("re:pl")));
     let balancer = balancer_files(&plan(), &creds());
     assert_eq!(
-        balancer.iter().find(|f| f.path == "pcp.conf").unwrap().contents,
+        balancer
+            .iter()
+            .find(|f| f.path == "pcp.conf")
+            .unwrap()
+            .contents,
         "pgbalancer:bc54f4d60f1cec0f9a6cb70e13f2127a\n"
     );
-    assert!(balancer.iter().find(|f| f.path == "secrets/pool_passwd").unwrap().contents.contains("app:TEXTap\n"));
+    assert!(balancer
+        .iter()
+        .find(|f| f.path == "secrets/pool_passwd")
+        .unwrap()
+        .contents
+        .contains("app:TEXTap\n"));
 }

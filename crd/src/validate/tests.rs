@@ -15,7 +15,10 @@ fn cluster_named(name: &str, spec_yaml: &str) -> PgBalancerCluster {
 }
 
 fn fields(result: Result<(), ValidationErrors>) -> Vec<String> {
-    result.err().map(|e| e.0.into_iter().map(|e| e.field).collect()).unwrap_or_default()
+    result
+        .err()
+        .map(|e| e.0.into_iter().map(|e| e.field).collect())
+        .unwrap_or_default()
 }
 
 #[test]
@@ -25,8 +28,14 @@ fn defaults_are_valid() {
 
 #[test]
 fn replica_count_out_of_range_names_spec_replicas() {
-    assert_eq!(fields(validate(&cluster("  replicas: -1\n"))), ["spec.replicas"]);
-    assert_eq!(fields(validate(&cluster("  replicas: 1000\n"))), ["spec.replicas"]);
+    assert_eq!(
+        fields(validate(&cluster("  replicas: -1\n"))),
+        ["spec.replicas"]
+    );
+    assert_eq!(
+        fields(validate(&cluster("  replicas: 1000\n"))),
+        ["spec.replicas"]
+    );
 }
 
 #[test]
@@ -46,8 +55,12 @@ fn bad_cluster_names_are_refused() {
 
 #[test]
 fn managed_parameters_and_reserved_roles_are_refused() {
-    let c = cluster("  postgres:\n    user: postgres\n    parameters: {port: '1', work_mem: 4MB}\n");
-    assert_eq!(fields(validate(&c)), ["spec.postgres.user", "spec.postgres.parameters.port"]);
+    let c =
+        cluster("  postgres:\n    user: postgres\n    parameters: {port: '1', work_mem: 4MB}\n");
+    assert_eq!(
+        fields(validate(&c)),
+        ["spec.postgres.user", "spec.postgres.parameters.port"]
+    );
 }
 
 #[test]
@@ -63,7 +76,10 @@ fn ip_outside_subnet_is_refused() {
     let c = cluster(
         "  local:\n    network: {subnet: 172.30.0.0/16}\n    instances:\n    - {ordinal: 0, ip: 10.0.0.5}\n    - {ordinal: 1, ip: 172.30.0.1}\n",
     );
-    assert_eq!(fields(validate(&c)), ["spec.local.instances[0].ip", "spec.local.instances[1].ip"]);
+    assert_eq!(
+        fields(validate(&c)),
+        ["spec.local.instances[0].ip", "spec.local.instances[1].ip"]
+    );
 }
 
 #[test]
@@ -75,14 +91,20 @@ fn static_ip_without_subnet_is_refused() {
 #[test]
 fn duplicate_ports_within_a_cluster_are_refused() {
     let c = cluster("  replicas: 2\n  local:\n    ports: {postgres: 15432, balancer: 15433}\n");
-    assert_eq!(fields(validate(&c)), ["spec.local.ports.balancer (balancer 0)"]);
+    assert_eq!(
+        fields(validate(&c)),
+        ["spec.local.ports.balancer (balancer 0)"]
+    );
 }
 
 #[test]
 fn two_clusters_claiming_one_port_or_name_are_refused() {
     let a = cluster_named("a", "  local: {ports: {balancer: 19999}}\n");
     let b = cluster_named("b", "  local: {ports: {balancer: 19999}}\n");
-    assert_eq!(fields(validate_set(&[a.clone(), b])), ["b: spec.local.ports.balancer (balancer 0)"]);
+    assert_eq!(
+        fields(validate_set(&[a.clone(), b])),
+        ["b: spec.local.ports.balancer (balancer 0)"]
+    );
     assert_eq!(fields(validate_set(&[a.clone(), a])), ["a: metadata.name"]);
 }
 

@@ -54,6 +54,9 @@ impl DockerError {
 
 impl BackendError for DockerError {
     fn is_transient(&self) -> bool {
-        matches!(self, DockerError::Exec { .. } | DockerError::Sql { .. } | DockerError::Missing(_))
+        matches!(
+            self,
+            DockerError::Exec { .. } | DockerError::Sql { .. } | DockerError::Missing(_)
+        )
     }
 }

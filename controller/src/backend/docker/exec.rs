@@ -22,7 +22,9 @@ pub async fn run(docker: &Docker, container: &str, cmd: &[&str]) -> Result<Strin
         .await
         .map_err(DockerError::api(format!("exec `{command}` in {container}")))?;
     let mut output = String::new();
-    if let StartExecResults::Attached { output: mut stream, .. } = docker
+    if let StartExecResults::Attached {
+        output: mut stream, ..
+    } = docker
         .start_exec(&exec.id, None)
         .await
         .map_err(DockerError::api(format!("exec `{command}` in {container}")))?

@@ -58,11 +58,16 @@ pub fn cache_dir() -> PathBuf {
 }
 
 fn is_root() -> bool {
-    std::env::var("USER").map(|u| u == "root").unwrap_or(false) || Path::new("/root").read_dir().is_ok()
+    std::env::var("USER").map(|u| u == "root").unwrap_or(false)
+        || Path::new("/root").read_dir().is_ok()
 }
 
 /// Builds the images for the PostgreSQL `versions` and the balancer, reporting progress.
-pub async fn build(docker: &Docker, versions: &[u32], report: &mut dyn FnMut(&str)) -> Result<(), DockerError> {
+pub async fn build(
+    docker: &Docker,
+    versions: &[u32],
+    report: &mut dyn FnMut(&str),
+) -> Result<(), DockerError> {
     let mut suites: Vec<&str> = versions.iter().filter_map(|v| suite_for(*v)).collect();
     suites.push("trixie");
     suites.sort_unstable();
@@ -71,14 +76,22 @@ pub async fn build(docker: &Docker, versions: &[u32], report: &mut dyn FnMut(&st
         ensure_base(docker, suite, report).await?;
     }
     for &version in versions {
-        let suite = suite_for(version).ok_or_else(|| DockerError::Conflict(format!("no image recipe for PostgreSQL {version}")))?;
+        let suite = suite_for(version).ok_or_else(|| {
+            DockerError::Conflict(format!("no image recipe for PostgreSQL {version}"))
+        })?;
         let tag = default_postgres_image(version);
         report(&format!("building {tag}"));
         build_one(
             docker,
             &tag,
-            &[("Dockerfile", POSTGRES_DOCKERFILE, 0o644), ("entrypoint.sh", POSTGRES_ENTRYPOINT, 0o755)],
-            &[("BASE_IMAGE", base_tag(suite)), ("PG_MAJOR", version.to_string())],
+            &[
+                ("Dockerfile", POSTGRES_DOCKERFILE, 0o644),
+                ("entrypoint.sh", POSTGRES_ENTRYPOINT, 0o755),
+            ],
+            &[
+                ("BASE_IMAGE", base_tag(suite)),
+                ("PG_MAJOR", version.to_string()),
+            ],
         )
         .await?;
     }
@@ -87,7 +100,10 @@ pub async fn build(docker: &Docker, versions: &[u32], report: &mut dyn FnMut(&st
     build_one(
         docker,
         &tag,
-        &[("Dockerfile", BALANCER_DOCKERFILE, 0o644), ("entrypoint.sh", BALANCER_ENTRYPOINT, 0o755)],
+        &[
+            ("Dockerfile", BALANCER_DOCKERFILE, 0o644),
+            ("entrypoint.sh", BALANCER_ENTRYPOINT, 0o755),
+        ],
         &[("BASE_IMAGE", base_tag("trixie"))],
     )
     .await?;
@@ -99,7 +115,11 @@ fn base_tag(suite: &str) -> String {
     format!("pgbalancer/debian-base:{suite}")
 }
 
-async fn ensure_base(docker: &Docker, suite: &str, report: &mut dyn FnMut(&str)) -> Result<(), DockerError> {
+async fn ensure_base(
+    docker: &Docker,
+    suite: &str,
+    report: &mut dyn FnMut(&str),
+) -> Result<(), DockerError> {
     let tag = base_tag(suite);
     if docker.inspect_image(&tag).await.is_ok() {
         report(&format!("{tag} present"));
@@ -107,7 +127,9 @@ async fn ensure_base(docker: &Docker, suite: &str, report: &mut dyn FnMut(&str))
     }
     let tarball = cache_dir().join(format!("rootfs-{suite}.tar"));
     if !tarball.exists() {
-        report(&format!("creating the Debian {suite} root with debootstrap (about a minute)"));
+        report(&format!(
+            "creating the Debian {suite} root with debootstrap (about a minute)"
+        ));
         debootstrap(suite, &tarball).await?;
     }
     report(&format!("importing {tag} from {}", tarball.display()));
@@ -151,7 +173,8 @@ async fn debootstrap(suite: &str, tarball: &Path) -> Result<(), DockerError> {
         .map_err(|e| fail(format!("cannot create {}: {e}", dir.display())))?;
     let root = dir.join(format!("{suite}.rootfs"));
     let _ = tokio::fs::remove_dir_all(&root).await;
-    let mirror = std::env::var("PGBALANCER_DEBIAN_MIRROR").unwrap_or_else(|_| "http://deb.debian.org/debian".into());
+    let mirror = std::env::var("PGBALANCER_DEBIAN_MIRROR")
+        .unwrap_or_else(|_| "http://deb.debian.org/debian".into());
     let status = tokio::process::Command::new("debootstrap")
         .args(["--variant=minbase", &format!("--include={}", packages(suite)), suite])
         .arg(&root)
@@ -202,7 +225,11 @@ async fn build_one(
         t: Some(tag.to_owned()),
         rm: true,
         forcerm: true,
-        buildargs: Some(args.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()),
+        buildargs: Some(
+            args.iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+        ),
         ..Default::default()
     };
     let mut stream = docker.build_image(options, None, Some(bollard::body_full(context.into())));
@@ -216,7 +243,10 @@ async fn build_one(
             last = line;
         }
         if let Some(detail) = info.error_detail.and_then(|d| d.message) {
-            return Err(DockerError::Conflict(format!("building {tag}: {detail} (last output: {})", last.trim())));
+            return Err(DockerError::Conflict(format!(
+                "building {tag}: {detail} (last output: {})",
+                last.trim()
+            )));
         }
     }
     Ok(())

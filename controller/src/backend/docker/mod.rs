@@ -13,7 +13,9 @@ mod sql;
 
 use std::collections::HashMap;
 
-use bollard::models::{ContainerSummary, Ipam, IpamConfig, NetworkCreateRequest, VolumeCreateRequest};
+use bollard::models::{
+    ContainerSummary, Ipam, IpamConfig, NetworkCreateRequest, VolumeCreateRequest,
+};
 use bollard::query_parameters::{
     CreateContainerOptions, ListContainersOptions, RemoveContainerOptions, RemoveVolumeOptions,
     StopContainerOptions, UploadToContainerOptions,
@@ -33,18 +35,25 @@ use crate::render::CONFIG_DIR;
 /// version with it.
 pub async fn connect() -> Result<Docker, DockerError> {
     let hint = || {
-        let at = std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into());
+        let at =
+            std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into());
         format!("{at}; start dockerd or set DOCKER_HOST")
     };
-    let docker = Docker::connect_with_local_defaults().map_err(|source| DockerError::Connect { hint: hint(), source })?;
+    let docker = Docker::connect_with_local_defaults().map_err(|source| DockerError::Connect {
+        hint: hint(),
+        source,
+    })?;
     let docker = docker
         .negotiate_version()
         .await
-        .map_err(|source| DockerError::Connect { hint: hint(), source })?;
-    docker
-        .ping()
-        .await
-        .map_err(|source| DockerError::Connect { hint: hint(), source })?;
+        .map_err(|source| DockerError::Connect {
+            hint: hint(),
+            source,
+        })?;
+    docker.ping().await.map_err(|source| DockerError::Connect {
+        hint: hint(),
+        source,
+    })?;
     Ok(docker)
 }
 
@@ -69,21 +78,33 @@ impl DockerBackend {
         list_owned(&self.docker, Some(cluster)).await
     }
 
-    async fn container_of(&self, plan: &Plan, component: &str, ordinal: u32) -> Result<String, DockerError> {
+    async fn container_of(
+        &self,
+        plan: &Plan,
+        component: &str,
+        ordinal: u32,
+    ) -> Result<String, DockerError> {
         self.containers(&plan.cluster)
             .await?
             .into_iter()
-            .find(|c| label(c, labels::COMPONENT) == Some(component) && ordinal_of(c) == Some(ordinal))
+            .find(|c| {
+                label(c, labels::COMPONENT) == Some(component) && ordinal_of(c) == Some(ordinal)
+            })
             .and_then(|c| c.id)
             .ok_or_else(|| DockerError::Missing(format!("{component} {ordinal}")))
     }
 
-    async fn observe_instance(&self, plan: &Plan, c: &ContainerSummary, ordinal: u32) -> ObservedInstance {
+    async fn observe_instance(
+        &self,
+        plan: &Plan,
+        c: &ContainerSummary,
+        ordinal: u32,
+    ) -> ObservedInstance {
         let (state, health) = state_and_health(c);
         let running = state == "running";
-        let up_to_date = plan
-            .instance(ordinal)
-            .is_none_or(|inst| label(c, labels::CONFIG_HASH) == Some(objects::instance_hash(plan, inst).as_str()));
+        let up_to_date = plan.instance(ordinal).is_none_or(|inst| {
+            label(c, labels::CONFIG_HASH) == Some(objects::instance_hash(plan, inst).as_str())
+        });
         let host_port = public_port(c, POSTGRES_PORT);
         let mut seen = ObservedInstance {
             name: container_name(c),
@@ -95,7 +116,14 @@ impl DockerBackend {
             ..Default::default()
         };
         if let (true, Some(port)) = (running, host_port) {
-            let client = sql::connect(plan.connect_address(), port, SUPERUSER, &self.creds.superuser_password, "postgres").await;
+            let client = sql::connect(
+                plan.connect_address(),
+                port,
+                SUPERUSER,
+                &self.creds.superuser_password,
+                "postgres",
+            )
+            .await;
             if let Ok(client) = client {
                 seen.accepting = true;
                 seen.in_recovery = sql::in_recovery(&client).await.ok();
@@ -104,14 +132,17 @@ impl DockerBackend {
         seen
     }
 
-    async fn observe_balancer(&self, plan: &Plan, c: &ContainerSummary, index: u32) -> ObservedBalancer {
+    async fn observe_balancer(
+        &self,
+        plan: &Plan,
+        c: &ContainerSummary,
+        index: u32,
+    ) -> ObservedBalancer {
         let (state, health) = state_and_health(c);
         let running = state == "running";
-        let up_to_date = plan
-            .balancer
-            .instances
-            .get(index as usize)
-            .is_none_or(|b| label(c, labels::CONFIG_HASH) == Some(objects::balancer_hash(plan, b).as_str()));
+        let up_to_date = plan.balancer.instances.get(index as usize).is_none_or(|b| {
+            label(c, labels::CONFIG_HASH) == Some(objects::balancer_hash(plan, b).as_str())
+        });
         let host_port = public_port(c, BALANCER_PORT);
         let mut seen = ObservedBalancer {
             name: container_name(c),
@@ -142,7 +173,9 @@ impl DockerBackend {
     }
 
     async fn create_instance(&self, plan: &Plan, ordinal: u32) -> Result<(), DockerError> {
-        let inst = plan.instance(ordinal).ok_or_else(|| DockerError::Missing(format!("instance {ordinal}")))?;
+        let inst = plan
+            .instance(ordinal)
+            .ok_or_else(|| DockerError::Missing(format!("instance {ordinal}")))?;
         let volume = objects::volume_name(&plan.cluster, ordinal);
         self.docker
             .create_volume(VolumeCreateRequest {
@@ -153,7 +186,12 @@ impl DockerBackend {
             .await
             .map_err(DockerError::api(format!("create volume {volume}")))?;
         let body = objects::instance_container(plan, inst);
-        self.create_and_start(&inst.container, body, objects::instance_files(plan, &self.creds)).await
+        self.create_and_start(
+            &inst.container,
+            body,
+            objects::instance_files(plan, &self.creds),
+        )
+        .await
     }
 
     async fn create_balancer(&self, plan: &Plan, index: u32) -> Result<(), DockerError> {
@@ -163,13 +201,29 @@ impl DockerBackend {
             .get(index as usize)
             .ok_or_else(|| DockerError::Missing(format!("balancer {index}")))?;
         let body = objects::balancer_container(plan, b);
-        self.create_and_start(&b.container, body, objects::balancer_files(plan, &self.creds)).await
+        self.create_and_start(
+            &b.container,
+            body,
+            objects::balancer_files(plan, &self.creds),
+        )
+        .await
     }
 
-    async fn create_and_start(&self, name: &str, body: bollard::models::ContainerCreateBody, files: Vec<u8>) -> Result<(), DockerError> {
+    async fn create_and_start(
+        &self,
+        name: &str,
+        body: bollard::models::ContainerCreateBody,
+        files: Vec<u8>,
+    ) -> Result<(), DockerError> {
         let created = self
             .docker
-            .create_container(Some(CreateContainerOptions { name: Some(name.to_owned()), ..Default::default() }), body)
+            .create_container(
+                Some(CreateContainerOptions {
+                    name: Some(name.to_owned()),
+                    ..Default::default()
+                }),
+                body,
+            )
             .await
             .map_err(DockerError::api(format!("create container {name}")))?;
         self.upload(&created.id, files).await?;
@@ -183,21 +237,39 @@ impl DockerBackend {
         self.docker
             .upload_to_container(
                 container,
-                Some(UploadToContainerOptions { path: CONFIG_DIR.into(), ..Default::default() }),
+                Some(UploadToContainerOptions {
+                    path: CONFIG_DIR.into(),
+                    ..Default::default()
+                }),
                 bollard::body_full(files.into()),
             )
             .await
-            .map_err(DockerError::api(format!("upload configuration to {container}")))
+            .map_err(DockerError::api(format!(
+                "upload configuration to {container}"
+            )))
     }
 
     async fn remove_container(&self, id: &str) -> Result<(), DockerError> {
         // A clean stop first: PostgreSQL checkpoints, pgpool closes its sessions.
         let _ = self
             .docker
-            .stop_container(id, Some(StopContainerOptions { t: Some(30), ..Default::default() }))
+            .stop_container(
+                id,
+                Some(StopContainerOptions {
+                    t: Some(30),
+                    ..Default::default()
+                }),
+            )
             .await;
         self.docker
-            .remove_container(id, Some(RemoveContainerOptions { force: true, v: true, ..Default::default() }))
+            .remove_container(
+                id,
+                Some(RemoveContainerOptions {
+                    force: true,
+                    v: true,
+                    ..Default::default()
+                }),
+            )
             .await
             .map_err(DockerError::api(format!("remove container {id}")))
     }
@@ -207,8 +279,15 @@ impl DockerBackend {
             self.remove_container(&id).await?;
         }
         let volume = objects::volume_name(&plan.cluster, ordinal);
-        match self.docker.remove_volume(&volume, Some(RemoveVolumeOptions { force: true })).await {
-            Ok(()) | Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => {}
+        match self
+            .docker
+            .remove_volume(&volume, Some(RemoveVolumeOptions { force: true }))
+            .await
+        {
+            Ok(())
+            | Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => {}
             Err(e) => return Err(DockerError::api(format!("remove volume {volume}"))(e)),
         }
         self.drop_slot(plan, ordinal).await
@@ -221,12 +300,22 @@ impl DockerBackend {
             .containers(&plan.cluster)
             .await?
             .iter()
-            .find(|c| label(c, labels::COMPONENT) == Some(labels::POSTGRES) && ordinal_of(c) == Some(primary.ordinal))
+            .find(|c| {
+                label(c, labels::COMPONENT) == Some(labels::POSTGRES)
+                    && ordinal_of(c) == Some(primary.ordinal)
+            })
             .and_then(|c| public_port(c, POSTGRES_PORT))
         else {
             return Ok(());
         };
-        let client = sql::connect(plan.connect_address(), port, SUPERUSER, &self.creds.superuser_password, "postgres").await?;
+        let client = sql::connect(
+            plan.connect_address(),
+            port,
+            SUPERUSER,
+            &self.creds.superuser_password,
+            "postgres",
+        )
+        .await?;
         let slot = format!("instance_{ordinal}");
         for _ in 0..50 {
             if sql::drop_slot(&client, &slot).await? {
@@ -234,10 +323,18 @@ impl DockerBackend {
             }
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
-        Err(DockerError::Conflict(format!("replication slot {slot} is still in use")))
+        Err(DockerError::Conflict(format!(
+            "replication slot {slot} is still in use"
+        )))
     }
 
-    async fn pcp(&self, plan: &Plan, index: u32, tool: &str, node: Option<u32>) -> Result<(), DockerError> {
+    async fn pcp(
+        &self,
+        plan: &Plan,
+        index: u32,
+        tool: &str,
+        node: Option<u32>,
+    ) -> Result<(), DockerError> {
         let id = self.container_of(plan, labels::BALANCER, index).await?;
         let port = PCP_PORT.to_string();
         let node = node.map(|n| n.to_string());
@@ -250,7 +347,8 @@ impl DockerBackend {
 
     async fn update_backends(&self, plan: &Plan, index: u32) -> Result<(), DockerError> {
         let id = self.container_of(plan, labels::BALANCER, index).await?;
-        self.upload(&id, objects::balancer_files(plan, &self.creds)).await?;
+        self.upload(&id, objects::balancer_files(plan, &self.creds))
+            .await?;
         self.pcp(plan, index, "pcp_reload_config", None).await
     }
 
@@ -279,14 +377,23 @@ impl DockerBackend {
             driver: Some("bridge".into()),
             labels: Some(labels::cluster(&plan.cluster).into_iter().collect()),
             ipam: plan.local.subnet.as_ref().map(|subnet| Ipam {
-                config: Some(vec![IpamConfig { subnet: Some(subnet.clone()), ..Default::default() }]),
+                config: Some(vec![IpamConfig {
+                    subnet: Some(subnet.clone()),
+                    ..Default::default()
+                }]),
                 ..Default::default()
             }),
             ..Default::default()
         };
         match self.docker.create_network(request).await {
-            Ok(_) | Err(bollard::errors::Error::DockerResponseServerError { status_code: 409, .. }) => Ok(()),
-            Err(e) => Err(DockerError::api(format!("create network {}", plan.local.network))(e)),
+            Ok(_)
+            | Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 409, ..
+            }) => Ok(()),
+            Err(e) => Err(DockerError::api(format!(
+                "create network {}",
+                plan.local.network
+            ))(e)),
         }
     }
 }
@@ -297,7 +404,9 @@ impl Backend for DockerBackend {
     async fn observe(&self, plan: &Plan) -> Result<Observed, DockerError> {
         let network = match self.docker.inspect_network(&plan.local.network, None).await {
             Ok(_) => true,
-            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => false,
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => false,
             Err(e) => return Err(DockerError::api("inspect network")(e)),
         };
         let containers = self.containers(&plan.cluster).await?;
@@ -311,7 +420,8 @@ impl Backend for DockerBackend {
             .filter(|c| label(c, labels::COMPONENT) == Some(labels::BALANCER))
             .filter_map(|c| ordinal_of(c).map(|o| (c, o)))
             .map(|(c, o)| async move { (o, self.observe_balancer(plan, c, o).await) });
-        let (instances, balancers) = futures::join!(join_all(instance_probes), join_all(balancer_probes));
+        let (instances, balancers) =
+            futures::join!(join_all(instance_probes), join_all(balancer_probes));
         let mut observed = Observed {
             network,
             instances: instances.into_iter().collect(),
@@ -324,8 +434,14 @@ impl Backend for DockerBackend {
             .find(|i| i.in_recovery == Some(false))
             .and_then(|i| i.host_port);
         if let Some(port) = primary_port {
-            if let Ok(client) =
-                sql::connect(plan.connect_address(), port, SUPERUSER, &self.creds.superuser_password, "postgres").await
+            if let Ok(client) = sql::connect(
+                plan.connect_address(),
+                port,
+                SUPERUSER,
+                &self.creds.superuser_password,
+                "postgres",
+            )
+            .await
             {
                 if let Ok(standbys) = sql::replication(&client).await {
                     for (ordinal, seen) in observed.instances.iter_mut() {
@@ -356,14 +472,23 @@ impl Backend for DockerBackend {
                 self.remove_container(&id).await
             }
             Action::UpdateBackends(i) => self.update_backends(plan, i).await,
-            Action::AttachBackend { balancer, slot } => self.pcp(plan, balancer, "pcp_attach_node", Some(slot)).await,
-            Action::DetachBackend { balancer, slot } => self.pcp(plan, balancer, "pcp_detach_node", Some(slot)).await,
+            Action::AttachBackend { balancer, slot } => {
+                self.pcp(plan, balancer, "pcp_attach_node", Some(slot))
+                    .await
+            }
+            Action::DetachBackend { balancer, slot } => {
+                self.pcp(plan, balancer, "pcp_detach_node", Some(slot))
+                    .await
+            }
         }
     }
 }
 
 /// Containers managed by this project, of one cluster or of all.
-pub async fn list_owned(docker: &Docker, cluster: Option<&str>) -> Result<Vec<ContainerSummary>, DockerError> {
+pub async fn list_owned(
+    docker: &Docker,
+    cluster: Option<&str>,
+) -> Result<Vec<ContainerSummary>, DockerError> {
     let mut label_filters = vec![format!("{}={}", labels::MANAGED_BY, labels::MANAGER)];
     if let Some(cluster) = cluster {
         label_filters.push(format!("{}={cluster}", labels::INSTANCE));
@@ -396,7 +521,10 @@ fn state_and_health(c: &ContainerSummary) -> (String, String) {
 
 /// Value of label `key` on a container.
 pub fn label<'a>(c: &'a ContainerSummary, key: &str) -> Option<&'a str> {
-    c.labels.as_ref().and_then(|l| l.get(key)).map(String::as_str)
+    c.labels
+        .as_ref()
+        .and_then(|l| l.get(key))
+        .map(String::as_str)
 }
 
 fn ordinal_of(c: &ContainerSummary) -> Option<u32> {

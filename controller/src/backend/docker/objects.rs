@@ -4,14 +4,16 @@
 use std::collections::HashMap;
 
 use bollard::models::{
-    ContainerCreateBody, EndpointIpamConfig, EndpointSettings, HealthConfig, HostConfig, NetworkingConfig,
-    PortBinding, RestartPolicy, RestartPolicyNameEnum,
+    ContainerCreateBody, EndpointIpamConfig, EndpointSettings, HealthConfig, HostConfig,
+    NetworkingConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum,
 };
 use sha2::{Digest, Sha256};
 
 use crate::credentials::Credentials;
 use crate::labels;
-use crate::plan::{BalancerInstancePlan, InstancePlan, Plan, BALANCER_PORT, PCP_PORT, POSTGRES_PORT};
+use crate::plan::{
+    BalancerInstancePlan, InstancePlan, Plan, BALANCER_PORT, PCP_PORT, POSTGRES_PORT,
+};
 use crate::render::{self, ConfigFile, DATA_VOLUME_DIR, IMAGE_UID};
 
 /// Health probes every half second so readiness shows within about a second.
@@ -24,18 +26,20 @@ pub fn volume_name(cluster: &str, ordinal: u32) -> String {
 
 /// Labels of an instance container or volume.
 pub fn instance_labels(plan: &Plan, inst: &InstancePlan) -> HashMap<String, String> {
-    let mut l: HashMap<String, String> = labels::component(&plan.cluster, labels::POSTGRES, &inst.name)
-        .into_iter()
-        .collect();
+    let mut l: HashMap<String, String> =
+        labels::component(&plan.cluster, labels::POSTGRES, &inst.name)
+            .into_iter()
+            .collect();
     l.insert(labels::ORDINAL.into(), inst.ordinal.to_string());
     l
 }
 
 /// Labels of a balancer container.
 pub fn balancer_labels(plan: &Plan, b: &BalancerInstancePlan) -> HashMap<String, String> {
-    let mut l: HashMap<String, String> = labels::component(&plan.cluster, labels::BALANCER, &b.container)
-        .into_iter()
-        .collect();
+    let mut l: HashMap<String, String> =
+        labels::component(&plan.cluster, labels::BALANCER, &b.container)
+            .into_iter()
+            .collect();
     l.insert(labels::ORDINAL.into(), b.index.to_string());
     l
 }
@@ -43,7 +47,11 @@ pub fn balancer_labels(plan: &Plan, b: &BalancerInstancePlan) -> HashMap<String,
 /// Environment of an instance. Only bootstrap inputs: the role is in the data directory, so a
 /// change of primary does not change (and does not replace) any container.
 fn instance_env(plan: &Plan, inst: &InstancePlan) -> Vec<String> {
-    let source = if inst.ordinal == plan.primary().ordinal { String::new() } else { plan.primary().host.clone() };
+    let source = if inst.ordinal == plan.primary().ordinal {
+        String::new()
+    } else {
+        plan.primary().host.clone()
+    };
     vec![
         format!("PGB_BOOTSTRAP_FROM={source}"),
         format!("PGB_SLOT_NAME={}", inst.slot),
@@ -95,7 +103,10 @@ pub fn balancer_hash(plan: &Plan, b: &BalancerInstancePlan) -> String {
     hex::encode(&h.finalize()[..12])
 }
 
-fn published(bind: &str, ports: &[(u16, Option<u16>)]) -> HashMap<String, Option<Vec<PortBinding>>> {
+fn published(
+    bind: &str,
+    ports: &[(u16, Option<u16>)],
+) -> HashMap<String, Option<Vec<PortBinding>>> {
     ports
         .iter()
         .map(|(container, host)| {
@@ -138,7 +149,12 @@ fn hardened(mut host: HostConfig) -> HostConfig {
 
 fn health(test: &[&str]) -> HealthConfig {
     HealthConfig {
-        test: Some(std::iter::once("CMD").chain(test.iter().copied()).map(String::from).collect()),
+        test: Some(
+            std::iter::once("CMD")
+                .chain(test.iter().copied())
+                .map(String::from)
+                .collect(),
+        ),
         interval: Some(HEALTH_INTERVAL_NS),
         timeout: Some(2_000_000_000),
         retries: Some(3),
@@ -158,11 +174,24 @@ pub fn instance_container(plan: &Plan, inst: &InstancePlan) -> ContainerCreateBo
         env: Some(instance_env(plan, inst)),
         labels: Some(labels),
         exposed_ports: Some(vec![format!("{POSTGRES_PORT}/tcp")]),
-        healthcheck: Some(health(&["pg_isready", "-q", "-h", "/var/run/postgresql", "-p", "5432"])),
+        healthcheck: Some(health(&[
+            "pg_isready",
+            "-q",
+            "-h",
+            "/var/run/postgresql",
+            "-p",
+            "5432",
+        ])),
         stop_timeout: Some(60),
         host_config: Some(hardened(HostConfig {
-            binds: Some(vec![format!("{}:{DATA_VOLUME_DIR}", volume_name(&plan.cluster, inst.ordinal))]),
-            port_bindings: Some(published(&plan.local.bind_address, &[(POSTGRES_PORT, inst.host_port)])),
+            binds: Some(vec![format!(
+                "{}:{DATA_VOLUME_DIR}",
+                volume_name(&plan.cluster, inst.ordinal)
+            )]),
+            port_bindings: Some(published(
+                &plan.local.bind_address,
+                &[(POSTGRES_PORT, inst.host_port)],
+            )),
             memory,
             nano_cpus,
             shm_size: Some(256 * 1024 * 1024),
@@ -181,8 +210,18 @@ pub fn balancer_container(plan: &Plan, b: &BalancerInstancePlan) -> ContainerCre
         image: Some(plan.balancer.image.clone()),
         hostname: Some(truncate_hostname(&b.host)),
         labels: Some(labels),
-        exposed_ports: Some(vec![format!("{BALANCER_PORT}/tcp"), format!("{PCP_PORT}/tcp")]),
-        healthcheck: Some(health(&["pg_isready", "-q", "-h", "127.0.0.1", "-p", "9999"])),
+        exposed_ports: Some(vec![
+            format!("{BALANCER_PORT}/tcp"),
+            format!("{PCP_PORT}/tcp"),
+        ]),
+        healthcheck: Some(health(&[
+            "pg_isready",
+            "-q",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            "9999",
+        ])),
         stop_timeout: Some(10),
         host_config: Some(hardened(HostConfig {
             port_bindings: Some(published(
@@ -233,17 +272,30 @@ fn truncate_hostname(host: &str) -> String {
 
 /// Memory (bytes) and CPU (nano-CPUs) limits from `spec.postgres.resources.limits`.
 fn limits(plan: &Plan) -> (Option<i64>, Option<i64>) {
-    let Some(limits) = plan.postgres.resources.as_ref().and_then(|r| r.limits.as_ref()) else {
+    let Some(limits) = plan
+        .postgres
+        .resources
+        .as_ref()
+        .and_then(|r| r.limits.as_ref())
+    else {
         return (None, None);
     };
-    let memory = limits.get("memory").and_then(|q| parse_quantity(&q.0)).map(|v| v as i64);
-    let cpu = limits.get("cpu").and_then(|q| parse_quantity(&q.0)).map(|v| (v * 1e9) as i64);
+    let memory = limits
+        .get("memory")
+        .and_then(|q| parse_quantity(&q.0))
+        .map(|v| v as i64);
+    let cpu = limits
+        .get("cpu")
+        .and_then(|q| parse_quantity(&q.0))
+        .map(|v| (v * 1e9) as i64);
     (memory, cpu)
 }
 
 /// Parses a Kubernetes quantity (`512Mi`, `1G`, `500m`, `2`) into a number.
 pub fn parse_quantity(q: &str) -> Option<f64> {
-    let split = q.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(q.len());
+    let split = q
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(q.len());
     let (number, suffix) = q.split_at(split);
     let n: f64 = number.parse().ok()?;
     let factor = match suffix {
@@ -298,10 +350,27 @@ mod tests {
     }
 
     #[test]
+    fn scaling_does_not_change_existing_instances() {
+        let two = plan_n(2, "");
+        let five = plan_n(5, "");
+        assert_eq!(
+            instance_hash(&two, &two.instances[1]),
+            instance_hash(&five, &five.instances[1])
+        );
+        assert_eq!(
+            instance_container(&two, &two.instances[1]),
+            instance_container(&five, &five.instances[1])
+        );
+    }
+
+    #[test]
     fn instance_hash_changes_with_parameters() {
         let a = plan("");
         let b = plan("  postgres: {parameters: {work_mem: 8MB}}\n");
-        assert_ne!(instance_hash(&a, &a.instances[1]), instance_hash(&b, &b.instances[1]));
+        assert_ne!(
+            instance_hash(&a, &a.instances[1]),
+            instance_hash(&b, &b.instances[1])
+        );
     }
 
     #[test]
@@ -316,7 +385,10 @@ mod tests {
         assert_eq!(binding.host_ip.as_deref(), Some("127.0.0.1"));
         assert_eq!(binding.host_port.as_deref(), Some(""));
         assert_eq!(host.cap_drop.unwrap(), ["ALL"]);
-        assert_eq!(host.binds.unwrap(), ["pgbalancer-demo-1-data:/var/lib/pgbalancer"]);
+        assert_eq!(
+            host.binds.unwrap(),
+            ["pgbalancer-demo-1-data:/var/lib/pgbalancer"]
+        );
     }
 
     #[test]
@@ -329,16 +401,30 @@ mod tests {
 
     #[test]
     fn files_tar_keeps_secrets_private() {
-        let tar_bytes = files_tar(&[ConfigFile { path: "secrets/x", contents: "s".into(), secret: true }]);
+        let tar_bytes = files_tar(&[ConfigFile {
+            path: "secrets/x",
+            contents: "s".into(),
+            secret: true,
+        }]);
         let mut archive = tar::Archive::new(tar_bytes.as_slice());
         let modes: Vec<(String, u32, u64)> = archive
             .entries()
             .unwrap()
             .map(|e| {
                 let e = e.unwrap();
-                (e.path().unwrap().display().to_string(), e.header().mode().unwrap(), e.header().uid().unwrap())
+                (
+                    e.path().unwrap().display().to_string(),
+                    e.header().mode().unwrap(),
+                    e.header().uid().unwrap(),
+                )
             })
             .collect();
-        assert_eq!(modes, [("secrets/".into(), 0o700, 999), ("secrets/x".into(), 0o600, 999)]);
+        assert_eq!(
+            modes,
+            [
+                ("secrets/".into(), 0o700, 999),
+                ("secrets/x".into(), 0o600, 999)
+            ]
+        );
     }
 }

@@ -14,10 +14,16 @@ use crate::labels;
 use crate::plan::Plan;
 
 /// Every problem found; empty when the clusters can be applied.
-pub async fn check(docker: &Docker, clusters: &[(PgBalancerCluster, Plan)]) -> Result<Vec<String>, DockerError> {
+pub async fn check(
+    docker: &Docker,
+    clusters: &[(PgBalancerCluster, Plan)],
+) -> Result<Vec<String>, DockerError> {
     let mut problems = Vec::new();
     let all = docker
-        .list_containers(Some(ListContainersOptions { all: true, ..Default::default() }))
+        .list_containers(Some(ListContainersOptions {
+            all: true,
+            ..Default::default()
+        }))
         .await
         .map_err(DockerError::api("list containers"))?;
     let owner = |c: &bollard::models::ContainerSummary| {
@@ -26,13 +32,19 @@ pub async fn check(docker: &Docker, clusters: &[(PgBalancerCluster, Plan)]) -> R
         } else {
             None
         }
-        .unwrap_or_else(|| format!("container `{}`, not managed by pgbalancer", container_name(c)))
+        .unwrap_or_else(|| {
+            format!(
+                "container `{}`, not managed by pgbalancer",
+                container_name(c)
+            )
+        })
     };
     let mut images: Vec<(String, String)> = Vec::new();
     for (cluster, plan) in clusters {
         let name = &plan.cluster;
         let ours = |c: &bollard::models::ContainerSummary| {
-            label(c, labels::INSTANCE) == Some(name.as_str()) && label(c, labels::MANAGED_BY) == Some(labels::MANAGER)
+            label(c, labels::INSTANCE) == Some(name.as_str())
+                && label(c, labels::MANAGED_BY) == Some(labels::MANAGER)
         };
         let wanted_names = plan
             .instances
@@ -41,16 +53,25 @@ pub async fn check(docker: &Docker, clusters: &[(PgBalancerCluster, Plan)]) -> R
             .chain(plan.balancer.instances.iter().map(|b| b.container.clone()));
         for wanted in wanted_names {
             if let Some(c) = all.iter().find(|c| container_name(c) == wanted && !ours(c)) {
-                problems.push(format!("{name}: container name `{wanted}` is taken by {}", owner(c)));
+                problems.push(format!(
+                    "{name}: container name `{wanted}` is taken by {}",
+                    owner(c)
+                ));
             }
         }
         for (port, field) in claimed_host_ports(&cluster.spec) {
             let holder = all.iter().find(|c| {
-                c.ports.iter().flatten().any(|p| p.public_port == Some(port))
+                c.ports
+                    .iter()
+                    .flatten()
+                    .any(|p| p.public_port == Some(port))
             });
             match holder {
                 Some(c) if ours(c) => {}
-                Some(c) => problems.push(format!("{name}: {field}: host port {port} is published by {}", owner(c))),
+                Some(c) => problems.push(format!(
+                    "{name}: {field}: host port {port} is published by {}",
+                    owner(c)
+                )),
                 None => {
                     if TcpListener::bind((plan.local.bind_address.as_str(), port)).is_err() {
                         problems.push(format!(
@@ -79,8 +100,14 @@ pub async fn check(docker: &Docker, clusters: &[(PgBalancerCluster, Plan)]) -> R
                 }
             }
         }
-        images.push((plan.postgres.image.clone(), format!("spec.postgres.image of {name}")));
-        images.push((plan.balancer.image.clone(), format!("spec.balancer.image of {name}")));
+        images.push((
+            plan.postgres.image.clone(),
+            format!("spec.postgres.image of {name}"),
+        ));
+        images.push((
+            plan.balancer.image.clone(),
+            format!("spec.balancer.image of {name}"),
+        ));
     }
     let mut seen: HashMap<String, ()> = HashMap::new();
     for (image, field) in images {

@@ -12,7 +12,13 @@ use crate::backend::PoolNode;
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// Opens a connection; the connection task ends when the client is dropped.
-pub async fn connect(host: &str, port: u16, user: &str, password: &str, db: &str) -> Result<Client, DockerError> {
+pub async fn connect(
+    host: &str,
+    port: u16,
+    user: &str,
+    password: &str,
+    db: &str,
+) -> Result<Client, DockerError> {
     let mut config = Config::new();
     config
         .host(host)
@@ -22,10 +28,13 @@ pub async fn connect(host: &str, port: u16, user: &str, password: &str, db: &str
         .dbname(db)
         .application_name("pgbalancer")
         .connect_timeout(CONNECT_TIMEOUT);
-    let (client, connection) = config.connect(NoTls).await.map_err(|source| DockerError::Sql {
-        what: format!("cannot connect to {host}:{port} as {user}"),
-        source,
-    })?;
+    let (client, connection) = config
+        .connect(NoTls)
+        .await
+        .map_err(|source| DockerError::Sql {
+            what: format!("cannot connect to {host}:{port} as {user}"),
+            source,
+        })?;
     tokio::spawn(async move {
         let _ = connection.await;
     });
@@ -33,7 +42,10 @@ pub async fn connect(host: &str, port: u16, user: &str, password: &str, db: &str
 }
 
 fn sql(what: &str) -> impl FnOnce(tokio_postgres::Error) -> DockerError + '_ {
-    move |source| DockerError::Sql { what: what.to_owned(), source }
+    move |source| DockerError::Sql {
+        what: what.to_owned(),
+        source,
+    }
 }
 
 /// `pg_is_in_recovery()`.
@@ -58,7 +70,12 @@ pub async fn replication(client: &Client) -> Result<HashMap<String, (String, i64
         .map_err(sql("reading pg_stat_replication"))?;
     Ok(rows
         .iter()
-        .map(|r| (r.get::<_, String>(0), (r.get::<_, Option<String>>(1).unwrap_or_default(), r.get(2))))
+        .map(|r| {
+            (
+                r.get::<_, String>(0),
+                (r.get::<_, Option<String>>(1).unwrap_or_default(), r.get(2)),
+            )
+        })
         .collect())
 }
 
