@@ -8,9 +8,23 @@ use common::*;
 fn refused(s: &Scenario, args: &[&str], expect: &str) {
     let out = s.pgbalancer(args);
     assert!(!out.status.success(), "{args:?} succeeded: {}", text(&out));
-    assert!(text(&out).contains(expect), "{args:?}: expected `{expect}` in: {}", text(&out));
-    assert_eq!(labelled(&s.name), Vec::<String>::new(), "{args:?} created objects");
-    assert!(!s.state().join("clusters").join(format!("{}.yaml", s.name)).exists(), "{args:?} stored state");
+    assert!(
+        text(&out).contains(expect),
+        "{args:?}: expected `{expect}` in: {}",
+        text(&out)
+    );
+    assert_eq!(
+        labelled(&s.name),
+        Vec::<String>::new(),
+        "{args:?} created objects"
+    );
+    assert!(
+        !s.state()
+            .join("clusters")
+            .join(format!("{}.yaml", s.name))
+            .exists(),
+        "{args:?} stored state"
+    );
 }
 
 fn refused_file(s: &Scenario, yaml: &str, expect: &str) {
@@ -22,11 +36,31 @@ fn refused_file(s: &Scenario, yaml: &str, expect: &str) {
 fn invalid_files_are_refused_naming_the_field() {
     let s = Scenario::new("it-bad");
     refused_file(&s, "apiVersion: [", "invalid YAML");
-    refused_file(&s, &cluster_yaml("it-bad", "  postgres:\n    verison: 17\n"), "spec.postgres");
-    refused_file(&s, &cluster_yaml("it-bad", "  replicas: -1\n"), "spec.replicas");
-    refused_file(&s, &cluster_yaml("it-bad", "  replicas: 100000\n"), "spec.replicas");
-    refused_file(&s, &cluster_yaml("it-bad", "  postgres: {version: 16}\n"), "spec.postgres.version");
-    refused_file(&s, &cluster_yaml("It_Bad", "  replicas: 1\n"), "metadata.name");
+    refused_file(
+        &s,
+        &cluster_yaml("it-bad", "  postgres:\n    verison: 17\n"),
+        "spec.postgres",
+    );
+    refused_file(
+        &s,
+        &cluster_yaml("it-bad", "  replicas: -1\n"),
+        "spec.replicas",
+    );
+    refused_file(
+        &s,
+        &cluster_yaml("it-bad", "  replicas: 100000\n"),
+        "spec.replicas",
+    );
+    refused_file(
+        &s,
+        &cluster_yaml("it-bad", "  postgres: {version: 16}\n"),
+        "spec.postgres.version",
+    );
+    refused_file(
+        &s,
+        &cluster_yaml("It_Bad", "  replicas: 1\n"),
+        "metadata.name",
+    );
     refused_file(
         &s,
         &cluster_yaml(
@@ -41,7 +75,11 @@ fn invalid_files_are_refused_naming_the_field() {
         cluster_yaml("it-bad-2", "  local: {ports: {balancer: 27999}}\n")
     );
     refused_file(&s, &two, "host port 27999");
-    refused(&s, &["up", "-f", "/nonexistent/cluster.yaml"], "/nonexistent/cluster.yaml");
+    refused(
+        &s,
+        &["up", "-f", "/nonexistent/cluster.yaml"],
+        "/nonexistent/cluster.yaml",
+    );
 }
 
 #[test]
@@ -51,7 +89,10 @@ fn a_host_port_in_use_is_refused_before_anything_is_created() {
     let port = listener.local_addr().unwrap().port();
     refused_file(
         &s,
-        &cluster_yaml("it-bad-port", &format!("  local: {{ports: {{postgres: {port}}}}}\n")),
+        &cluster_yaml(
+            "it-bad-port",
+            &format!("  local: {{ports: {{postgres: {port}}}}}\n"),
+        ),
         &format!("host port {port}"),
     );
 }
@@ -67,14 +108,30 @@ fn unreachable_docker_is_reported() {
         &[("DOCKER_HOST", "unix:///nonexistent/docker.sock")],
     );
     assert!(!out.status.success());
-    assert!(text(&out).contains("cannot reach the Docker engine"), "{}", text(&out));
+    assert!(
+        text(&out).contains("cannot reach the Docker engine"),
+        "{}",
+        text(&out)
+    );
 }
 
 #[test]
 fn unknown_cluster_and_bad_arguments_are_refused() {
     let s = Scenario::new("it-bad-args");
-    refused(&s, &["scale", "it-bad-args", "--replicas", "2"], "no cluster named `it-bad-args`");
-    refused(&s, &["down", "it-bad-args"], "no cluster named `it-bad-args`");
-    refused(&s, &["images", "build", "--postgres-version", "16"], "--postgres-version 16");
+    refused(
+        &s,
+        &["scale", "it-bad-args", "--replicas", "2"],
+        "no cluster named `it-bad-args`",
+    );
+    refused(
+        &s,
+        &["down", "it-bad-args"],
+        "no cluster named `it-bad-args`",
+    );
+    refused(
+        &s,
+        &["images", "build", "--postgres-version", "16"],
+        "--postgres-version 16",
+    );
     refused(&s, &["scale", "it-bad-args"], "--replicas");
 }

@@ -11,17 +11,32 @@ const NAME: &str = "it-life";
 
 async fn row_count(port: u64, password: &str) -> Option<i64> {
     let client = connect(port, "app", password, "app").await;
-    client.query_one("SELECT count(*) FROM marks", &[]).await.ok().map(|r| r.get(0))
+    client
+        .query_one("SELECT count(*) FROM marks", &[])
+        .await
+        .ok()
+        .map(|r| r.get(0))
 }
 
 async fn assert_replicas_have_rows(doc: &Value, password: &str, rows: i64) {
     for replica in doc["replicas"].as_array().unwrap() {
         let port = port(replica);
         let client = connect(port, "app", password, "app").await;
-        let recovering: bool = client.query_one("SELECT pg_is_in_recovery()", &[]).await.unwrap().get(0);
+        let recovering: bool = client
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await
+            .unwrap()
+            .get(0);
         assert!(recovering, "{} is not a standby", replica["name"]);
-        let replicated = eventually(10, || async { row_count(port, password).await == Some(rows) }).await;
-        assert!(replicated, "{} does not have the {rows} rows written through the balancer", replica["name"]);
+        let replicated = eventually(10, || async {
+            row_count(port, password).await == Some(rows)
+        })
+        .await;
+        assert!(
+            replicated,
+            "{} does not have the {rows} rows written through the balancer",
+            replica["name"]
+        );
     }
 }
 
@@ -33,9 +48,10 @@ async fn pool_nodes(port: u64, password: &str) -> Vec<(String, String)> {
         .unwrap()
         .into_iter()
         .filter_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => {
-                Some((r.get("node_id").unwrap().to_owned(), r.get("status").unwrap().to_owned()))
-            }
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some((
+                r.get("node_id").unwrap().to_owned(),
+                r.get("status").unwrap().to_owned(),
+            )),
             _ => None,
         })
         .collect()
@@ -44,7 +60,13 @@ async fn pool_nodes(port: u64, password: &str) -> Vec<(String, String)> {
 #[tokio::test(flavor = "multi_thread")]
 async fn cluster_lifecycle_on_docker() {
     let s = Scenario::new(NAME);
-    let file = s.file("cluster.yaml", &cluster_yaml(NAME, "  replicas: 2\n  balancer: {numInitChildren: 8, maxPool: 2}\n"));
+    let file = s.file(
+        "cluster.yaml",
+        &cluster_yaml(
+            NAME,
+            "  replicas: 2\n  balancer: {numInitChildren: 8, maxPool: 2}\n",
+        ),
+    );
     let file = file.to_str().unwrap();
 
     // Up: every instance ready, the balancer routing.
@@ -55,7 +77,11 @@ async fn cluster_lifecycle_on_docker() {
     assert_eq!(doc["phase"], "Running");
     assert_eq!(doc["primary"]["role"], "primary");
     assert_eq!(doc["replicas"].as_array().unwrap().len(), 2);
-    assert!(doc["replicas"].as_array().unwrap().iter().all(|r| r["ready"] == true));
+    assert!(doc["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["ready"] == true));
     let password = doc["secrets"]["password"].as_str().unwrap().to_owned();
     let balancer = doc["balancer"]["port"].as_u64().unwrap();
 
@@ -81,7 +107,11 @@ async fn cluster_lifecycle_on_docker() {
     // A second up changes nothing.
     let before = container_ids(NAME);
     assert_success(&s.pgbalancer(&["up", "-f", file]));
-    assert_eq!(container_ids(NAME), before, "idempotent up recreated containers");
+    assert_eq!(
+        container_ids(NAME),
+        before,
+        "idempotent up recreated containers"
+    );
 
     // A bad change is refused and nothing is touched.
     let bad = s.file("bad.yaml", &cluster_yaml(NAME, "  replicas: -3\n"));
@@ -91,7 +121,12 @@ async fn cluster_lifecycle_on_docker() {
     assert_eq!(container_ids(NAME), before);
 
     // Scale up: the new replica streams and the balancer routes to it (no restart).
-    let balancer_id = |doc: &Value| doc["balancer"]["instances"][0]["name"].as_str().unwrap().to_owned();
+    let balancer_id = |doc: &Value| {
+        doc["balancer"]["instances"][0]["name"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
     let balancer_before = balancer_id(&doc);
     let out = s.pgbalancer(&["scale", NAME, "--replicas", "3"]);
     assert_success(&out);
@@ -100,17 +135,31 @@ async fn cluster_lifecycle_on_docker() {
     assert_replicas_have_rows(&doc, &password, 5).await;
     assert_eq!(balancer_id(&doc), balancer_before);
     let nodes = pool_nodes(balancer, &password).await;
-    assert!(nodes.contains(&("3".into(), "up".into())) || nodes.contains(&("3".into(), "waiting".into())), "{nodes:?}");
+    assert!(
+        nodes.contains(&("3".into(), "up".into()))
+            || nodes.contains(&("3".into(), "waiting".into())),
+        "{nodes:?}"
+    );
     assert_eq!(container_ids(NAME).len(), 5);
 
     // Scale down to one replica: the primary stays, removed replicas lose their volumes and slots.
     assert_success(&s.pgbalancer(&["scale", NAME, "--replicas", "1"]));
     let doc = s.status(NAME);
     assert_eq!(doc["primary"]["name"], format!("{NAME}-0"));
-    let replicas: Vec<&str> = doc["replicas"].as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap()).collect();
+    let replicas: Vec<&str> = doc["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
     assert_eq!(replicas, [format!("{NAME}-1")]);
     let left = labelled(NAME);
-    assert!(!left.iter().any(|o| o.contains(&format!("{NAME}-2")) || o.contains(&format!("{NAME}-3"))), "{left:?}");
+    assert!(
+        !left
+            .iter()
+            .any(|o| o.contains(&format!("{NAME}-2")) || o.contains(&format!("{NAME}-3"))),
+        "{left:?}"
+    );
     let superuser = doc["secrets"]["superuserPassword"].as_str().unwrap();
     let slots: Vec<String> = connect(port(&doc["primary"]), "postgres", superuser, "postgres")
         .await
@@ -128,14 +177,21 @@ async fn cluster_lifecycle_on_docker() {
     assert!(container_ids(NAME).is_empty());
     assert_success(&s.pgbalancer(&["up", "-f", file]));
     let doc = s.status(NAME);
-    assert_eq!(row_count(doc["balancer"]["port"].as_u64().unwrap(), &password).await, Some(5));
+    assert_eq!(
+        row_count(doc["balancer"]["port"].as_u64().unwrap(), &password).await,
+        Some(5)
+    );
     assert_replicas_have_rows(&doc, &password, 5).await;
 
     // down: nothing labelled remains, and the state is forgotten.
     let out = s.pgbalancer(&["down", NAME]);
     assert_success(&out);
     assert_eq!(labelled(NAME), Vec::<String>::new());
-    assert!(!s.state().join("clusters").join(format!("{NAME}.yaml")).exists());
+    assert!(!s
+        .state()
+        .join("clusters")
+        .join(format!("{NAME}.yaml"))
+        .exists());
     let out = s.pgbalancer(&["status", NAME]);
     assert!(!out.status.success());
     assert!(text(&out).contains("no cluster named"), "{}", text(&out));

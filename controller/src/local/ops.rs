@@ -36,7 +36,7 @@ pub enum OpError {
     #[error(transparent)]
     State(#[from] StateError),
     /// A cluster did not become ready.
-    #[error("cluster {cluster}: {source}")]
+    #[error("cluster {cluster} did not converge")]
     Converge {
         cluster: String,
         #[source]

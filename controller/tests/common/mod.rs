@@ -18,7 +18,10 @@ pub struct Scenario {
 
 impl Scenario {
     pub fn new(name: &str) -> Self {
-        let s = Self { name: name.to_owned(), dir: tempfile::tempdir().unwrap() };
+        let s = Self {
+            name: name.to_owned(),
+            dir: tempfile::tempdir().unwrap(),
+        };
         s.force_cleanup();
         s
     }
@@ -34,7 +37,12 @@ impl Scenario {
 
     /// Runs `pgbalancer-cluster ARGS` in the scenario directory.
     pub fn seed_tool(&self, args: &[&str]) -> Output {
-        run(env!("CARGO_BIN_EXE_pgbalancer-cluster"), args, &self.state(), &[])
+        run(
+            env!("CARGO_BIN_EXE_pgbalancer-cluster"),
+            args,
+            &self.state(),
+            &[],
+        )
     }
 
     /// Writes `text` to a file in the scenario directory.
@@ -65,7 +73,9 @@ impl Drop for Scenario {
 
 pub fn run(bin: &str, args: &[&str], state: &Path, env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(bin);
-    cmd.args(args).env("PGBALANCER_STATE_DIR", state).env("RUST_LOG", "warn");
+    cmd.args(args)
+        .env("PGBALANCER_STATE_DIR", state)
+        .env("RUST_LOG", "warn");
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -73,7 +83,11 @@ pub fn run(bin: &str, args: &[&str], state: &Path, env: &[(&str, &str)]) -> Outp
 }
 
 pub fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 pub fn assert_success(out: &Output) {
@@ -86,7 +100,10 @@ pub fn cluster_yaml(name: &str, spec: &str) -> String {
 }
 
 fn docker(args: &[&str]) -> String {
-    let out = Command::new("docker").args(args).output().expect("docker CLI");
+    let out = Command::new("docker")
+        .args(args)
+        .output()
+        .expect("docker CLI");
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
@@ -94,7 +111,11 @@ fn docker(args: &[&str]) -> String {
 pub fn labelled(name: &str) -> Vec<String> {
     let filter = format!("label=app.kubernetes.io/instance={name}");
     let mut all = Vec::new();
-    for kind in [vec!["ps", "-a"], vec!["volume", "ls"], vec!["network", "ls"]] {
+    for kind in [
+        vec!["ps", "-a"],
+        vec!["volume", "ls"],
+        vec!["network", "ls"],
+    ] {
         let mut args = kind.clone();
         args.extend(["--filter", &filter, "--format", "{{.Name}}"]);
         if kind[0] == "ps" {
@@ -102,17 +123,28 @@ pub fn labelled(name: &str) -> Vec<String> {
             args.pop();
             args.extend(["--format", "{{.Names}}"]);
         }
-        all.extend(docker(&args).lines().filter(|l| !l.is_empty()).map(|l| format!("{}:{l}", kind[0])));
+        all.extend(
+            docker(&args)
+                .lines()
+                .filter(|l| !l.is_empty())
+                .map(|l| format!("{}:{l}", kind[0])),
+        );
     }
     all
 }
 
 /// IDs of the running containers of cluster `name`, sorted.
 pub fn container_ids(name: &str) -> Vec<String> {
-    let mut ids: Vec<String> = docker(&["ps", "-aq", "--no-trunc", "--filter", &format!("label=app.kubernetes.io/instance={name}")])
-        .lines()
-        .map(str::to_owned)
-        .collect();
+    let mut ids: Vec<String> = docker(&[
+        "ps",
+        "-aq",
+        "--no-trunc",
+        "--filter",
+        &format!("label=app.kubernetes.io/instance={name}"),
+    ])
+    .lines()
+    .map(str::to_owned)
+    .collect();
     ids.sort();
     ids
 }
@@ -165,5 +197,7 @@ where
 
 /// Port of an instance document.
 pub fn port(doc: &Value) -> u64 {
-    doc["port"].as_u64().unwrap_or_else(|| panic!("no port in {doc}"))
+    doc["port"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no port in {doc}"))
 }
