@@ -119,6 +119,18 @@ async fn cluster_lifecycle_on_docker() {
     assert!(!out.status.success());
     assert!(text(&out).contains("spec.replicas"), "{}", text(&out));
     assert_eq!(container_ids(NAME), before);
+    let upgrade = s.file(
+        "upgrade.yaml",
+        &cluster_yaml(NAME, "  replicas: 2\n  postgres: {version: 15}\n"),
+    );
+    let out = s.pgbalancer(&["up", "-f", upgrade.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("spec.postgres.version: cannot change from 17 to 15"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(container_ids(NAME), before);
 
     // Scale up: the new replica streams and the balancer routes to it (no restart).
     let balancer_id = |doc: &Value| {

@@ -525,3 +525,49 @@ fn is_quantity(s: &str) -> bool {
 
 #[cfg(test)]
 mod tests;
+
+/// Checks a change of an existing cluster: what bootstrap fixed in the data cannot change.
+pub fn validate_update(
+    old: &PgBalancerClusterSpec,
+    new: &PgBalancerClusterSpec,
+) -> Result<(), ValidationErrors> {
+    let mut c = Collector(Vec::new());
+    if old.postgres.version != new.postgres.version {
+        c.err(
+            "spec.postgres.version",
+            format!(
+                "cannot change from {} to {} on existing data (major upgrades are not supported); \
+                 remove the cluster first or keep {}",
+                old.postgres.version, new.postgres.version, old.postgres.version
+            ),
+        );
+    }
+    for (field, before, after) in [
+        (
+            "spec.postgres.database",
+            &old.postgres.database,
+            &new.postgres.database,
+        ),
+        ("spec.postgres.user", &old.postgres.user, &new.postgres.user),
+    ] {
+        if before != after {
+            c.err(
+                field,
+                format!("is fixed at bootstrap (`{before}`); cannot change to `{after}`"),
+            );
+        }
+    }
+    let network = |s: &PgBalancerClusterSpec| {
+        s.local
+            .as_ref()
+            .map(|l| l.network.clone())
+            .unwrap_or_default()
+    };
+    if network(old) != network(new) {
+        c.err(
+            "spec.local.network",
+            "cannot change while the cluster exists; run `pgbalancer down` first",
+        );
+    }
+    finish(c)
+}

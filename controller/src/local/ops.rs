@@ -118,7 +118,11 @@ impl Local {
             let name = cluster.metadata.name.clone().unwrap_or_default();
             let previous = self.state.load(&name)?;
             let (credentials, primary) = match &previous {
-                Some(p) => (p.credentials.clone(), p.primary),
+                Some(p) => {
+                    pgbalancer_crd::validate::validate_update(&p.cluster.spec, &cluster.spec)
+                        .map_err(|e| OpError::Input(format!("cluster {name}: {e}")))?;
+                    (p.credentials.clone(), p.primary)
+                }
                 None => {
                     self.refuse_foreign_data(&name).await?;
                     (Credentials::generate(), 0)

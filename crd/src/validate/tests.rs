@@ -117,3 +117,16 @@ fn replica_ports_follow_the_primary_port() {
     assert_eq!(local.instance_port(2), Some(20000));
     assert_eq!(local.instance_port(3), Some(15435));
 }
+
+#[test]
+fn bootstrap_fields_cannot_change_on_existing_data() {
+    let old = cluster("  replicas: 2\n");
+    let new = cluster("  replicas: 3\n  postgres: {version: 15, database: other}\n");
+    let err = validate_update(&old.spec, &new.spec).unwrap_err();
+    let fields: Vec<_> = err.0.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(fields, ["spec.postgres.version", "spec.postgres.database"]);
+    assert_eq!(
+        validate_update(&old.spec, &cluster("  replicas: 5\n").spec),
+        Ok(())
+    );
+}

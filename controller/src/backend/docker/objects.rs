@@ -73,8 +73,6 @@ pub fn instance_hash(plan: &Plan, inst: &InstancePlan) -> String {
         &inst.host,
         &format!("{:?}/{:?}", inst.ip, inst.host_port),
         &format!("{:?}", plan.postgres.resources),
-        &plan.postgres.database,
-        &plan.postgres.user,
     ] {
         h.update(part.as_bytes());
         h.update([0]);
