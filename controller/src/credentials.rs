@@ -20,6 +20,13 @@ pub struct Credentials {
     pub monitor_password: String,
     /// Password of the balancer's PCP user `pgbalancer`.
     pub pcp_password: String,
+    /// Bearer token for the balancer agent's mutating REST endpoints.
+    #[serde(default = "random_secret")]
+    pub api_token: String,
+}
+
+fn random_secret() -> String {
+    Alphanumeric.sample_string(&mut rand::rng(), PASSWORD_LEN)
 }
 
 impl std::fmt::Debug for Credentials {
@@ -31,14 +38,13 @@ impl std::fmt::Debug for Credentials {
 impl Credentials {
     /// Fresh random credentials.
     pub fn generate() -> Self {
-        let mut rng = rand::rng();
-        let mut next = || Alphanumeric.sample_string(&mut rng, PASSWORD_LEN);
         Self {
-            superuser_password: next(),
-            replication_password: next(),
-            app_password: next(),
-            monitor_password: next(),
-            pcp_password: next(),
+            superuser_password: random_secret(),
+            replication_password: random_secret(),
+            app_password: random_secret(),
+            monitor_password: random_secret(),
+            pcp_password: random_secret(),
+            api_token: random_secret(),
         }
     }
 }

@@ -5,7 +5,9 @@
 //! `local` and `cli` are the command-line front ends of the Docker mode.
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod backend;
+pub mod bctl;
 pub mod cli;
 pub mod credentials;
 pub mod labels;

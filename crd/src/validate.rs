@@ -446,7 +446,11 @@ pub fn claimed_host_ports(spec: &PgBalancerClusterSpec) -> Vec<(u16, String)> {
         }
     }
     for i in 0..u32::try_from(spec.balancer.instances.max(1)).unwrap_or(1) {
-        for (base, name) in [(local.ports.balancer, "balancer"), (local.ports.pcp, "pcp")] {
+        for (base, name) in [
+            (local.ports.balancer, "balancer"),
+            (local.ports.pcp, "pcp"),
+            (local.ports.rest, "rest"),
+        ] {
             if let Some(p) = offset_port(base, i) {
                 out.push((p, format!("spec.local.ports.{name} (balancer {i})")));
             }

@@ -66,6 +66,8 @@ pub struct ObservedBalancer {
     pub nodes: Vec<PoolNode>,
     /// Published host port of the SQL endpoint.
     pub host_port: Option<u16>,
+    /// Published host port of the agent's REST API.
+    pub rest_port: Option<u16>,
 }
 
 /// A row of `SHOW POOL_NODES`.

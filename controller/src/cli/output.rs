@@ -95,6 +95,8 @@ pub struct BalancerInstanceDoc {
     pub state: String,
     /// Published SQL port.
     pub port: Option<u16>,
+    /// Published REST port of the agent (pgBalancer API, `bctl`, `/metrics`).
+    pub rest_port: Option<u16>,
 }
 
 /// Credentials and URIs.
@@ -111,6 +113,8 @@ pub struct SecretsDoc {
     pub replication_password: String,
     /// PCP password of user `pgbalancer`.
     pub pcp_password: String,
+    /// Bearer token of the balancer agent's mutating endpoints (`bctl --token`).
+    pub api_token: String,
     /// URI through the balancer.
     pub balancer_uri: Option<String>,
     /// URI of the primary.
@@ -173,6 +177,7 @@ pub fn status_document(view: &ClusterView, show_secrets: bool) -> StatusDocument
         superuser_password: stored.credentials.superuser_password.clone(),
         replication_password: stored.credentials.replication_password.clone(),
         pcp_password: stored.credentials.pcp_password.clone(),
+        api_token: stored.credentials.api_token.clone(),
         balancer_uri: uri(
             &plan.postgres.user,
             &stored.credentials.app_password,
@@ -197,6 +202,7 @@ pub fn status_document(view: &ClusterView, show_secrets: bool) -> StatusDocument
                     .map(|s| s.state.clone())
                     .unwrap_or_else(|| "missing".into()),
                 port: seen.and_then(|s| s.host_port),
+                rest_port: seen.and_then(|s| s.rest_port),
             }
         })
         .collect();
@@ -262,13 +268,14 @@ pub fn status_table(doc: &StatusDocument) -> String {
     for b in &doc.balancer.instances {
         let _ = writeln!(
             out,
-            "  {:<20} {:<8} {:<6} {:<9} {:<9} {:<6}",
+            "  {:<20} {:<8} {:<6} {:<9} {:<9} {:<6} {}",
             b.name,
             "",
             if b.ready { "yes" } else { "no" },
             b.state,
             "",
-            dash(b.port)
+            dash(b.port),
+            dash(b.rest_port)
         );
     }
     for p in &doc.pending {

@@ -25,6 +25,8 @@ pub const POSTGRES_PORT: u16 = 5432;
 pub const BALANCER_PORT: u16 = 9999;
 /// Container/pod port of PCP.
 pub const PCP_PORT: u16 = 9898;
+/// Container/pod port of the balancer agent's REST API.
+pub const REST_PORT: u16 = 8080;
 /// PCP user of the balancer.
 pub const PCP_USER: &str = "pgbalancer";
 /// Role used by the balancer's health and replication checks.
@@ -142,6 +144,8 @@ pub struct BalancerInstancePlan {
     pub sql_port: Option<u16>,
     /// Host port of PCP.
     pub pcp_port: Option<u16>,
+    /// Host port of the REST API.
+    pub rest_port: Option<u16>,
 }
 
 /// Docker network and publishing.
@@ -217,6 +221,7 @@ impl Plan {
                         .and_then(|ip| ip.parse().ok()),
                     sql_port: offset_port(local.ports.balancer, index),
                     pcp_port: offset_port(local.ports.pcp, index),
+                    rest_port: offset_port(local.ports.rest, index),
                 }
             })
             .collect();

@@ -46,6 +46,7 @@ fn balancer(nodes: Vec<PoolNode>) -> ObservedBalancer {
         routing: true,
         nodes,
         host_port: Some(19999),
+        rest_port: None,
     }
 }
 

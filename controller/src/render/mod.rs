@@ -84,6 +84,8 @@ pub fn balancer_files(plan: &Plan, creds: &Credentials) -> Vec<ConfigFile> {
         file("pcp.conf", pcp_conf(creds)),
         secret("secrets/pool_passwd", pool_passwd(plan, creds)),
         secret("secrets/pcppass", pcppass(creds)),
+        secret("secrets/monitor-password", creds.monitor_password.clone()),
+        secret("secrets/api-token", creds.api_token.clone()),
     ]
 }
 

@@ -2,8 +2,9 @@
 //!
 //! One backend slot per instance, slot = ordinal. pgpool never promotes (`failover_command`
 //! is empty): failover belongs to the operator. Health and replication checks run every second
-//! as `pgbalancer_monitor` so a dead replica leaves the rotation within ~3 s, and
-//! `auto_failback` returns a standby that streams again.
+//! as `pgbalancer_monitor` so a dead replica leaves the rotation within ~3 s. pgpool's own
+//! `auto_failback` is off: the balancer agent re-attaches a configured standby once it
+//! answers again, and unlike auto_failback it leaves a node an operator detached alone.
 
 use std::fmt::Write;
 
@@ -65,8 +66,7 @@ pub fn pgpool_conf(plan: &Plan) -> String {
          follow_primary_command = ''\n\
          failover_on_backend_error = off\n\
          failover_on_backend_shutdown = off\n\
-         auto_failback = on\n\
-         auto_failback_interval = 5\n\
+         auto_failback = off\n\
          search_primary_node_timeout = 10\n\
          use_watchdog = off\n\
          memory_cache_enabled = off\n\

@@ -19,6 +19,7 @@ fn creds() -> Credentials {
         app_password: "ap".into(),
         monitor_password: "mo".into(),
         pcp_password: "pc".into(),
+        api_token: "to".into(),
     }
 }
 

@@ -18,7 +18,6 @@ use crate::plan::{default_balancer_image, default_postgres_image};
 const POSTGRES_DOCKERFILE: &str = include_str!("../../../../images/postgres/Dockerfile");
 const POSTGRES_ENTRYPOINT: &str = include_str!("../../../../images/postgres/entrypoint.sh");
 const BALANCER_DOCKERFILE: &str = include_str!("../../../../images/balancer/Dockerfile");
-const BALANCER_ENTRYPOINT: &str = include_str!("../../../../images/balancer/entrypoint.sh");
 
 /// Debian suite that ships PostgreSQL `version`.
 pub fn suite_for(version: u32) -> Option<&'static str> {
@@ -85,8 +84,8 @@ pub async fn build(
             docker,
             &tag,
             &[
-                ("Dockerfile", POSTGRES_DOCKERFILE, 0o644),
-                ("entrypoint.sh", POSTGRES_ENTRYPOINT, 0o755),
+                ("Dockerfile", POSTGRES_DOCKERFILE.as_bytes(), 0o644),
+                ("entrypoint.sh", POSTGRES_ENTRYPOINT.as_bytes(), 0o755),
             ],
             &[
                 ("BASE_IMAGE", base_tag(suite)),
@@ -97,18 +96,35 @@ pub async fn build(
     }
     let tag = default_balancer_image();
     report(&format!("building {tag}"));
+    let agent = sibling_binary("pgbalancer-agent")?;
+    let bctl = sibling_binary("bctl")?;
     build_one(
         docker,
         &tag,
         &[
-            ("Dockerfile", BALANCER_DOCKERFILE, 0o644),
-            ("entrypoint.sh", BALANCER_ENTRYPOINT, 0o755),
+            ("Dockerfile", BALANCER_DOCKERFILE.as_bytes(), 0o644),
+            ("pgbalancer-agent", &agent, 0o755),
+            ("bctl", &bctl, 0o755),
         ],
         &[("BASE_IMAGE", base_tag("trixie"))],
     )
     .await?;
     report("images ready");
     Ok(())
+}
+
+/// A binary installed next to the running `pgbalancer` (same build), read for an image.
+fn sibling_binary(name: &str) -> Result<Vec<u8>, DockerError> {
+    let path = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join(name)))
+        .ok_or_else(|| DockerError::Conflict(format!("cannot locate {name}")))?;
+    std::fs::read(&path).map_err(|e| {
+        DockerError::Conflict(format!(
+            "{} is needed for the balancer image ({e}); build it with `cargo build --bins`",
+            path.display()
+        ))
+    })
 }
 
 fn base_tag(suite: &str) -> String {
@@ -210,7 +226,7 @@ async fn debootstrap(suite: &str, tarball: &Path) -> Result<(), DockerError> {
 async fn build_one(
     docker: &Docker,
     tag: &str,
-    files: &[(&str, &str, u32)],
+    files: &[(&str, &[u8], u32)],
     args: &[(&str, String)],
 ) -> Result<(), DockerError> {
     let mut builder = tar::Builder::new(Vec::new());
@@ -218,7 +234,7 @@ async fn build_one(
         let mut header = tar::Header::new_gnu();
         header.set_mode(*mode);
         header.set_size(contents.len() as u64);
-        let _ = builder.append_data(&mut header, name, contents.as_bytes());
+        let _ = builder.append_data(&mut header, name, *contents);
     }
     let context = builder.into_inner().unwrap_or_default();
     let options = BuildImageOptions {

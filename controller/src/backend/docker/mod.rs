@@ -144,7 +144,9 @@ impl DockerBackend {
             label(c, labels::CONFIG_HASH) == Some(objects::balancer_hash(plan, b).as_str())
         });
         let host_port = public_port(c, BALANCER_PORT);
+        let rest_port = public_port(c, crate::plan::REST_PORT);
         let mut seen = ObservedBalancer {
+            rest_port,
             name: container_name(c),
             state,
             health,
@@ -386,14 +388,25 @@ impl DockerBackend {
             ..Default::default()
         };
         match self.docker.create_network(request).await {
-            Ok(_)
-            | Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 409, ..
-            }) => Ok(()),
-            Err(e) => Err(DockerError::api(format!(
-                "create network {}",
-                plan.local.network
-            ))(e)),
+            Ok(_) => Ok(()),
+            Err(e) => {
+                // Another cluster sharing the network may be creating it right now.
+                for _ in 0..20 {
+                    if self
+                        .docker
+                        .inspect_network(&plan.local.network, None)
+                        .await
+                        .is_ok()
+                    {
+                        return Ok(());
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                Err(DockerError::api(format!(
+                    "create network {}",
+                    plan.local.network
+                ))(e))
+            }
         }
     }
 }
@@ -477,6 +490,8 @@ impl Backend for DockerBackend {
                     .await
             }
             Action::DetachBackend { balancer, slot } => {
+                // The new file first, so the balancer's agent does not re-attach the slot.
+                self.update_backends(plan, balancer).await?;
                 self.pcp(plan, balancer, "pcp_detach_node", Some(slot))
                     .await
             }

@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use crate::credentials::Credentials;
 use crate::labels;
 use crate::plan::{
-    BalancerInstancePlan, InstancePlan, Plan, BALANCER_PORT, PCP_PORT, POSTGRES_PORT,
+    BalancerInstancePlan, InstancePlan, Plan, BALANCER_PORT, PCP_PORT, POSTGRES_PORT, REST_PORT,
 };
 use crate::render::{self, ConfigFile, DATA_VOLUME_DIR, IMAGE_UID};
 
@@ -93,7 +93,10 @@ pub fn balancer_hash(plan: &Plan, b: &BalancerInstancePlan) -> String {
         &plan.local.network,
         &plan.local.bind_address,
         &b.host,
-        &format!("{:?}/{:?}/{:?}", b.ip, b.sql_port, b.pcp_port),
+        &format!(
+            "{:?}/{:?}/{:?}/{:?}",
+            b.ip, b.sql_port, b.pcp_port, b.rest_port
+        ),
     ] {
         h.update(part.as_bytes());
         h.update([0]);
@@ -211,6 +214,7 @@ pub fn balancer_container(plan: &Plan, b: &BalancerInstancePlan) -> ContainerCre
         exposed_ports: Some(vec![
             format!("{BALANCER_PORT}/tcp"),
             format!("{PCP_PORT}/tcp"),
+            format!("{REST_PORT}/tcp"),
         ]),
         healthcheck: Some(health(&[
             "pg_isready",
@@ -224,7 +228,11 @@ pub fn balancer_container(plan: &Plan, b: &BalancerInstancePlan) -> ContainerCre
         host_config: Some(hardened(HostConfig {
             port_bindings: Some(published(
                 &plan.local.bind_address,
-                &[(BALANCER_PORT, b.sql_port), (PCP_PORT, b.pcp_port)],
+                &[
+                    (BALANCER_PORT, b.sql_port),
+                    (PCP_PORT, b.pcp_port),
+                    (REST_PORT, b.rest_port),
+                ],
             )),
             ..Default::default()
         })),

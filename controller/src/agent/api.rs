@@ -1,0 +1,403 @@
+//! The pgBalancer REST API on live pgpool data (`/api/v1/...`), `/metrics` and `/healthz`.
+//!
+//! Shapes follow pgBalancer's (`/status`, `/nodes`), with `GET /nodes/{id}` added. Reads are
+//! open (the port is published on loopback or reachable inside the cluster network only);
+//! every POST needs `Authorization: Bearer <api-token>` from the cluster's credentials.
+//! What the balancer does not do (promotion, online recovery, watchdog, query cache) answers
+//! 501 with the reason, never a canned success.
+
+// Handlers return ready-made error responses through `Result`, as axum intends.
+#![allow(clippy::result_large_err)]
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+use super::metrics::{self, Snapshot};
+use super::pgpool::{self, Node};
+use super::Agent;
+
+type Shared = State<Arc<Agent>>;
+
+/// All routes.
+pub fn router(agent: Arc<Agent>) -> Router {
+    Router::new()
+        .route("/api/v1/status", get(status))
+        .route("/api/v1/nodes", get(nodes))
+        .route("/api/v1/nodes/{id}", get(node))
+        .route("/api/v1/nodes/{id}/attach", post(attach))
+        .route("/api/v1/nodes/{id}/detach", post(detach))
+        .route("/api/v1/nodes/{id}/promote", post(not_ours("promotion is done by the pgbalancer operator, which promotes in place and re-points the replicas")))
+        .route("/api/v1/nodes/{id}/recovery", post(not_ours("online recovery is not used: replicas are re-cloned by the operator")))
+        .route("/api/v1/control/reload", post(reload))
+        .route("/api/v1/control/stop", post(not_ours("stop the balancer container or pod instead; the agent restarts pgpool when it exits")))
+        .route("/api/v1/control/logrotate", post(not_ours("pgpool logs to the container's stderr; there is no log file to rotate")))
+        .route("/api/v1/cache/invalidate", post(not_ours("the query cache is disabled (memory_cache_enabled = off)")))
+        .route("/api/v1/watchdog/info", get(not_ours("the watchdog is not used; balancer replicas are independent")))
+        .route("/api/v1/watchdog/status", get(not_ours("the watchdog is not used; balancer replicas are independent")))
+        .route("/api/v1/processes", get(processes))
+        .route("/api/v1/health/stats", get(health_stats))
+        .route("/metrics", get(prometheus))
+        .route("/healthz", get(healthz))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "Endpoint not found") })
+        .method_not_allowed_fallback(|| async { error(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed") })
+        .with_state(agent)
+}
+
+fn error(code: StatusCode, message: impl Into<String>) -> Response {
+    (code, Json(json!({ "error": message.into() }))).into_response()
+}
+
+fn not_ours(reason: &'static str) -> impl Fn() -> std::future::Ready<Response> + Clone {
+    move || std::future::ready(error(StatusCode::NOT_IMPLEMENTED, reason))
+}
+
+fn status_word(node: &Node) -> &'static str {
+    if node.is_up() {
+        "up"
+    } else {
+        "down"
+    }
+}
+
+fn node_json(n: &Node) -> Value {
+    json!({
+        "id": n.id,
+        "host": n.host,
+        "port": n.port,
+        "status": status_word(n),
+        "weight": n.lb_weight,
+        "role": n.role,
+        "replication_lag": n.replication_delay,
+        "replication_state": n.replication_state,
+        "select_count": n.select_cnt,
+        "last_status_change": n.last_status_change,
+    })
+}
+
+async fn live_nodes(agent: &Agent) -> Result<Vec<Node>, Response> {
+    let client = pgpool::connect(&agent.config)
+        .await
+        .map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    let nodes = pgpool::nodes(&client)
+        .await
+        .map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    Ok(current(agent, nodes))
+}
+
+/// pgpool keeps a removed slot until it restarts; a slot gone from `pgpool.conf` and no
+/// longer up is a scaled-down instance, not a failed one, so it is not reported.
+fn current(agent: &Agent, nodes: Vec<Node>) -> Vec<Node> {
+    let Ok(conf) = std::fs::read_to_string(agent.config.path("pgpool.conf")) else {
+        return nodes;
+    };
+    let configured = pgpool::configured_backends(&conf);
+    nodes
+        .into_iter()
+        .filter(|n| n.is_up() || configured.iter().any(|(slot, _)| *slot == n.id))
+        .collect()
+}
+
+fn parse_id(id: &str) -> Result<u32, Response> {
+    id.parse().map_err(|_| {
+        error(
+            StatusCode::BAD_REQUEST,
+            format!("node id `{id}` is not a non-negative integer"),
+        )
+    })
+}
+
+async fn status(State(agent): Shared) -> Response {
+    let uptime = agent.started.elapsed().as_secs();
+    let live = async {
+        let client = pgpool::connect(&agent.config).await?;
+        let nodes = current(&agent, pgpool::nodes(&client).await?);
+        let procs = pgpool::processes(&client).await?;
+        let version = pgpool::version(&client).await?;
+        Ok::<_, pgpool::PgpoolError>((nodes, procs, version))
+    };
+    match live.await {
+        Ok((nodes, procs, version)) => Json(json!({
+            "status": "running",
+            "uptime": uptime,
+            "version": version,
+            "connections": procs.iter().filter(|p| p.is_active()).count(),
+            "nodes": nodes.len(),
+            "healthy_nodes": nodes.iter().filter(|n| n.is_up()).count(),
+            "processes": procs.len(),
+            "pgpool_restarts": agent.pgpool.restarts(),
+        }))
+        .into_response(),
+        Err(e) => Json(json!({
+            "status": if agent.pgpool.is_running() { "not answering" } else { "down" },
+            "uptime": uptime,
+            "error": e.to_string(),
+            "pgpool_restarts": agent.pgpool.restarts(),
+        }))
+        .into_response(),
+    }
+}
+
+async fn nodes(State(agent): Shared) -> Response {
+    match live_nodes(&agent).await {
+        Ok(nodes) => Json(json!({ "nodes": nodes.iter().map(node_json).collect::<Vec<_>>() }))
+            .into_response(),
+        Err(r) => r,
+    }
+}
+
+async fn node(State(agent): Shared, Path(id): Path<String>) -> Response {
+    let id = match parse_id(&id) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    match live_nodes(&agent).await {
+        Ok(nodes) => match nodes.iter().find(|n| n.id == id) {
+            Some(n) => Json(node_json(n)).into_response(),
+            None => error(StatusCode::NOT_FOUND, format!("node {id} not found")),
+        },
+        Err(r) => r,
+    }
+}
+
+fn authorized(agent: &Agent, headers: &HeaderMap) -> Result<(), Response> {
+    let token = agent.config.secret("api-token");
+    if token.is_empty() {
+        return Err(error(
+            StatusCode::FORBIDDEN,
+            "no API token is configured; changes are disabled",
+        ));
+    }
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    // Compare without an early exit so timing does not reveal the token.
+    let same = given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if same {
+        Ok(())
+    } else {
+        Err(error(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token",
+        ))
+    }
+}
+
+async fn attach(State(agent): Shared, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    if let Err(r) = authorized(&agent, &headers) {
+        return r;
+    }
+    let id = match parse_id(&id) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    let nodes = match live_nodes(&agent).await {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
+    let Some(node) = nodes.iter().find(|n| n.id == id) else {
+        return error(StatusCode::NOT_FOUND, format!("node {id} not found"));
+    };
+    agent.manually_detached.lock().await.remove(&id);
+    if node.is_up() {
+        return Json(json!({ "message": format!("node {id} is already attached") }))
+            .into_response();
+    }
+    match pgpool::pcp(&agent.config, "pcp_attach_node", Some(id)).await {
+        Ok(_) => settled(&agent, id, true, "attached").await,
+        Err(e) => error(StatusCode::BAD_GATEWAY, e.to_string()),
+    }
+}
+
+async fn detach(State(agent): Shared, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    if let Err(r) = authorized(&agent, &headers) {
+        return r;
+    }
+    let id = match parse_id(&id) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    let nodes = match live_nodes(&agent).await {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
+    let Some(node) = nodes.iter().find(|n| n.id == id) else {
+        return error(StatusCode::NOT_FOUND, format!("node {id} not found"));
+    };
+    if node.role == "primary" {
+        return error(
+            StatusCode::CONFLICT,
+            format!("node {id} is the primary; writes would stop (switch over first)"),
+        );
+    }
+    if !node.is_up() {
+        return error(
+            StatusCode::CONFLICT,
+            format!("node {id} is already detached"),
+        );
+    }
+    if nodes.iter().filter(|n| n.is_up()).count() <= 1 {
+        return error(
+            StatusCode::CONFLICT,
+            format!("node {id} is the last node up"),
+        );
+    }
+    agent.manually_detached.lock().await.insert(id);
+    match pgpool::pcp(&agent.config, "pcp_detach_node", Some(id)).await {
+        Ok(_) => settled(&agent, id, false, "detached").await,
+        Err(e) => {
+            agent.manually_detached.lock().await.remove(&id);
+            error(StatusCode::BAD_GATEWAY, e.to_string())
+        }
+    }
+}
+
+/// pgpool applies attach/detach asynchronously: answer once the node shows the new status
+/// (200), or with 202 if it has not after 10 s.
+async fn settled(agent: &Agent, id: u32, up: bool, verb: &str) -> Response {
+    for _ in 0..50 {
+        if let Ok(nodes) = live_nodes(agent).await {
+            if let Some(n) = nodes.iter().find(|n| n.id == id && n.is_up() == up) {
+                return Json(
+                    json!({ "message": format!("node {id} {verb}"), "node": node_json(n) }),
+                )
+                .into_response();
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    (
+        StatusCode::ACCEPTED,
+        Json(json!({ "message": format!("node {id}: {verb} requested; pgpool has not applied it yet") })),
+    )
+        .into_response()
+}
+
+async fn reload(State(agent): Shared, headers: HeaderMap) -> Response {
+    if let Err(r) = authorized(&agent, &headers) {
+        return r;
+    }
+    match pgpool::pcp(&agent.config, "pcp_reload_config", None).await {
+        Ok(_) => Json(json!({ "message": "configuration reloaded" })).into_response(),
+        Err(e) => error(StatusCode::BAD_GATEWAY, e.to_string()),
+    }
+}
+
+async fn processes(State(agent): Shared) -> Response {
+    let result = async {
+        let client = pgpool::connect(&agent.config).await?;
+        pgpool::processes(&client).await
+    };
+    match result.await {
+        Ok(procs) => Json(json!({
+            "processes": procs.iter().map(|p| json!({ "pid": p.pid, "status": p.status })).collect::<Vec<_>>()
+        }))
+        .into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+async fn health_stats(State(agent): Shared) -> Response {
+    let result = async {
+        let client = pgpool::connect(&agent.config).await?;
+        Ok::<_, pgpool::PgpoolError>((
+            current(&agent, pgpool::nodes(&client).await?),
+            pgpool::processes(&client).await?,
+        ))
+    };
+    let (nodes, procs) = match result.await {
+        Ok(v) => v,
+        Err(e) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({ "health": "unhealthy", "checks": { "pgpool": e.to_string() } })),
+            )
+                .into_response()
+        }
+    };
+    let selects: i64 = nodes.iter().map(|n| n.select_cnt).sum();
+    let now = Instant::now();
+    let rate = {
+        let mut last = agent.last_sample.lock().await;
+        let rate = last.map(|(t, s)| {
+            let secs = now.duration_since(t).as_secs_f64();
+            if secs > 0.0 {
+                (selects - s).max(0) as f64 / secs
+            } else {
+                0.0
+            }
+        });
+        *last = Some((now, selects));
+        rate
+    };
+    let up = nodes.iter().filter(|n| n.is_up()).count();
+    let primary = nodes.iter().find(|n| n.role == "primary" && n.is_up());
+    let health = match (primary.is_some(), up == nodes.len()) {
+        (true, true) => "healthy",
+        (true, false) => "degraded",
+        (false, _) => "unhealthy",
+    };
+    Json(json!({
+        "health": health,
+        "checks": {
+            "pgpool_process": if agent.pgpool.is_running() { "running" } else { "down" },
+            "backend_connectivity": format!("{up} of {} nodes up", nodes.len()),
+            "primary": primary.map(|p| format!("node {}", p.id)).unwrap_or_else(|| "none".into()),
+        },
+        "stats": {
+            "total_connections": procs.len(),
+            "active_connections": procs.iter().filter(|p| p.is_active()).count(),
+            "total_selects": selects,
+            "selects_per_second": rate,
+            "pgpool_restarts": agent.pgpool.restarts(),
+        },
+    }))
+    .into_response()
+}
+
+async fn prometheus(State(agent): Shared) -> Response {
+    let live = async {
+        let client = pgpool::connect(&agent.config).await?;
+        Ok::<_, pgpool::PgpoolError>((
+            current(&agent, pgpool::nodes(&client).await?),
+            pgpool::processes(&client).await?,
+        ))
+    };
+    let (up, nodes, procs) = match live.await {
+        Ok((n, p)) => (true, n, p),
+        Err(_) => (false, Vec::new(), Vec::new()),
+    };
+    let text = metrics::render(&Snapshot {
+        pgpool_up: up,
+        restarts: agent.pgpool.restarts(),
+        nodes: &nodes,
+        processes: &procs,
+    });
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+async fn healthz(State(agent): Shared) -> Response {
+    if !agent.pgpool.is_running() {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "pgpool is not running");
+    }
+    match live_nodes(&agent).await {
+        Ok(nodes) if nodes.iter().any(|n| n.role == "primary" && n.is_up()) => {
+            (StatusCode::OK, "ok\n").into_response()
+        }
+        Ok(_) => error(StatusCode::SERVICE_UNAVAILABLE, "no primary is up"),
+        Err(r) => r,
+    }
+}

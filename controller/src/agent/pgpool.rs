@@ -1,0 +1,221 @@
+//! Live data from the local pgpool: `SHOW POOL_NODES`, `SHOW POOL_PROCESSES` and
+//! `SHOW POOL_VERSION` over SQL as `pgbalancer_monitor`, and node changes through the PCP tools.
+
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+
+use super::AgentConfig;
+use crate::plan::{BALANCER_PORT, MONITOR_USER, PCP_PORT, PCP_USER};
+
+/// A failure talking to pgpool.
+#[derive(Debug, Error)]
+pub enum PgpoolError {
+    /// SQL to pgpool failed.
+    #[error("pgpool does not answer: {0}")]
+    Sql(#[from] tokio_postgres::Error),
+    /// A PCP command failed.
+    #[error("{tool} failed: {output}")]
+    Pcp { tool: String, output: String },
+    /// A PCP command could not run.
+    #[error("cannot run {tool}: {source}")]
+    Spawn {
+        tool: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// One backend as pgpool sees it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Node {
+    /// Node id (slot).
+    pub id: u32,
+    /// Backend host.
+    pub host: String,
+    /// Backend port.
+    pub port: u16,
+    /// `up`, `waiting`, `down`, `unused`.
+    pub status: String,
+    /// Normalised load-balance weight (0-1).
+    pub lb_weight: f64,
+    /// `primary` or `standby`.
+    pub role: String,
+    /// SELECTs sent to it.
+    pub select_cnt: i64,
+    /// Replication delay in bytes, as pgpool's streaming check measures it.
+    pub replication_delay: i64,
+    /// `streaming`, `catchup` or empty.
+    pub replication_state: String,
+    /// Last status change.
+    pub last_status_change: String,
+}
+
+impl Node {
+    /// Takes queries.
+    pub fn is_up(&self) -> bool {
+        matches!(self.status.as_str(), "up" | "waiting")
+    }
+}
+
+/// A pool process.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Process {
+    /// Process id.
+    pub pid: String,
+    /// Status text (`Wait for connection`, `Idle`, `Execute command`…).
+    pub status: String,
+}
+
+impl Process {
+    /// Serves a client right now.
+    pub fn is_active(&self) -> bool {
+        !self.status.is_empty() && !self.status.starts_with("Wait for connection")
+    }
+}
+
+/// Connects to pgpool as the monitoring role.
+pub async fn connect(config: &AgentConfig) -> Result<Client, PgpoolError> {
+    let (client, conn) = tokio_postgres::Config::new()
+        .host("127.0.0.1")
+        .port(BALANCER_PORT)
+        .user(MONITOR_USER)
+        .password(config.secret("monitor-password"))
+        .dbname("postgres")
+        .application_name("pgbalancer-agent")
+        .connect_timeout(Duration::from_secs(2))
+        .connect(NoTls)
+        .await?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+fn rows(messages: Vec<SimpleQueryMessage>) -> Vec<tokio_postgres::SimpleQueryRow> {
+    messages
+        .into_iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some(r),
+            _ => None,
+        })
+        .collect()
+}
+
+/// `SHOW POOL_NODES`.
+pub async fn nodes(client: &Client) -> Result<Vec<Node>, PgpoolError> {
+    Ok(rows(client.simple_query("SHOW POOL_NODES").await?)
+        .iter()
+        .map(|r| {
+            let t = |name: &str| r.try_get(name).ok().flatten().unwrap_or("").to_owned();
+            Node {
+                id: t("node_id").parse().unwrap_or(u32::MAX),
+                host: t("hostname"),
+                port: t("port").parse().unwrap_or(0),
+                status: t("status"),
+                lb_weight: t("lb_weight").parse().unwrap_or(0.0),
+                role: t("role"),
+                select_cnt: t("select_cnt").parse().unwrap_or(0),
+                replication_delay: t("replication_delay").parse().unwrap_or(0),
+                replication_state: t("replication_state"),
+                last_status_change: t("last_status_change"),
+            }
+        })
+        .collect())
+}
+
+/// `SHOW POOL_PROCESSES`.
+pub async fn processes(client: &Client) -> Result<Vec<Process>, PgpoolError> {
+    Ok(rows(client.simple_query("SHOW POOL_PROCESSES").await?)
+        .iter()
+        .map(|r| {
+            let t = |name: &str| r.try_get(name).ok().flatten().unwrap_or("").to_owned();
+            Process {
+                pid: t("pool_pid"),
+                status: t("status"),
+            }
+        })
+        .collect())
+}
+
+/// pgpool's version, e.g. `4.6.1 (chirikoboshi)`.
+pub async fn version(client: &Client) -> Result<String, PgpoolError> {
+    Ok(rows(client.simple_query("SHOW POOL_VERSION").await?)
+        .first()
+        .and_then(|r| r.get(0).map(str::to_owned))
+        .unwrap_or_default())
+}
+
+/// Runs PCP `tool` (optionally for node `node`) against the local pgpool.
+pub async fn pcp(
+    config: &AgentConfig,
+    tool: &str,
+    node: Option<u32>,
+) -> Result<String, PgpoolError> {
+    let mut cmd = tokio::process::Command::new(tool);
+    cmd.args([
+        "-w",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &PCP_PORT.to_string(),
+        "-U",
+        PCP_USER,
+    ])
+    .env("PCPPASSFILE", config.config_dir.join("secrets/pcppass"));
+    if let Some(n) = node {
+        cmd.args(["-n", &n.to_string()]);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
+        .await
+        .map_err(|_| PgpoolError::Pcp {
+            tool: tool.into(),
+            output: "timed out after 30 s".into(),
+        })?
+        .map_err(|source| PgpoolError::Spawn {
+            tool: tool.into(),
+            source,
+        })?;
+    let output = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() {
+        Ok(output)
+    } else {
+        Err(PgpoolError::Pcp {
+            tool: tool.into(),
+            output: output.trim().to_owned(),
+        })
+    }
+}
+
+/// Backend slots configured in a `pgpool.conf` text: (slot, host).
+pub fn configured_backends(conf: &str) -> Vec<(u32, String)> {
+    let mut out: Vec<(u32, String)> = conf
+        .lines()
+        .filter_map(|line| {
+            let line = line.trim();
+            let rest = line.strip_prefix("backend_hostname")?;
+            let (slot, value) = rest.split_once('=')?;
+            let slot = slot.trim().parse().ok()?;
+            Some((slot, value.trim().trim_matches('\'').to_owned()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backends_are_read_from_the_rendered_configuration() {
+        let conf = "port = 9999\nbackend_hostname0 = 'db-0'\nbackend_port0 = 5432\nbackend_hostname2 = 'db-2'\n# backend_hostname9 = 'x'\n";
+        assert_eq!(
+            configured_backends(conf),
+            [(0, "db-0".into()), (2, "db-2".into())]
+        );
+    }
+}

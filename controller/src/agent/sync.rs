@@ -1,0 +1,86 @@
+//! Keeps pgpool's backends in line with `pgpool.conf` without restarting it: a changed file is
+//! reloaded (new slots appear `down`), configured slots whose server answers are attached, and
+//! slots no longer configured are detached. Nodes detached through the API stay detached.
+//!
+//! The file is written by the Docker backend (upload) or projected from a ConfigMap
+//! (Kubernetes), so both backends get live scaling from the same loop.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_postgres::NoTls;
+
+use super::pgpool::{self, configured_backends};
+use super::Agent;
+use crate::plan::{MONITOR_USER, POSTGRES_PORT};
+
+/// Runs the loop forever.
+pub async fn run(agent: Arc<Agent>) {
+    let mut applied: Option<String> =
+        std::fs::read_to_string(agent.config.path("pgpool.conf")).ok();
+    let interval = Duration::from_secs(agent.config.sync_interval.max(1));
+    loop {
+        tokio::time::sleep(interval).await;
+        if let Err(e) = step(&agent, &mut applied).await {
+            tracing::debug!(error = %e, "backend sync step failed");
+        }
+    }
+}
+
+async fn step(agent: &Agent, applied: &mut Option<String>) -> Result<(), pgpool::PgpoolError> {
+    if !agent.pgpool.is_running() {
+        return Ok(());
+    }
+    let Ok(conf) = std::fs::read_to_string(agent.config.path("pgpool.conf")) else {
+        return Ok(());
+    };
+    if applied.as_deref() != Some(conf.as_str()) {
+        pgpool::pcp(&agent.config, "pcp_reload_config", None).await?;
+        tracing::info!("pgpool.conf changed: reloaded");
+        *applied = Some(conf.clone());
+    }
+    let wanted = configured_backends(&conf);
+    let client = pgpool::connect(&agent.config).await?;
+    let nodes = pgpool::nodes(&client).await?;
+    let detached = agent.manually_detached.lock().await.clone();
+    for node in &nodes {
+        let configured = wanted.iter().any(|(slot, _)| *slot == node.id);
+        if configured
+            && !node.is_up()
+            && !detached.contains(&node.id)
+            && answers(agent, &node.host).await
+        {
+            match pgpool::pcp(&agent.config, "pcp_attach_node", Some(node.id)).await {
+                Ok(_) => tracing::info!(node = node.id, host = %node.host, "attached"),
+                Err(e) => tracing::warn!(node = node.id, error = %e, "attach failed"),
+            }
+        }
+        if !configured && node.is_up() && node.role != "primary" {
+            match pgpool::pcp(&agent.config, "pcp_detach_node", Some(node.id)).await {
+                Ok(_) => tracing::info!(node = node.id, "detached: no longer configured"),
+                Err(e) => tracing::warn!(node = node.id, error = %e, "detach failed"),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The backend accepts a monitoring connection (so pgpool can use it).
+async fn answers(agent: &Agent, host: &str) -> bool {
+    let connect = tokio_postgres::Config::new()
+        .host(host)
+        .port(POSTGRES_PORT)
+        .user(MONITOR_USER)
+        .password(agent.config.secret("monitor-password"))
+        .dbname("postgres")
+        .connect_timeout(Duration::from_secs(1))
+        .connect(NoTls)
+        .await;
+    match connect {
+        Ok((client, conn)) => {
+            tokio::spawn(conn);
+            client.simple_query("SELECT 1").await.is_ok()
+        }
+        Err(_) => false,
+    }
+}
