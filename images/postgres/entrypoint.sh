@@ -7,8 +7,9 @@
 # is: whether it runs as primary or standby is decided by its own `standby.signal`, so a later
 # promotion or re-pointing never depends on how the container was created.
 #
-# Inputs: /etc/pgbalancer/{postgresql.conf,pg_hba.conf}, /etc/pgbalancer/secrets/*, and
-# PGB_BOOTSTRAP_FROM, PGB_SLOT_NAME, PGB_APPLICATION_NAME, PGB_DATABASE, PGB_APP_USER.
+# Inputs: /etc/pgbalancer/{postgresql.conf,pg_hba.conf}, /etc/pgbalancer/secrets/* (copied
+# there from PGB_CONFIG_FROM when set), and PGB_BOOTSTRAP_FROM, PGB_SLOT_NAME,
+# PGB_APPLICATION_NAME, PGB_DATABASE, PGB_APP_USER.
 set -eu
 
 CONF=/etc/pgbalancer
@@ -54,6 +55,15 @@ primary_slot_name = '$slot'
 CONF
   mv "$PGDATA.partial" "$PGDATA"
 }
+
+if [ -n "${PGB_CONFIG_FROM:-}" ]; then
+  # Kubernetes: ConfigMap and Secret files are mounted read-only and group-readable; copy them
+  # where the server and libpq expect them, private to this user.
+  mkdir -p "$SECRETS"
+  cp "$PGB_CONFIG_FROM"/postgresql.conf "$PGB_CONFIG_FROM"/pg_hba.conf "$CONF"/
+  for f in "$PGB_CONFIG_FROM"/secrets/*; do cp "$f" "$SECRETS/$(basename "$f")"; done
+  chmod 0600 "$SECRETS"/*
+fi
 
 if [ ! -s "$PGDATA/PG_VERSION" ]; then
   if [ -z "${PGB_BOOTSTRAP_FROM:-}" ]; then

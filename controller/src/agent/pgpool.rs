@@ -161,7 +161,7 @@ pub async fn pcp(
         "-U",
         PCP_USER,
     ])
-    .env("PCPPASSFILE", config.config_dir.join("secrets/pcppass"));
+    .env("PCPPASSFILE", private_pcppass(config));
     if let Some(n) = node {
         cmd.args(["-n", &n.to_string()]);
     }
@@ -187,6 +187,28 @@ pub async fn pcp(
             tool: tool.into(),
             output: output.trim().to_owned(),
         })
+    }
+}
+
+/// The PCP password file as the PCP tools accept it (mode 0600). A Kubernetes Secret volume
+/// makes it group-readable, which the tools refuse, so a private copy is used then.
+fn private_pcppass(config: &AgentConfig) -> std::path::PathBuf {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let source = config.config_dir.join("secrets/pcppass");
+    let private = std::fs::metadata(&source).map(|m| m.permissions().mode() & 0o077 == 0).unwrap_or(true);
+    if private {
+        return source;
+    }
+    let copy = std::env::temp_dir().join("pgbalancer-pcppass");
+    let written = std::fs::read(&source).and_then(|bytes| {
+        let _ = std::fs::remove_file(&copy);
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&copy)?;
+        std::io::Write::write_all(&mut f, &bytes)
+    });
+    if written.is_ok() {
+        copy
+    } else {
+        source
     }
 }
 

@@ -36,6 +36,11 @@ pub const REPLICATION_USER: &str = "replicator";
 /// Superuser.
 pub const SUPERUSER: &str = "postgres";
 
+/// Name of the headless Service that gives each instance pod a DNS name (Kubernetes).
+pub fn headless_service(cluster: &str) -> String {
+    format!("{cluster}-hl")
+}
+
 /// Role of an instance in the plan.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Role {
@@ -266,6 +271,19 @@ impl Plan {
             },
             cluster: name,
         }
+    }
+
+    /// Plans `cluster` for Kubernetes: `spec.local` is ignored and every instance is reached
+    /// through its pod's stable DNS name under the headless Service,
+    /// `<cluster>-<ordinal>-0.<cluster>-hl` (the namespace comes from the resolver's search path).
+    pub fn kubernetes(cluster: &PgBalancerCluster, primary: u32) -> Plan {
+        let mut without_local = cluster.clone();
+        without_local.spec.local = None;
+        let mut plan = Plan::new(&without_local, primary);
+        for inst in &mut plan.instances {
+            inst.host = format!("{}-0.{}", inst.name, headless_service(&plan.cluster));
+        }
+        plan
     }
 
     /// The current primary.

@@ -59,3 +59,10 @@ fn explicit_local_identity_and_ports_are_used() {
     assert_eq!(plan.balancer.instances[0].sql_port, Some(19999));
     assert_eq!(plan.instance(0).unwrap().host, "demo-0");
 }
+
+#[test]
+fn kubernetes_plans_reach_instances_through_pod_dns() {
+    let plan = Plan::kubernetes(&cluster("  replicas: 1\n  local:\n    instances:\n    - {ordinal: 1, hostname: ignored}\n"), 0);
+    assert_eq!(plan.instance(1).unwrap().host, "demo-1-0.demo-hl");
+    assert_eq!(plan.instance(0).unwrap().name, "demo-0");
+}
