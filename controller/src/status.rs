@@ -84,7 +84,7 @@ pub fn compute(plan: &Plan, observed: &Observed, now: Time) -> PgBalancerCluster
                     waiting.join("; ")
                 },
             ),
-            condition("Progressing", false, "Idle", String::new()),
+            condition("Progressing", false, "Idle", "nothing in progress".into()),
             condition(
                 "Degraded",
                 !ready && !observed.instances.is_empty(),

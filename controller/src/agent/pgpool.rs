@@ -195,14 +195,20 @@ pub async fn pcp(
 fn private_pcppass(config: &AgentConfig) -> std::path::PathBuf {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let source = config.config_dir.join("secrets/pcppass");
-    let private = std::fs::metadata(&source).map(|m| m.permissions().mode() & 0o077 == 0).unwrap_or(true);
+    let private = std::fs::metadata(&source)
+        .map(|m| m.permissions().mode() & 0o077 == 0)
+        .unwrap_or(true);
     if private {
         return source;
     }
     let copy = std::env::temp_dir().join("pgbalancer-pcppass");
     let written = std::fs::read(&source).and_then(|bytes| {
         let _ = std::fs::remove_file(&copy);
-        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&copy)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&copy)?;
         std::io::Write::write_all(&mut f, &bytes)
     });
     if written.is_ok() {

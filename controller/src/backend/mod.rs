@@ -5,6 +5,7 @@
 //! what to do lives in `reconcile`, the same for every backend.
 
 pub mod docker;
+pub mod kube;
 
 use std::collections::BTreeMap;
 use std::future::Future;

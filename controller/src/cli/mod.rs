@@ -4,6 +4,7 @@
 mod output;
 pub mod seed;
 
+use std::error::Error as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -74,6 +75,8 @@ enum Command {
     },
     /// Print the PgBalancerCluster CustomResourceDefinition.
     Crd,
+    /// Run the Kubernetes operator (in a pod, or against the current kubeconfig).
+    Operator(crate::backend::kube::operator::OperatorConfig),
 }
 
 #[derive(Subcommand, Debug)]
@@ -136,13 +139,25 @@ async fn dispatch(cli: Cli) -> Result<(), OpError> {
             command: ImagesCommand::Build { versions },
         } => build_images(&versions).await,
         Command::Crd => {
-            print!(
-                "{}",
-                serde_yaml::to_string(&PgBalancerCluster::crd()).unwrap_or_default()
-            );
+            print!("{}", crd_yaml());
             Ok(())
         }
+        Command::Operator(config) => {
+            crate::backend::kube::operator::run(config)
+                .await
+                .map_err(|e| {
+                    OpError::Input(format!(
+                        "operator: {e}{}",
+                        e.source().map(|s| format!(": {s}")).unwrap_or_default()
+                    ))
+                })
+        }
     }
+}
+
+/// The CRD as YAML, as `manifests/crd.yaml` holds it.
+pub fn crd_yaml() -> String {
+    serde_yaml::to_string(&PgBalancerCluster::crd()).unwrap_or_default()
 }
 
 fn progress(started: Instant) -> impl Fn(&str, &str) + Sync {

@@ -62,7 +62,12 @@ fn explicit_local_identity_and_ports_are_used() {
 
 #[test]
 fn kubernetes_plans_reach_instances_through_pod_dns() {
-    let plan = Plan::kubernetes(&cluster("  replicas: 1\n  local:\n    instances:\n    - {ordinal: 1, hostname: ignored}\n"), 0);
+    let plan = Plan::kubernetes(
+        &cluster(
+            "  replicas: 1\n  local:\n    instances:\n    - {ordinal: 1, hostname: ignored}\n",
+        ),
+        0,
+    );
     assert_eq!(plan.instance(1).unwrap().host, "demo-1-0.demo-hl");
     assert_eq!(plan.instance(0).unwrap().name, "demo-0");
 }

@@ -24,7 +24,7 @@ pub const PGDATA: &str = "/var/lib/pgbalancer/data";
 pub const IMAGE_UID: u64 = 999;
 
 /// One rendered file.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct ConfigFile {
     /// Path relative to [`CONFIG_DIR`].
     pub path: &'static str,

@@ -1,0 +1,144 @@
+//! Tests of the Kubernetes object builders.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+
+use super::*;
+use crate::credentials::Credentials;
+use pgbalancer_crd::parse_documents;
+
+fn plan(replicas: i32) -> Plan {
+    let text = format!("apiVersion: pgbalancer.io/v1alpha1\nkind: PgBalancerCluster\nmetadata: {{name: demo}}\nspec: {{replicas: {replicas}}}\n");
+    Plan::kubernetes(&parse_documents(&text).unwrap()[0], 0)
+}
+
+fn owner() -> Owner {
+    Owner {
+        namespace: "ns".into(),
+        reference: OwnerReference {
+            api_version: "pgbalancer.io/v1alpha1".into(),
+            kind: "PgBalancerCluster".into(),
+            name: "demo".into(),
+            uid: "u-1".into(),
+            controller: Some(true),
+            block_owner_deletion: Some(true),
+        },
+    }
+}
+
+fn creds() -> Credentials {
+    Credentials::generate()
+}
+
+#[test]
+fn statefulsets_are_owned_labelled_and_replicas_clone_from_rw() {
+    let p = plan(2);
+    let c = creds();
+    let sts = statefulset(&p, &owner(), &p.instances[2], &c);
+    assert_eq!(sts.metadata.name.as_deref(), Some("demo-2"));
+    assert_eq!(
+        sts.metadata.owner_references.as_ref().unwrap()[0].uid,
+        "u-1"
+    );
+    let labels = sts.metadata.labels.as_ref().unwrap();
+    assert_eq!(labels[crate::labels::INSTANCE], "demo");
+    assert_eq!(labels[crate::labels::MANAGED_BY], "pgbalancer-operator");
+    let spec = sts.spec.as_ref().unwrap();
+    assert_eq!(spec.replicas, Some(1));
+    assert_eq!(spec.service_name.as_deref(), Some("demo-hl"));
+    let template = &spec.template;
+    assert_eq!(
+        template.metadata.as_ref().unwrap().labels.as_ref().unwrap()[crate::labels::ROLE],
+        "replica"
+    );
+    let env = template.spec.as_ref().unwrap().containers[0]
+        .env
+        .clone()
+        .unwrap();
+    let bootstrap = env.iter().find(|e| e.name == "PGB_BOOTSTRAP_FROM").unwrap();
+    assert_eq!(bootstrap.value.as_deref(), Some("demo-rw"));
+    let primary = statefulset(&p, &owner(), &p.instances[0], &c);
+    let env = primary.spec.unwrap().template.spec.unwrap().containers[0]
+        .env
+        .clone()
+        .unwrap();
+    assert_eq!(
+        env.iter()
+            .find(|e| e.name == "PGB_BOOTSTRAP_FROM")
+            .unwrap()
+            .value
+            .as_deref(),
+        Some("")
+    );
+    let security = template
+        .spec
+        .as_ref()
+        .unwrap()
+        .security_context
+        .as_ref()
+        .unwrap();
+    assert_eq!(security.run_as_non_root, Some(true));
+}
+
+#[test]
+fn scaling_changes_neither_existing_statefulsets_nor_the_balancer_pods() {
+    let c = creds();
+    let (two, five) = (plan(2), plan(5));
+    assert_eq!(
+        statefulset(&two, &owner(), &two.instances[1], &c),
+        statefulset(&five, &owner(), &five.instances[1], &c)
+    );
+    let d2 = balancer_deployment(&two, &owner(), &c);
+    let d5 = balancer_deployment(&five, &owner(), &c);
+    assert_eq!(d2.spec.unwrap().template, d5.spec.unwrap().template);
+    // The backend list itself does change, in the ConfigMap the agent follows.
+    assert_ne!(
+        balancer_config(&two, &owner(), &c).data,
+        balancer_config(&five, &owner(), &c).data
+    );
+}
+
+#[test]
+fn pgpool_reaches_instances_through_pod_dns() {
+    let c = creds();
+    let cm = balancer_config(&plan(1), &owner(), &c);
+    let conf = &cm.data.unwrap()["pgpool.conf"];
+    assert!(
+        conf.contains("backend_hostname1 = 'demo-1-0.demo-hl'"),
+        "{conf}"
+    );
+}
+
+#[test]
+fn secrets_stay_out_of_config_maps() {
+    let c = creds();
+    let p = plan(1);
+    for cm in [
+        postgres_config(&p, &owner(), &c),
+        balancer_config(&p, &owner(), &c),
+    ] {
+        let text = serde_json::to_string(&cm).unwrap();
+        assert!(!text.contains(&c.superuser_password) && !text.contains(&c.replication_password));
+    }
+    let s = postgres_secret(&p, &owner(), &c);
+    assert!(s.data.unwrap().contains_key("pgpass"));
+    let back = credentials_from_secret(&credentials_secret(&p, &owner(), &c)).unwrap();
+    assert_eq!(back, c);
+}
+
+#[test]
+fn services_select_by_role() {
+    let p = plan(1);
+    let rw = rw_service(&p, &owner());
+    assert_eq!(
+        rw.spec.unwrap().selector.unwrap()[crate::labels::ROLE],
+        "primary"
+    );
+    let hl = headless_service(&p, &owner()).spec.unwrap();
+    assert_eq!(hl.cluster_ip.as_deref(), Some("None"));
+    assert_eq!(hl.publish_not_ready_addresses, Some(true));
+    assert!(balancer_service(&p, &owner())
+        .metadata
+        .annotations
+        .unwrap()
+        .contains_key(crate::labels::CONFIG_HASH));
+}

@@ -1,0 +1,348 @@
+//! Workloads: one StatefulSet per PostgreSQL instance (replicas 1, its own PVC) and the
+//! balancer Deployment. Non-root, no privilege escalation, all capabilities dropped.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMapProjection, Container, ContainerPort, EnvVar, ExecAction, HTTPGetAction,
+    KeyToPath, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, ProjectedVolumeSource, SeccompProfile, SecretProjection,
+    SecurityContext, TCPSocketAction, Volume, VolumeMount, VolumeProjection,
+    VolumeResourceRequirements,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::config::{balancer_config_name, postgres_config_name};
+use super::{cluster_labels, content_hash, meta, with_hash, Owner};
+use crate::labels;
+use crate::plan::{self, InstancePlan, Plan, BALANCER_PORT, PCP_PORT, POSTGRES_PORT, REST_PORT};
+use crate::render::{self, DATA_VOLUME_DIR, IMAGE_UID};
+
+/// StatefulSet name of an instance (its pod is `<name>-0`).
+pub fn statefulset_name(inst: &InstancePlan) -> String {
+    inst.name.clone()
+}
+
+/// PVC name of an instance's data (`data-<statefulset>-0`).
+pub fn data_pvc_name(cluster: &str, ordinal: u32) -> String {
+    format!("data-{cluster}-{ordinal}-0")
+}
+
+fn pod_security() -> PodSecurityContext {
+    let id = IMAGE_UID as i64;
+    PodSecurityContext {
+        run_as_user: Some(id),
+        run_as_group: Some(id),
+        fs_group: Some(id),
+        run_as_non_root: Some(true),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            localhost_profile: None,
+        }),
+        ..Default::default()
+    }
+}
+
+fn container_security() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            add: None,
+        }),
+        ..Default::default()
+    }
+}
+
+fn projected(
+    name: &str,
+    config: &str,
+    config_keys: &[&str],
+    secret: &str,
+    secret_keys: &[&str],
+) -> Volume {
+    let items = |keys: &[&str], prefix: &str| {
+        keys.iter()
+            .map(|k| KeyToPath {
+                key: (*k).to_owned(),
+                path: format!("{prefix}{k}"),
+                mode: None,
+            })
+            .collect::<Vec<_>>()
+    };
+    Volume {
+        name: name.to_owned(),
+        projected: Some(ProjectedVolumeSource {
+            default_mode: Some(0o440),
+            sources: Some(vec![
+                VolumeProjection {
+                    config_map: Some(ConfigMapProjection {
+                        name: config.to_owned(),
+                        items: Some(items(config_keys, "")),
+                        optional: None,
+                    }),
+                    ..Default::default()
+                },
+                VolumeProjection {
+                    secret: Some(SecretProjection {
+                        name: secret.to_owned(),
+                        items: Some(items(secret_keys, "secrets/")),
+                        optional: None,
+                    }),
+                    ..Default::default()
+                },
+            ]),
+        }),
+        ..Default::default()
+    }
+}
+
+fn env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value: Some(value.into()),
+        value_from: None,
+    }
+}
+
+fn tcp_port(name: &str, port: u16) -> ContainerPort {
+    ContainerPort {
+        name: Some(name.to_owned()),
+        container_port: i32::from(port),
+        protocol: Some("TCP".into()),
+        ..Default::default()
+    }
+}
+
+fn instance_labels(plan: &Plan, inst: &InstancePlan) -> BTreeMap<String, String> {
+    let mut l = labels::component(&plan.cluster, labels::POSTGRES, &inst.name);
+    l.insert(labels::ORDINAL.to_owned(), inst.ordinal.to_string());
+    l
+}
+
+/// The StatefulSet of instance `inst`. Replicas clone from `<cluster>-rw`.
+pub fn statefulset(
+    plan: &Plan,
+    owner: &Owner,
+    inst: &InstancePlan,
+    creds: &crate::credentials::Credentials,
+) -> StatefulSet {
+    let selector = labels::component(&plan.cluster, labels::POSTGRES, &inst.name);
+    let mut pod_labels = instance_labels(plan, inst);
+    pod_labels.insert(labels::ROLE.to_owned(), inst.role.as_str().to_owned());
+    let config_hash = content_hash(&render::postgres_files(plan, creds));
+    let bootstrap = if inst.ordinal == plan.primary().ordinal {
+        String::new()
+    } else {
+        format!("{}-rw", plan.cluster)
+    };
+    let limits_requests = plan.postgres.resources.clone();
+    let container = Container {
+        name: "postgres".into(),
+        image: Some(plan.postgres.image.clone()),
+        image_pull_policy: Some("IfNotPresent".into()),
+        env: Some(vec![
+            env("PGB_BOOTSTRAP_FROM", bootstrap),
+            env("PGB_SLOT_NAME", inst.slot.clone()),
+            env("PGB_APPLICATION_NAME", inst.name.clone()),
+            env("PGB_DATABASE", plan.postgres.database.clone()),
+            env("PGB_APP_USER", plan.postgres.user.clone()),
+            env("PGB_CONFIG_FROM", "/config"),
+        ]),
+        ports: Some(vec![tcp_port("postgres", POSTGRES_PORT)]),
+        readiness_probe: Some(Probe {
+            exec: Some(ExecAction {
+                command: Some(vec!["pgbalancer-ready".into()]),
+            }),
+            period_seconds: Some(2),
+            timeout_seconds: Some(5),
+            failure_threshold: Some(3),
+            ..Default::default()
+        }),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: "data".into(),
+                mount_path: DATA_VOLUME_DIR.into(),
+                ..Default::default()
+            },
+            VolumeMount {
+                name: "config".into(),
+                mount_path: "/config".into(),
+                read_only: Some(true),
+                ..Default::default()
+            },
+        ]),
+        resources: limits_requests,
+        security_context: Some(container_security()),
+        ..Default::default()
+    };
+    let mut requests = BTreeMap::new();
+    requests.insert(
+        "storage".to_owned(),
+        Quantity(plan.postgres.storage_size.clone()),
+    );
+    let name = statefulset_name(inst);
+    with_hash(
+        StatefulSet {
+            metadata: meta(owner, &name, instance_labels(plan, inst)),
+            spec: Some(StatefulSetSpec {
+                replicas: Some(1),
+                service_name: Some(plan::headless_service(&plan.cluster)),
+                selector: LabelSelector {
+                    match_labels: Some(selector),
+                    match_expressions: None,
+                },
+                pod_management_policy: Some("Parallel".into()),
+                template: PodTemplateSpec {
+                    metadata: Some(ObjectMeta {
+                        labels: Some(pod_labels),
+                        annotations: Some(BTreeMap::from([(
+                            labels::CONFIG_HASH.to_owned(),
+                            config_hash,
+                        )])),
+                        ..Default::default()
+                    }),
+                    spec: Some(PodSpec {
+                        containers: vec![container],
+                        security_context: Some(pod_security()),
+                        termination_grace_period_seconds: Some(60),
+                        enable_service_links: Some(false),
+                        volumes: Some(vec![projected(
+                            "config",
+                            &postgres_config_name(&plan.cluster),
+                            &["postgresql.conf", "pg_hba.conf"],
+                            &postgres_config_name(&plan.cluster),
+                            &[
+                                "superuser-password",
+                                "replication-password",
+                                "app-password",
+                                "monitor-password",
+                                "pgpass",
+                            ],
+                        )]),
+                        ..Default::default()
+                    }),
+                },
+                volume_claim_templates: Some(vec![PersistentVolumeClaim {
+                    metadata: ObjectMeta {
+                        name: Some("data".into()),
+                        labels: Some(instance_labels(plan, inst)),
+                        ..Default::default()
+                    },
+                    spec: Some(PersistentVolumeClaimSpec {
+                        access_modes: Some(vec!["ReadWriteOnce".into()]),
+                        storage_class_name: plan.postgres.storage_class.clone(),
+                        resources: Some(VolumeResourceRequirements {
+                            requests: Some(requests),
+                            limits: None,
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        |s| &mut s.metadata,
+    )
+}
+
+/// The balancer Deployment. Its pod template does not change with the backend list: the
+/// agent follows `pgpool.conf` live, so scaling never restarts the balancer.
+pub fn balancer_deployment(
+    plan: &Plan,
+    owner: &Owner,
+    creds: &crate::credentials::Credentials,
+) -> Deployment {
+    let mut without_backends = plan.clone();
+    without_backends.instances.clear();
+    let static_hash = content_hash(&render::balancer_files(&without_backends, creds));
+    let mut pod_labels = cluster_labels(plan, labels::BALANCER);
+    let selector = pod_labels.clone();
+    pod_labels.insert(
+        labels::POD_INSTANCE.to_owned(),
+        format!("{}-balancer", plan.cluster),
+    );
+    let container = Container {
+        name: "balancer".into(),
+        image: Some(plan.balancer.image.clone()),
+        image_pull_policy: Some("IfNotPresent".into()),
+        ports: Some(vec![
+            tcp_port("postgres", BALANCER_PORT),
+            tcp_port("pcp", PCP_PORT),
+            tcp_port("rest", REST_PORT),
+        ]),
+        readiness_probe: Some(Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some("/healthz".into()),
+                port: IntOrString::Int(i32::from(REST_PORT)),
+                ..Default::default()
+            }),
+            period_seconds: Some(2),
+            ..Default::default()
+        }),
+        liveness_probe: Some(Probe {
+            tcp_socket: Some(TCPSocketAction {
+                port: IntOrString::Int(i32::from(REST_PORT)),
+                host: None,
+            }),
+            period_seconds: Some(10),
+            failure_threshold: Some(6),
+            ..Default::default()
+        }),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "config".into(),
+            mount_path: render::CONFIG_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        }]),
+        security_context: Some(container_security()),
+        ..Default::default()
+    };
+    with_hash(
+        Deployment {
+            metadata: meta(
+                owner,
+                &format!("{}-balancer", plan.cluster),
+                cluster_labels(plan, labels::BALANCER),
+            ),
+            spec: Some(DeploymentSpec {
+                replicas: Some(plan.balancer.instances.len() as i32),
+                selector: LabelSelector {
+                    match_labels: Some(selector),
+                    match_expressions: None,
+                },
+                template: PodTemplateSpec {
+                    metadata: Some(ObjectMeta {
+                        labels: Some(pod_labels),
+                        annotations: Some(BTreeMap::from([(
+                            labels::CONFIG_HASH.to_owned(),
+                            static_hash,
+                        )])),
+                        ..Default::default()
+                    }),
+                    spec: Some(PodSpec {
+                        containers: vec![container],
+                        security_context: Some(pod_security()),
+                        enable_service_links: Some(false),
+                        volumes: Some(vec![projected(
+                            "config",
+                            &balancer_config_name(&plan.cluster),
+                            &["pgpool.conf", "pool_hba.conf", "pcp.conf"],
+                            &balancer_config_name(&plan.cluster),
+                            &["pool_passwd", "pcppass", "monitor-password", "api-token"],
+                        )]),
+                        ..Default::default()
+                    }),
+                },
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        |d| &mut d.metadata,
+    )
+}

@@ -1,0 +1,184 @@
+//! `pgbalancer operator`: the controller process. Holds the leader Lease, watches
+//! `PgBalancerCluster`s and every child kind it owns (label-selected), and serves `/metrics`,
+//! `/healthz` and `/readyz`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::routing::get;
+use axum::Router;
+use clap::Args;
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret, Service};
+use kube::api::Api;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{watcher, Controller};
+use kube::{Client, ResourceExt};
+use pgbalancer_crd::PgBalancerCluster;
+use thiserror::Error;
+
+use super::leader;
+use super::metrics::Metrics;
+use super::reconcile::{error_policy, reconcile, Context};
+use crate::labels;
+
+/// Options of `pgbalancer operator`.
+#[derive(Args, Debug, Clone)]
+pub struct OperatorConfig {
+    /// Watch only this namespace (all namespaces when absent).
+    #[arg(long, env = "PGBALANCER_WATCH_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Namespace of the leader-election Lease (the operator's own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "pgbalancer-system")]
+    pub lease_namespace: String,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(
+        long,
+        env = "PGBALANCER_OPERATOR_LISTEN",
+        default_value = "0.0.0.0:8080"
+    )]
+    pub listen: String,
+    /// This replica's identity in the Lease (the pod name in a cluster).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+}
+
+/// Why the operator stopped.
+#[derive(Debug, Error)]
+pub enum OperatorError {
+    /// No usable kubeconfig or in-cluster configuration.
+    #[error("cannot configure the Kubernetes client")]
+    Client(#[source] kube::Error),
+    /// The CRD is not installed.
+    #[error("the PgBalancerCluster CRD is not installed (kubectl apply -f manifests/crd.yaml)")]
+    NoCrd(#[source] kube::Error),
+    /// The health server could not start.
+    #[error("cannot listen on {0}")]
+    Listen(String, #[source] std::io::Error),
+}
+
+/// Runs the operator until SIGTERM or SIGINT.
+pub async fn run(config: OperatorConfig) -> Result<(), OperatorError> {
+    let client = Client::try_default().await.map_err(OperatorError::Client)?;
+    run_with(client, config).await
+}
+
+/// Runs the operator with an existing client.
+pub async fn run_with(client: Client, config: OperatorConfig) -> Result<(), OperatorError> {
+    let clusters: Api<PgBalancerCluster> = match &config.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    clusters
+        .list(&kube::api::ListParams::default().limit(1))
+        .await
+        .map_err(OperatorError::NoCrd)?;
+    let identity = config.identity.clone().unwrap_or_else(|| {
+        format!(
+            "pgbalancer-operator-{}",
+            crate::credentials::Credentials::generate().api_token[..8].to_lowercase()
+        )
+    });
+    let ready = Arc::new(AtomicBool::new(false));
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        metrics: Metrics::default(),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: labels::MANAGER.into(),
+                instance: Some(identity.clone()),
+            },
+        ),
+    });
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .map_err(|e| OperatorError::Listen(config.listen.clone(), e))?;
+    let (metrics_ctx, ready_flag) = (ctx.clone(), ready.clone());
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(move || std::future::ready(metrics_ctx.metrics.render())),
+        )
+        .route("/healthz", get(|| std::future::ready("ok\n")))
+        .route(
+            "/readyz",
+            get(move || {
+                let ok = ready_flag.load(Ordering::SeqCst);
+                std::future::ready(if ok {
+                    (axum::http::StatusCode::OK, "ok\n")
+                } else {
+                    (
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                        "waiting for the leader lease\n",
+                    )
+                })
+            }),
+        );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+
+    leader::hold(
+        client.clone(),
+        &config.lease_namespace,
+        labels::MANAGER,
+        identity,
+    )
+    .await;
+    ready.store(true, Ordering::SeqCst);
+
+    let owned =
+        watcher::Config::default().labels(&format!("{}={}", labels::MANAGED_BY, labels::MANAGER));
+    let api = |c: &Client| -> (
+        Api<StatefulSet>,
+        Api<Service>,
+        Api<ConfigMap>,
+        Api<Secret>,
+        Api<Deployment>,
+    ) {
+        match &config.namespace {
+            Some(ns) => (
+                Api::namespaced(c.clone(), ns),
+                Api::namespaced(c.clone(), ns),
+                Api::namespaced(c.clone(), ns),
+                Api::namespaced(c.clone(), ns),
+                Api::namespaced(c.clone(), ns),
+            ),
+            None => (
+                Api::all(c.clone()),
+                Api::all(c.clone()),
+                Api::all(c.clone()),
+                Api::all(c.clone()),
+                Api::all(c.clone()),
+            ),
+        }
+    };
+    let (sets, services, maps, secrets, deployments) = api(&client);
+    let claims: Api<PersistentVolumeClaim> = match &config.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    Controller::new(clusters, watcher::Config::default())
+        .owns(sets, owned.clone())
+        .owns(services, owned.clone())
+        .owns(maps, owned.clone())
+        .owns(secrets, owned.clone())
+        .owns(deployments, owned.clone())
+        // PVCs of StatefulSets carry no owner until adopted: map them by label.
+        .watches(claims, owned, |pvc| {
+            let cluster = pvc.labels().get(labels::INSTANCE).cloned()?;
+            Some(ObjectRef::new(&cluster).within(&pvc.namespace()?))
+        })
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "reconcile error");
+            }
+        })
+        .await;
+    Ok(())
+}
