@@ -59,6 +59,17 @@ pub enum OperatorError {
     Listen(String, #[source] std::io::Error),
 }
 
+/// An API for one namespace, or all of them.
+fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
 /// Runs the operator until SIGTERM or SIGINT.
 pub async fn run(config: OperatorConfig) -> Result<(), OperatorError> {
     let client = Client::try_default().await.map_err(OperatorError::Client)?;
@@ -132,35 +143,13 @@ pub async fn run_with(client: Client, config: OperatorConfig) -> Result<(), Oper
 
     let owned =
         watcher::Config::default().labels(&format!("{}={}", labels::MANAGED_BY, labels::MANAGER));
-    let api = |c: &Client| -> (
-        Api<StatefulSet>,
-        Api<Service>,
-        Api<ConfigMap>,
-        Api<Secret>,
-        Api<Deployment>,
-    ) {
-        match &config.namespace {
-            Some(ns) => (
-                Api::namespaced(c.clone(), ns),
-                Api::namespaced(c.clone(), ns),
-                Api::namespaced(c.clone(), ns),
-                Api::namespaced(c.clone(), ns),
-                Api::namespaced(c.clone(), ns),
-            ),
-            None => (
-                Api::all(c.clone()),
-                Api::all(c.clone()),
-                Api::all(c.clone()),
-                Api::all(c.clone()),
-                Api::all(c.clone()),
-            ),
-        }
-    };
-    let (sets, services, maps, secrets, deployments) = api(&client);
-    let claims: Api<PersistentVolumeClaim> = match &config.namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
+    let ns = config.namespace.as_deref();
+    let sets: Api<StatefulSet> = scoped(&client, ns);
+    let services: Api<Service> = scoped(&client, ns);
+    let maps: Api<ConfigMap> = scoped(&client, ns);
+    let secrets: Api<Secret> = scoped(&client, ns);
+    let deployments: Api<Deployment> = scoped(&client, ns);
+    let claims: Api<PersistentVolumeClaim> = scoped(&client, ns);
     Controller::new(clusters, watcher::Config::default())
         .owns(sets, owned.clone())
         .owns(services, owned.clone())
