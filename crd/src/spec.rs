@@ -125,6 +125,11 @@ pub struct StorageSpec {
     /// StorageClass of the PVCs (Kubernetes). The cluster default when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_class_name: Option<String>,
+    /// Give the volume to the PostgreSQL user with a short root init container (Kubernetes),
+    /// for provisioners that ignore `fsGroup` (hostPath, local-path). Off by default: the
+    /// server itself always runs unprivileged.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fix_permissions: bool,
 }
 
 fn default_storage_size() -> String {
@@ -136,6 +141,7 @@ impl Default for StorageSpec {
         Self {
             size: default_storage_size(),
             storage_class_name: None,
+            fix_permissions: false,
         }
     }
 }

@@ -16,6 +16,8 @@ CONF=/etc/pgbalancer
 SECRETS=$CONF/secrets
 : "${PGDATA:=/var/lib/pgbalancer/data}"
 umask 077
+# Until the server runs (exec below), a stop request ends the bootstrap at once.
+trap 'exit 143' TERM INT
 
 log() { echo "pgbalancer-postgres: $*" >&2; }
 secret() { cat "$SECRETS/$1"; }

@@ -53,7 +53,7 @@ run kube-apiserver "$cache/kube-apiserver" --etcd-servers http://127.0.0.1:23790
   --token-auth-file "$dir/tokens.csv" --authorization-mode RBAC \
   --service-account-key-file "$dir/sa.pub" --service-account-signing-key-file "$dir/sa.key" \
   --service-account-issuer https://kubernetes.default.svc --service-cluster-ip-range 10.96.0.0/16 \
-  --allow-privileged
+  --allow-privileged --kubelet-preferred-address-types InternalIP,Hostname
 
 cat >"$dir/kubeconfig" <<KC
 apiVersion: v1

@@ -82,12 +82,12 @@ fn node_json(n: &Node) -> Value {
 }
 
 async fn live_nodes(agent: &Agent) -> Result<Vec<Node>, Response> {
-    let client = pgpool::connect(&agent.config)
-        .await
-        .map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
-    let nodes = pgpool::nodes(&client)
-        .await
-        .map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    let nodes = match pgpool::connect(&agent.config).await {
+        Ok(client) => pgpool::nodes(&client).await,
+        // pgpool refuses SQL while every backend is down; PCP still answers.
+        Err(_) => pgpool::nodes_via_pcp(&agent.config).await,
+    }
+    .map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     Ok(current(agent, nodes))
 }
 

@@ -123,6 +123,45 @@ pub async fn nodes(client: &Client) -> Result<Vec<Node>, PgpoolError> {
         .collect())
 }
 
+/// The nodes through PCP (`pcp_node_info -a`), which answers even when pgpool refuses SQL
+/// because every backend is down (a balancer that started before its instances).
+pub async fn nodes_via_pcp(config: &AgentConfig) -> Result<Vec<Node>, PgpoolError> {
+    let output = pcp(config, "pcp_node_info", None).await?;
+    Ok(parse_node_info(&output))
+}
+
+/// Parses `pcp_node_info -a` lines: `host port status weight status_name backend_status role
+/// backend_role replication_delay replication_state replication_sync_state date time`.
+pub fn parse_node_info(output: &str) -> Vec<Node> {
+    output
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .filter_map(|(id, line)| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 8 {
+                return None;
+            }
+            Some(Node {
+                id: id as u32,
+                host: f[0].to_owned(),
+                port: f[1].parse().unwrap_or(0),
+                status: f[4].to_owned(),
+                lb_weight: f[3].parse().unwrap_or(0.0),
+                role: f[6].to_owned(),
+                select_cnt: 0,
+                replication_delay: f.get(8).and_then(|v| v.parse().ok()).unwrap_or(0),
+                replication_state: f
+                    .get(9)
+                    .filter(|v| **v != "none")
+                    .map(|v| v.to_string())
+                    .unwrap_or_default(),
+                last_status_change: f.get(11..13).map(|d| d.join(" ")).unwrap_or_default(),
+            })
+        })
+        .collect()
+}
+
 /// `SHOW POOL_PROCESSES`.
 pub async fn processes(client: &Client) -> Result<Vec<Process>, PgpoolError> {
     Ok(rows(client.simple_query("SHOW POOL_PROCESSES").await?)
@@ -162,8 +201,14 @@ pub async fn pcp(
         PCP_USER,
     ])
     .env("PCPPASSFILE", private_pcppass(config));
-    if let Some(n) = node {
-        cmd.args(["-n", &n.to_string()]);
+    match node {
+        Some(n) => {
+            cmd.args(["-n", &n.to_string()]);
+        }
+        None if tool == "pcp_node_info" => {
+            cmd.arg("-a");
+        }
+        None => {}
     }
     let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
         .await
@@ -237,6 +282,24 @@ pub fn configured_backends(conf: &str) -> Vec<(u32, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pcp_node_info_lines_become_nodes() {
+        let out = "db-0 5432 2 0.500000 up up primary primary 0 none none 2026-11-29 12:00:00\n\
+                   db-1.hl 5432 3 0.500000 down down standby unknown 0 none none 2026-11-29 12:00:01\n";
+        let nodes = parse_node_info(out);
+        assert_eq!(nodes.len(), 2);
+        assert_eq!(
+            (
+                nodes[1].id,
+                nodes[1].host.as_str(),
+                nodes[1].status.as_str()
+            ),
+            (1, "db-1.hl", "down")
+        );
+        assert_eq!(nodes[0].role, "primary");
+        assert_eq!(nodes[1].last_status_change, "2026-11-29 12:00:01");
+    }
 
     #[test]
     fn backends_are_read_from_the_rendered_configuration() {

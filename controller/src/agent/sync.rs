@@ -40,8 +40,11 @@ async fn step(agent: &Agent, applied: &mut Option<String>) -> Result<(), pgpool:
         *applied = Some(conf.clone());
     }
     let wanted = configured_backends(&conf);
-    let client = pgpool::connect(&agent.config).await?;
-    let nodes = pgpool::nodes(&client).await?;
+    let nodes = match pgpool::connect(&agent.config).await {
+        Ok(client) => pgpool::nodes(&client).await?,
+        // pgpool refuses SQL while every backend is down; PCP still answers.
+        Err(_) => pgpool::nodes_via_pcp(&agent.config).await?,
+    };
     let detached = agent.manually_detached.lock().await.clone();
     for node in &nodes {
         let configured = wanted.iter().any(|(slot, _)| *slot == node.id);

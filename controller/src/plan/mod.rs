@@ -94,6 +94,8 @@ pub struct PostgresPlan {
     pub storage_size: String,
     /// PVC storage class.
     pub storage_class: Option<String>,
+    /// Chown the data volume in a root init container (Kubernetes).
+    pub fix_permissions: bool,
 }
 
 /// One PostgreSQL instance.
@@ -244,6 +246,7 @@ impl Plan {
                 resources: spec.postgres.resources.clone(),
                 storage_size: spec.postgres.storage.size.clone(),
                 storage_class: spec.postgres.storage.storage_class_name.clone(),
+                fix_permissions: spec.postgres.storage.fix_permissions,
             },
             instances,
             balancer: BalancerPlan {

@@ -123,6 +123,39 @@ fn instance_labels(plan: &Plan, inst: &InstancePlan) -> BTreeMap<String, String>
     l
 }
 
+/// Root init container that hands the data volume to the PostgreSQL user (only with
+/// `spec.postgres.storage.fixPermissions`): CHOWN and FOWNER only, no escalation.
+fn fix_permissions(plan: &Plan) -> Container {
+    Container {
+        name: "fix-permissions".into(),
+        image: Some(plan.postgres.image.clone()),
+        image_pull_policy: Some("IfNotPresent".into()),
+        command: Some(vec![
+            "sh".into(),
+            "-c".into(),
+            format!(
+                "chown {IMAGE_UID}:{IMAGE_UID} {DATA_VOLUME_DIR} && chmod 0700 {DATA_VOLUME_DIR}"
+            ),
+        ]),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "data".into(),
+            mount_path: DATA_VOLUME_DIR.into(),
+            ..Default::default()
+        }]),
+        security_context: Some(SecurityContext {
+            run_as_user: Some(0),
+            run_as_non_root: Some(false),
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                add: Some(vec!["CHOWN".into(), "FOWNER".into()]),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 /// The StatefulSet of instance `inst`. Replicas clone from `<cluster>-rw`.
 pub fn statefulset(
     plan: &Plan,
@@ -155,7 +188,7 @@ pub fn statefulset(
         ports: Some(vec![tcp_port("postgres", POSTGRES_PORT)]),
         readiness_probe: Some(Probe {
             exec: Some(ExecAction {
-                command: Some(vec!["pgbalancer-ready".into()]),
+                command: Some(vec!["/usr/local/bin/pgbalancer-ready".into()]),
             }),
             period_seconds: Some(2),
             timeout_seconds: Some(5),
@@ -206,6 +239,10 @@ pub fn statefulset(
                         ..Default::default()
                     }),
                     spec: Some(PodSpec {
+                        init_containers: plan
+                            .postgres
+                            .fix_permissions
+                            .then(|| vec![fix_permissions(plan)]),
                         containers: vec![container],
                         security_context: Some(pod_security()),
                         termination_grace_period_seconds: Some(60),

@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# A real node for the end-to-end test, on this machine's Docker engine: kubelet (dockershim),
+# kube-proxy (iptables), cluster DNS from dnsmasq kept current from the API, and a default
+# host-path StorageClass. Needs control-plane.sh started with
+# PGBALANCER_K8S_BIND=0.0.0.0 PGBALANCER_K8S_ADVERTISE=172.17.0.1 so pods reach the API.
+# `start` or `stop`. Test plumbing only.
+set -euo pipefail
+
+cache=${PGBALANCER_K8S_CACHE:-/var/cache/pgbalancer/kubernetes-1.20.2-p1}
+dir=${PGBALANCER_K8S_DIR:-/tmp/pgbalancer-k8s}
+kc=$dir/kubeconfig
+dns_ip=172.17.0.1
+cmd=${1:-start}
+
+stop() {
+  for name in dns-sync dnsmasq kube-proxy kubelet; do
+    [ -f "$dir/$name.pid" ] && kill "$(cat "$dir/$name.pid")" 2>/dev/null || true
+  done
+  sleep 1
+  for name in dns-sync dnsmasq kube-proxy kubelet; do
+    [ -f "$dir/$name.pid" ] && kill -9 "$(cat "$dir/$name.pid")" 2>/dev/null || true
+    rm -f "$dir/$name.pid"
+  done
+  # Pods the kubelet started.
+  docker ps -aq --filter label=io.kubernetes.pod.name | xargs -r docker rm -f >/dev/null 2>&1 || true
+}
+
+if [ "$cmd" = stop ]; then
+  stop
+  exit 0
+fi
+stop
+
+need=()
+command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
+[ -x /bin/busybox ] || need+=(busybox-static)
+command -v conntrack >/dev/null || need+=(conntrack)
+if [ ${#need[@]} -gt 0 ]; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+# Pause image: anything that sleeps forever.
+if ! docker image inspect pgbalancer/pause:1 >/dev/null 2>&1; then
+  root=$(mktemp -d)
+  mkdir -p "$root/bin"
+  cp /bin/busybox "$root/bin/busybox"
+  ln -s busybox "$root/bin/sleep"
+  tar -C "$root" -c . | docker import -c 'CMD ["/bin/sleep","2147483647"]' - pgbalancer/pause:1 >/dev/null
+  rm -rf "$root"
+fi
+
+modprobe br_netfilter 2>/dev/null || true
+sysctl -qw net.bridge.bridge-nf-call-iptables=1 2>/dev/null || true
+sysctl -qw net.ipv4.ip_forward=1
+
+run() {
+  local name=$1; shift
+  nohup "$@" >"$dir/$name.log" 2>&1 &
+  echo $! >"$dir/$name.pid"
+}
+
+mkdir -p "$dir/kubelet" "$dir/hostpath"
+cat >"$dir/kubelet.yaml" <<KCFG
+apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+cgroupDriver: cgroupfs
+failSwapOn: false
+cgroupsPerQOS: false
+enforceNodeAllocatable: []
+evictionHard: {}
+clusterDNS: [$dns_ip]
+clusterDomain: cluster.local
+authentication:
+  anonymous: {enabled: true}
+  webhook: {enabled: false}
+authorization: {mode: AlwaysAllow}
+syncFrequency: 10s
+KCFG
+cgroup_driver=$(docker info --format '{{.CgroupDriver}}')
+sed -i "s/^cgroupDriver: .*/cgroupDriver: $cgroup_driver/" "$dir/kubelet.yaml"
+run kubelet "$cache/kubelet" --kubeconfig "$kc" --config "$dir/kubelet.yaml" --container-runtime docker \
+  --pod-infra-container-image pgbalancer/pause:1 --hostname-override node1 --oom-score-adj=0 \
+  --root-dir "$dir/kubelet" --address 0.0.0.0
+run kube-proxy "$cache/kube-proxy" --kubeconfig "$kc" --hostname-override node1 --proxy-mode iptables \
+  --cluster-cidr 172.17.0.0/16 --oom-score-adj=0 --conntrack-max-per-core=0
+
+# Cluster DNS: dnsmasq on docker0, hosts regenerated from Services and Endpoints.
+touch "$dir/hosts"
+run dnsmasq dnsmasq --keep-in-foreground --listen-address=$dns_ip --bind-interfaces --no-resolv \
+  --addn-hosts="$dir/hosts" --pid-file="$dir/dnsmasq.real.pid" --user=root
+cat >"$dir/dns-sync.sh" <<'SYNC'
+#!/usr/bin/env bash
+# Writes every Service (ClusterIP) and headless endpoint as hosts lines; HUPs dnsmasq on change.
+kc=$1; hosts=$2; pidfile=$3
+while true; do
+  new=$(mktemp)
+  kubectl --kubeconfig "$kc" get svc -A -o jsonpath='{range .items[*]}{.spec.clusterIP} {.metadata.name}.{.metadata.namespace}.svc.cluster.local{"\n"}{end}' 2>/dev/null | grep -v '^None ' >>"$new"
+  kubectl --kubeconfig "$kc" get endpoints -A -o json 2>/dev/null | python3 -c '
+import json,sys
+for e in json.load(sys.stdin)["items"]:
+    svc=e["metadata"]["name"]; ns=e["metadata"]["namespace"]
+    for s in e.get("subsets") or []:
+        for a in (s.get("addresses") or [])+(s.get("notReadyAddresses") or []):
+            if a.get("hostname"):
+                print(a["ip"], "%s.%s.%s.svc.cluster.local" % (a["hostname"], svc, ns))
+' >>"$new"
+  if ! cmp -s "$new" "$hosts"; then
+    mv "$new" "$hosts"
+    [ -f "$pidfile" ] && kill -HUP "$(cat "$pidfile")" 2>/dev/null
+  else
+    rm -f "$new"
+  fi
+  sleep 1
+done
+SYNC
+chmod +x "$dir/dns-sync.sh"
+run dns-sync "$dir/dns-sync.sh" "$kc" "$dir/hosts" "$dir/dnsmasq.real.pid"
+
+kubectl --kubeconfig "$kc" apply -f - >/dev/null <<'SC'
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata:
+  name: hostpath
+  annotations:
+    storageclass.kubernetes.io/is-default-class: "true"
+provisioner: kubernetes.io/host-path
+reclaimPolicy: Delete
+SC
+for _ in $(seq 1 60); do
+  kubectl --kubeconfig "$kc" get node node1 -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null | grep -q True && break
+  sleep 1
+done
+kubectl --kubeconfig "$kc" get node node1 -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' | grep -q True \
+  || { tail -30 "$dir/kubelet.log" >&2; exit 1; }
+echo "node1 Ready" >&2
