@@ -1,18 +1,38 @@
 #!/usr/bin/env bash
-# Runs every test: formatting, lints, unit tests and the integration tests against the real
-# Docker engine, PostgreSQL and pgpool. Sets up what they need first.
+# Runs every test: formatting, lints, unit tests, the integration tests against the real
+# Docker engine, PostgreSQL and pgpool, and the operator against a real Kubernetes 1.20
+# (API server, controller-manager, scheduler, and a kubelet node on this Docker engine).
+# Installs, builds (cached) and starts what they need first; stops the test Kubernetes at exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # cargo from rustup when the shell has not loaded it
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+step() { printf '==> %s\n' "$*" >&2; }
 
 ./scripts/host-setup.sh
-echo "==> building images (cached after the first run)" >&2
+step "building pgbalancer"
 cargo build --quiet --bins
+step "building images (cached after the first run)"
 ./target/debug/pgbalancer images build
-echo "==> cargo fmt --check" >&2
+
+step "Kubernetes 1.20.2 from Debian's source (cached after the first run)"
+./tests/k8s/build-kubernetes.sh
+step "operator image (static binary on scratch)"
+rustup target list --installed | grep -q x86_64-unknown-linux-musl || rustup target add x86_64-unknown-linux-musl
+command -v musl-gcc >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq musl-tools >/dev/null
+CC_x86_64_unknown_linux_musl=musl-gcc cargo build --quiet --release --target x86_64-unknown-linux-musl --bin pgbalancer
+docker build -q -t pgbalancer/operator:0.1.0 . >/dev/null
+
+step "starting the test Kubernetes"
+trap './tests/k8s/node.sh stop || true; ./tests/k8s/control-plane.sh stop || true' EXIT
+bridge=$(ip -4 -o addr show docker0 | awk '{print $4}' | cut -d/ -f1)
+PGBALANCER_K8S_BIND=0.0.0.0 PGBALANCER_K8S_ADVERTISE="$bridge" ./tests/k8s/control-plane.sh start >/dev/null
+./tests/k8s/node.sh start
+export KUBECONFIG=${PGBALANCER_K8S_DIR:-/tmp/pgbalancer-k8s}/kubeconfig PGBALANCER_E2E=1
+
+step "cargo fmt --check"
 cargo fmt --all -- --check
-echo "==> cargo clippy" >&2
+step "cargo clippy"
 cargo clippy --quiet --all-targets -- -D warnings
-echo "==> cargo test" >&2
+step "cargo test"
 cargo test --workspace -- --test-threads 2

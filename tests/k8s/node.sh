@@ -2,14 +2,16 @@
 # A real node for the end-to-end test, on this machine's Docker engine: kubelet (dockershim),
 # kube-proxy (iptables), cluster DNS from dnsmasq kept current from the API, and a default
 # host-path StorageClass. Needs control-plane.sh started with
-# PGBALANCER_K8S_BIND=0.0.0.0 PGBALANCER_K8S_ADVERTISE=172.17.0.1 so pods reach the API.
+# PGBALANCER_K8S_BIND=0.0.0.0 PGBALANCER_K8S_ADVERTISE=<docker0 address> so pods reach the API.
 # `start` or `stop`. Test plumbing only.
 set -euo pipefail
 
 cache=${PGBALANCER_K8S_CACHE:-/var/cache/pgbalancer/kubernetes-1.20.2-p1}
 dir=${PGBALANCER_K8S_DIR:-/tmp/pgbalancer-k8s}
 kc=$dir/kubeconfig
-dns_ip=172.17.0.1
+# Pods live on docker0; DNS listens on its address.
+dns_ip=$(ip -4 -o addr show docker0 | awk '{print $4}' | cut -d/ -f1)
+pod_cidr=$(ip -4 -o route show dev docker0 | awk '/proto kernel/ {print $1; exit}')
 cmd=${1:-start}
 
 stop() {
@@ -82,7 +84,7 @@ run kubelet "$cache/kubelet" --kubeconfig "$kc" --config "$dir/kubelet.yaml" --c
   --pod-infra-container-image pgbalancer/pause:1 --hostname-override node1 --oom-score-adj=0 \
   --root-dir "$dir/kubelet" --address 0.0.0.0
 run kube-proxy "$cache/kube-proxy" --kubeconfig "$kc" --hostname-override node1 --proxy-mode iptables \
-  --cluster-cidr 172.17.0.0/16 --oom-score-adj=0 --conntrack-max-per-core=0
+  --cluster-cidr "$pod_cidr" --oom-score-adj=0 --conntrack-max-per-core=0
 
 # Cluster DNS: dnsmasq on docker0, hosts regenerated from Services and Endpoints.
 touch "$dir/hosts"

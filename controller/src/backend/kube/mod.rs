@@ -10,6 +10,7 @@
 //! used; the ordering it encodes is carried by the objects themselves (replicas wait for
 //! `<cluster>-rw`, the agent attaches a backend once it answers, the primary is always planned).
 
+pub mod balancer;
 pub mod leader;
 pub mod metrics;
 pub mod objects;

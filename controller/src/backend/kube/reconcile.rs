@@ -169,7 +169,15 @@ async fn reconcile_inner(
         objects::balancer_deployment(&plan, &owner, &creds),
     )
     .await?;
-    let removed = remove_unplanned(client, ctx, namespace, &plan).await?;
+    let backends = objects::balancer_config(&plan, &owner, &creds);
+    let backends_hash = backends
+        .data
+        .as_ref()
+        .and_then(|d| d.get("pgpool.conf"))
+        .map(objects::content_hash)
+        .unwrap_or_default();
+    super::balancer::nudge(client, ctx, namespace, &plan, &backends_hash).await?;
+    let (removed, draining) = remove_unplanned(client, ctx, namespace, &plan).await?;
     adopt_claims(client, ctx, namespace, &plan, &owner).await?;
     if !removed.is_empty() {
         event(
@@ -197,6 +205,10 @@ async fn reconcile_inner(
             .await;
         }
         write_status(&clusters, &name, &new, ctx).await?;
+    }
+    if draining {
+        // A removed replica is still attached somewhere: look again shortly.
+        return Ok(Action::requeue(Duration::from_secs(2)));
     }
     Ok(if new.phase.as_deref() == Some("Running") {
         Action::requeue(Duration::from_secs(600))
@@ -329,14 +341,16 @@ where
     Ok(())
 }
 
-/// Deletes the StatefulSets (and their PVCs) of instances no longer planned. The plan always
+/// Deletes the StatefulSets (and their PVCs) of instances no longer planned, once no balancer
+/// routes to them any more; also returns whether some are still draining. The plan always
 /// holds the primary, so it is never among them.
 async fn remove_unplanned(
     client: &Client,
     ctx: &Context,
     namespace: &str,
     plan: &Plan,
-) -> Result<Vec<String>, Error> {
+) -> Result<(Vec<String>, bool), Error> {
+    let mut draining = false;
     let sets: Api<StatefulSet> = Api::namespaced(client.clone(), namespace);
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
     let mut removed = Vec::new();
@@ -352,6 +366,10 @@ async fn remove_unplanned(
             continue;
         };
         if plan.instance(ordinal).is_some() {
+            continue;
+        }
+        if super::balancer::still_routes(client, namespace, plan, ordinal).await? {
+            draining = true;
             continue;
         }
         let name = sts.name_any();
@@ -371,7 +389,7 @@ async fn remove_unplanned(
         tracing::info!(statefulset = %name, pvc = %claim, "removed scaled-down instance");
         removed.push(name);
     }
-    Ok(removed)
+    Ok((removed, draining))
 }
 
 /// PVCs made from volumeClaimTemplates have no owner; giving them the cluster as owner makes

@@ -1,0 +1,98 @@
+//! Keeping the balancer pods in step with the backend list (IO): nudge the kubelet to refresh
+//! their projected configuration now rather than at its next periodic sync, and ask their
+//! agents whether a slot is still attached before its instance is deleted, so pgpool stops
+//! routing to a replica before the replica goes away.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::{Client, ResourceExt};
+
+use super::reconcile::{Context, Error};
+use crate::labels;
+use crate::plan::{Plan, REST_PORT};
+
+/// Annotation on balancer pods carrying the hash of the backend list they should have.
+pub const BACKENDS_ANNOTATION: &str = "pgbalancer.io/backends-hash";
+
+fn selector(plan: &Plan) -> String {
+    format!(
+        "{}={},{}={}",
+        labels::INSTANCE,
+        plan.cluster,
+        labels::COMPONENT,
+        labels::BALANCER
+    )
+}
+
+/// Annotates balancer pods whose backend hash differs; the kubelet resyncs an updated pod and
+/// refreshes its ConfigMap volume, so the agent sees the new `pgpool.conf` within seconds.
+pub async fn nudge(
+    client: &Client,
+    ctx: &Context,
+    namespace: &str,
+    plan: &Plan,
+    hash: &str,
+) -> Result<(), Error> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    for pod in pods
+        .list(&ListParams::default().labels(&selector(plan)))
+        .await?
+    {
+        if pod
+            .annotations()
+            .get(BACKENDS_ANNOTATION)
+            .map(String::as_str)
+            == Some(hash)
+        {
+            continue;
+        }
+        let patch = serde_json::json!({ "metadata": { "annotations": BTreeMap::from([(BACKENDS_ANNOTATION, hash)]) } });
+        ctx.metrics.wrote();
+        pods.patch(
+            &pod.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Whether any reachable balancer agent still routes to node `slot`. Unreachable agents
+/// (not running yet, or an operator outside the cluster network) do not hold removal up.
+pub async fn still_routes(
+    client: &Client,
+    namespace: &str,
+    plan: &Plan,
+    slot: u32,
+) -> Result<bool, Error> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let ips: Vec<String> = pods
+        .list(&ListParams::default().labels(&selector(plan)))
+        .await?
+        .into_iter()
+        .filter_map(|p| p.status.and_then(|s| s.pod_ip))
+        .collect();
+    for ip in ips {
+        let url = format!("http://{ip}:{REST_PORT}/api/v1/nodes/{slot}");
+        let node = tokio::task::spawn_blocking(move || {
+            ureq::AgentBuilder::new()
+                .timeout(Duration::from_secs(1))
+                .build()
+                .get(&url)
+                .call()
+                .ok()
+                .and_then(|r| r.into_json::<serde_json::Value>().ok())
+        })
+        .await
+        .ok()
+        .flatten();
+        if node.is_some_and(|n| n["status"] == "up") {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}

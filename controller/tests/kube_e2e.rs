@@ -1,0 +1,321 @@
+//! End to end on a real node (tests/k8s/node.sh: kubelet on this Docker engine, kube-proxy,
+//! cluster DNS, host-path PVCs), with the operator running in the cluster from
+//! manifests/operator.yaml under its own ServiceAccount and RBAC: pods Ready, a row written
+//! through the balancer Service read on every replica, `kubectl scale` changing the streaming
+//! set and the balancer's backends, `kubectl delete` leaving no pod, PVC or PV.
+//! Prints the seconds each step took (the Kubernetes benchmark reads them).
+
+mod common;
+
+use std::process::Command;
+use std::time::Instant;
+
+use common::eventually;
+use serde_json::Value;
+
+fn kubectl(args: &[&str]) -> (bool, String) {
+    let out = Command::new("kubectl")
+        .args(args)
+        .output()
+        .expect("kubectl");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn get_json(args: &[&str]) -> Value {
+    let mut all = args.to_vec();
+    all.extend(["-o", "json"]);
+    let (ok, out) = kubectl(&all);
+    if !ok {
+        return Value::Null;
+    }
+    serde_json::from_str(&out).unwrap_or(Value::Null)
+}
+
+fn secret(ns: &str, name: &str, key: &str) -> String {
+    let v = get_json(&["-n", ns, "get", "secret", name]);
+    let b64 = v["data"][key].as_str().unwrap_or_default();
+    let out = Command::new("base64")
+        .arg("-d")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(b64.as_bytes())?;
+            c.wait_with_output()
+        });
+    String::from_utf8_lossy(&out.unwrap().stdout).into_owned()
+}
+
+fn pod_ips(ns: &str, selector: &str) -> Vec<(String, String)> {
+    let v = get_json(&["-n", ns, "get", "pods", "-l", selector]);
+    v["items"]
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .filter_map(|p| {
+                    Some((
+                        p["metadata"]["name"].as_str()?.to_owned(),
+                        p["status"]["podIP"].as_str()?.to_owned(),
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn up_nodes(ip: &str) -> usize {
+    ureq::get(&format!("http://{ip}:8080/api/v1/nodes"))
+        .call()
+        .ok()
+        .and_then(|r| r.into_json::<Value>().ok())
+        .and_then(|v| {
+            v["nodes"]
+                .as_array()
+                .map(|n| n.iter().filter(|n| n["status"] == "up").count())
+        })
+        .unwrap_or(0)
+}
+
+async fn rows_on(ip: &str, password: &str) -> Option<i64> {
+    let (client, conn) = tokio_postgres::Config::new()
+        .host(ip)
+        .port(5432)
+        .user("app")
+        .password(password)
+        .dbname("app")
+        .connect_timeout(std::time::Duration::from_secs(3))
+        .connect(tokio_postgres::NoTls)
+        .await
+        .ok()?;
+    tokio::spawn(conn);
+    let recovering: bool = client
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .ok()?
+        .get(0);
+    if !recovering {
+        return None;
+    }
+    client
+        .query_one("SELECT count(*) FROM marks", &[])
+        .await
+        .ok()
+        .map(|r| r.get(0))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn operator_in_cluster_runs_a_real_cluster() {
+    assert!(
+        std::env::var_os("PGBALANCER_E2E").is_some(),
+        "needs the node from tests/k8s/node.sh (scripts/test.sh starts it and sets PGBALANCER_E2E)"
+    );
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let path = |p: &str| root.join(p).to_str().unwrap().to_owned();
+    let ns = "e2e";
+    let sel = "app.kubernetes.io/instance=demo,app.kubernetes.io/component=postgres";
+
+    // The operator from its own manifests: ServiceAccount, RBAC, two replicas.
+    let (ok, out) = kubectl(&[
+        "apply",
+        "-f",
+        &path("manifests/crd.yaml"),
+        "-f",
+        &path("manifests/operator.yaml"),
+    ]);
+    assert!(ok, "{out}");
+    let (ok, out) = kubectl(&[
+        "-n",
+        "pgbalancer-system",
+        "rollout",
+        "status",
+        "deployment/pgbalancer-operator",
+        "--timeout",
+        "120s",
+    ]);
+    assert!(ok, "{out}");
+    let _ = kubectl(&["create", "namespace", ns]);
+
+    let cluster = "apiVersion: pgbalancer.io/v1alpha1\nkind: PgBalancerCluster\nmetadata:\n  name: demo\nspec:\n  replicas: 2\n  postgres:\n    version: 17\n    storage: {size: 1Gi, fixPermissions: true}\n  balancer: {instances: 1, numInitChildren: 16, maxPool: 2}\n";
+    let file = std::env::temp_dir().join("pgbalancer-e2e-cluster.yaml");
+    std::fs::write(&file, cluster).unwrap();
+    let started = Instant::now();
+    let (ok, out) = kubectl(&["-n", ns, "apply", "-f", file.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    let children = eventually(60, || async { pod_ips(ns, sel).len() == 3 }).await;
+    let objects_created = started.elapsed().as_secs_f64();
+    assert!(children, "instance pods not created");
+    let running = eventually(300, || async {
+        get_json(&["-n", ns, "get", "pgbc", "demo"])["status"]["phase"] == "Running"
+    })
+    .await;
+    let ready_after = started.elapsed().as_secs_f64();
+    assert!(
+        running,
+        "not Running: {}",
+        get_json(&["-n", ns, "get", "pgbc", "demo"])["status"]
+    );
+    println!("BENCH k8s_apply_to_pods_created_seconds {objects_created:.1}");
+    println!("BENCH k8s_apply_to_ready_seconds {ready_after:.1}");
+
+    // A row through the balancer Service, read on every replica.
+    let password = secret(ns, "demo-credentials", "app-password");
+    let balancer_ip = get_json(&["-n", ns, "get", "svc", "demo-balancer"])["spec"]["clusterIP"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (c, conn) = tokio_postgres::Config::new()
+        .host(&balancer_ip)
+        .port(9999)
+        .user("app")
+        .password(&password)
+        .dbname("app")
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("connect through the balancer Service");
+    tokio::spawn(conn);
+    c.batch_execute("CREATE TABLE marks (n int); INSERT INTO marks SELECT generate_series(1, 3)")
+        .await
+        .unwrap();
+    for (pod, ip) in pod_ips(ns, sel)
+        .into_iter()
+        .filter(|(p, _)| p != "demo-0-0")
+    {
+        let seen = eventually(20, || async { rows_on(&ip, &password).await == Some(3) }).await;
+        assert!(seen, "{pod} does not stream the row");
+    }
+
+    // Sessions open through the balancer, each bound by pgpool to one node for its reads.
+    let mut sessions = Vec::new();
+    for _ in 0..6 {
+        let (client, conn) = tokio_postgres::Config::new()
+            .host(&balancer_ip)
+            .port(9999)
+            .user("app")
+            .password(&password)
+            .dbname("app")
+            .connect(tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let node = client
+            .simple_query("SHOW POOL_NODES")
+            .await
+            .unwrap()
+            .into_iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r)
+                    if r.get("load_balance_node") == Some("true") =>
+                {
+                    r.get("node_id").and_then(|n| n.parse::<u32>().ok())
+                }
+                _ => None,
+            })
+            .unwrap();
+        sessions.push((node, client));
+    }
+
+    // kubectl scale: a new replica streams and the balancer routes to it, without a restart.
+    let balancer_pods = pod_ips(
+        ns,
+        "app.kubernetes.io/instance=demo,app.kubernetes.io/component=balancer",
+    );
+    let scaled = Instant::now();
+    let (ok, out) = kubectl(&["-n", ns, "scale", "pgbc/demo", "--replicas=3"]);
+    assert!(ok, "{out}");
+    assert!(
+        eventually(180, || async { up_nodes(&balancer_ip) == 4 }).await,
+        "balancer did not attach the new replica"
+    );
+    println!(
+        "BENCH k8s_scale_up_to_routed_seconds {:.1}",
+        scaled.elapsed().as_secs_f64()
+    );
+    let new_ip = pod_ips(ns, sel)
+        .into_iter()
+        .find(|(p, _)| p == "demo-3-0")
+        .expect("demo-3-0")
+        .1;
+    assert!(
+        eventually(30, || async {
+            rows_on(&new_ip, &password).await == Some(3)
+        })
+        .await
+    );
+    assert_eq!(
+        pod_ips(
+            ns,
+            "app.kubernetes.io/instance=demo,app.kubernetes.io/component=balancer"
+        ),
+        balancer_pods,
+        "balancer restarted"
+    );
+    c.simple_query("SELECT 1")
+        .await
+        .expect("session through the balancer survived scale up");
+    for (node, session) in &sessions {
+        session
+            .simple_query("SELECT count(*) FROM marks")
+            .await
+            .unwrap_or_else(|e| panic!("session on node {node} lost at scale up: {e}"));
+    }
+
+    // kubectl patch down to one replica: pods go, the balancer stops routing to them.
+    let (ok, out) = kubectl(&[
+        "-n",
+        ns,
+        "patch",
+        "pgbc",
+        "demo",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"replicas":1}}"#,
+    ]);
+    assert!(ok, "{out}");
+    assert!(eventually(120, || async { pod_ips(ns, sel).len() == 2 }).await);
+    assert!(eventually(120, || async { up_nodes(&balancer_ip) == 2 }).await);
+    // Sessions reading from kept nodes go on; pgpool ends those bound to a removed replica.
+    for (node, session) in sessions.iter().filter(|(n, _)| *n <= 1) {
+        session
+            .simple_query("SELECT count(*) FROM marks")
+            .await
+            .unwrap_or_else(|e| panic!("session on node {node} lost at scale down: {e}"));
+    }
+    assert!(
+        sessions.iter().any(|(n, _)| *n <= 1),
+        "no session was bound to a kept node"
+    );
+
+    // kubectl delete: no pod, PVC or PV left.
+    let (ok, out) = kubectl(&["-n", ns, "delete", "pgbc", "demo"]);
+    assert!(ok, "{out}");
+    let gone = eventually(180, || async {
+        let pods = get_json(&["-n", ns, "get", "pods"]);
+        let pvcs = get_json(&["-n", ns, "get", "pvc"]);
+        let pvs = get_json(&["get", "pv"]);
+        [pods, pvcs, pvs]
+            .iter()
+            .all(|v| v["items"].as_array().is_some_and(|a| a.is_empty()))
+    })
+    .await;
+    assert!(
+        gone,
+        "left behind: {}",
+        kubectl(&["get", "pods,pvc,pv", "-A"]).1
+    );
+    let _ = kubectl(&[
+        "delete",
+        "-f",
+        &path("manifests/operator.yaml"),
+        "--wait=false",
+    ]);
+}
