@@ -93,7 +93,22 @@ pub async fn run_with(client: Client, config: OperatorConfig) -> Result<(), Oper
         )
     });
     let ready = Arc::new(AtomicBool::new(false));
+    let pdb_supported = client
+        .list_api_group_resources("policy/v1")
+        .await
+        .map(|list| {
+            list.resources
+                .iter()
+                .any(|r| r.name == "poddisruptionbudgets")
+        })
+        .unwrap_or(false);
+    if !pdb_supported {
+        tracing::info!(
+            "policy/v1 PodDisruptionBudgets are not served here; balancer PDBs are skipped"
+        );
+    }
     let ctx = Arc::new(Context {
+        pdb_supported,
         client: client.clone(),
         metrics: Metrics::default(),
         recorder: Recorder::new(

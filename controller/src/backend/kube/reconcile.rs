@@ -54,6 +54,8 @@ pub struct Context {
     pub metrics: Metrics,
     /// Event recorder.
     pub recorder: Recorder,
+    /// The API server serves `policy/v1` PodDisruptionBudgets (absent before Kubernetes 1.21).
+    pub pdb_supported: bool,
 }
 
 /// Reconciles one cluster.
@@ -169,6 +171,9 @@ async fn reconcile_inner(
         objects::balancer_deployment(&plan, &owner, &creds),
     )
     .await?;
+    if ctx.pdb_supported && plan.balancer.instances.len() > 1 {
+        apply(client, ctx, namespace, objects::balancer_pdb(&plan, &owner)).await?;
+    }
     let backends = objects::balancer_config(&plan, &owner, &creds);
     let backends_hash = backends
         .data

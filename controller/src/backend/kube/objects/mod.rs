@@ -18,7 +18,9 @@ pub use config::{
     postgres_secret,
 };
 pub use services::{balancer_service, headless_service, ro_service, rw_service};
-pub use workloads::{balancer_deployment, data_pvc_name, statefulset, statefulset_name};
+pub use workloads::{
+    balancer_deployment, balancer_pdb, data_pvc_name, statefulset, statefulset_name,
+};
 
 use crate::labels;
 use crate::plan::Plan;

@@ -383,3 +383,31 @@ pub fn balancer_deployment(
         |d| &mut d.metadata,
     )
 }
+
+/// Keeps at least one balancer pod through voluntary disruptions (drains, upgrades), when
+/// there are several.
+pub fn balancer_pdb(
+    plan: &Plan,
+    owner: &Owner,
+) -> k8s_openapi::api::policy::v1::PodDisruptionBudget {
+    use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+    with_hash(
+        PodDisruptionBudget {
+            metadata: meta(
+                owner,
+                &format!("{}-balancer", plan.cluster),
+                cluster_labels(plan, labels::BALANCER),
+            ),
+            spec: Some(PodDisruptionBudgetSpec {
+                min_available: Some(IntOrString::Int(1)),
+                selector: Some(LabelSelector {
+                    match_labels: Some(cluster_labels(plan, labels::BALANCER)),
+                    match_expressions: None,
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        |p| &mut p.metadata,
+    )
+}
