@@ -30,6 +30,11 @@ pub fn compute(plan: &Plan, observed: &Observed, now: Time) -> PgBalancerCluster
                 } else {
                     None
                 },
+                balancer_node: observed
+                    .balancers
+                    .get(&0)
+                    .and_then(|b| b.nodes.iter().find(|n| n.slot == inst.ordinal))
+                    .map(|n| if n.is_up() { "up" } else { "down" }.to_owned()),
             }
         })
         .collect();

@@ -163,6 +163,17 @@ async fn operator_in_cluster_runs_a_real_cluster() {
         "not Running: {}",
         get_json(&["-n", ns, "get", "pgbc", "demo"])["status"]
     );
+    let attached = eventually(60, || async {
+        get_json(&["-n", ns, "get", "pgbc", "demo"])["status"]["instances"]
+            .as_array()
+            .is_some_and(|i| i.len() == 3 && i.iter().all(|i| i["balancerNode"] == "up"))
+    })
+    .await;
+    assert!(
+        attached,
+        "status lacks the balancer's view: {}",
+        get_json(&["-n", ns, "get", "pgbc", "demo"])["status"]
+    );
     println!("BENCH k8s_apply_to_pods_created_seconds {objects_created:.1}");
     println!("BENCH k8s_apply_to_ready_seconds {ready_after:.1}");
 

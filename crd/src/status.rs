@@ -52,6 +52,9 @@ pub struct InstanceStatus {
     /// Bytes of WAL the replica has not replayed yet (replicas only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lag_bytes: Option<i64>,
+    /// This instance's node in the balancer (`up` or `down`), as the balancer's agent reports it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balancer_node: Option<String>,
 }
 
 /// Observed state of the balancers.

@@ -61,6 +61,63 @@ pub async fn nudge(
     Ok(())
 }
 
+async fn balancer_ips(client: &Client, namespace: &str, plan: &Plan) -> Result<Vec<String>, Error> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    Ok(pods
+        .list(&ListParams::default().labels(&selector(plan)))
+        .await?
+        .into_iter()
+        .filter_map(|p| p.status.and_then(|s| s.pod_ip))
+        .collect())
+}
+
+async fn get_json(url: String) -> Option<serde_json::Value> {
+    tokio::task::spawn_blocking(move || {
+        ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(1))
+            .build()
+            .get(&url)
+            .call()
+            .ok()
+            .and_then(|r| r.into_json::<serde_json::Value>().ok())
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// The first reachable agent's nodes: slot → (`up`/`down`, replication lag in bytes). Empty
+/// when no agent answers (not running yet, or an operator outside the cluster network).
+pub async fn nodes(
+    client: &Client,
+    namespace: &str,
+    plan: &Plan,
+) -> Result<BTreeMap<u32, (String, i64)>, Error> {
+    for ip in balancer_ips(client, namespace, plan).await? {
+        if let Some(v) = get_json(format!("http://{ip}:{REST_PORT}/api/v1/nodes")).await {
+            return Ok(v["nodes"]
+                .as_array()
+                .map(|nodes| {
+                    nodes
+                        .iter()
+                        .filter_map(|n| {
+                            let id = u32::try_from(n["id"].as_u64()?).ok()?;
+                            Some((
+                                id,
+                                (
+                                    n["status"].as_str()?.to_owned(),
+                                    n["replication_lag"].as_i64().unwrap_or(0),
+                                ),
+                            ))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default());
+        }
+    }
+    Ok(BTreeMap::new())
+}
+
 /// Whether any reachable balancer agent still routes to node `slot`. Unreachable agents
 /// (not running yet, or an operator outside the cluster network) do not hold removal up.
 pub async fn still_routes(
@@ -69,28 +126,11 @@ pub async fn still_routes(
     plan: &Plan,
     slot: u32,
 ) -> Result<bool, Error> {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    let ips: Vec<String> = pods
-        .list(&ListParams::default().labels(&selector(plan)))
-        .await?
-        .into_iter()
-        .filter_map(|p| p.status.and_then(|s| s.pod_ip))
-        .collect();
-    for ip in ips {
-        let url = format!("http://{ip}:{REST_PORT}/api/v1/nodes/{slot}");
-        let node = tokio::task::spawn_blocking(move || {
-            ureq::AgentBuilder::new()
-                .timeout(Duration::from_secs(1))
-                .build()
-                .get(&url)
-                .call()
-                .ok()
-                .and_then(|r| r.into_json::<serde_json::Value>().ok())
-        })
-        .await
-        .ok()
-        .flatten();
-        if node.is_some_and(|n| n["status"] == "up") {
+    for ip in balancer_ips(client, namespace, plan).await? {
+        if get_json(format!("http://{ip}:{REST_PORT}/api/v1/nodes/{slot}"))
+            .await
+            .is_some_and(|n| n["status"] == "up")
+        {
             return Ok(true);
         }
     }

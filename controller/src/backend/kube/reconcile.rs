@@ -211,8 +211,13 @@ async fn reconcile_inner(
         }
         write_status(&clusters, &name, &new, ctx).await?;
     }
-    if draining {
-        // A removed replica is still attached somewhere: look again shortly.
+    let settling = seen.balancers_ready > 0
+        && new
+            .instances
+            .iter()
+            .any(|i| i.balancer_node.as_deref() != Some("up"));
+    if draining || settling {
+        // A removed replica is still attached, or a kept one not attached yet: look again shortly.
         return Ok(Action::requeue(Duration::from_secs(2)));
     }
     Ok(if new.phase.as_deref() == Some("Running") {
@@ -463,6 +468,9 @@ async fn observe(client: &Client, namespace: &str, plan: &Plan) -> Result<Worklo
         .await?
     {
         seen.balancers_ready = d.status.and_then(|s| s.ready_replicas).unwrap_or(0);
+    }
+    if seen.balancers_ready > 0 {
+        seen.nodes = super::balancer::nodes(client, namespace, plan).await?;
     }
     Ok(seen)
 }

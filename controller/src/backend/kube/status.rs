@@ -17,6 +17,8 @@ pub struct Workloads {
     pub ready: Vec<u32>,
     /// Ready balancer pods.
     pub balancers_ready: i32,
+    /// Per-slot view of the first reachable balancer agent: (status, replication lag bytes).
+    pub nodes: std::collections::BTreeMap<u32, (String, i64)>,
 }
 
 fn condition(
@@ -59,7 +61,10 @@ pub fn compute(
             name: inst.name.clone(),
             role: inst.role.as_str().to_owned(),
             ready: seen.ready.contains(&inst.ordinal),
-            lag_bytes: None,
+            lag_bytes: (inst.role == Role::Replica)
+                .then(|| seen.nodes.get(&inst.ordinal).map(|n| n.1))
+                .flatten(),
+            balancer_node: seen.nodes.get(&inst.ordinal).map(|n| n.0.clone()),
         })
         .collect();
     let replicas = plan
@@ -227,6 +232,7 @@ mod tests {
             existing: vec![0, 1, 2],
             ready: vec![0, 1, 2],
             balancers_ready: 1,
+            ..Default::default()
         };
         let s = compute(&plan(), &seen, None, Some(3), now());
         assert_eq!(s.phase.as_deref(), Some("Running"));
@@ -237,11 +243,35 @@ mod tests {
     }
 
     #[test]
+    fn the_balancer_view_gives_node_state_and_lag() {
+        let mut seen = Workloads {
+            existing: vec![0, 1, 2],
+            ready: vec![0, 1, 2],
+            balancers_ready: 1,
+            ..Default::default()
+        };
+        seen.nodes.insert(0, ("up".into(), 0));
+        seen.nodes.insert(2, ("down".into(), 4096));
+        let s = compute(&plan(), &seen, None, Some(1), now());
+        assert_eq!(s.instances[0].balancer_node.as_deref(), Some("up"));
+        assert_eq!(s.instances[0].lag_bytes, None);
+        assert_eq!(
+            (
+                s.instances[2].balancer_node.as_deref(),
+                s.instances[2].lag_bytes
+            ),
+            (Some("down"), Some(4096))
+        );
+        assert_eq!(s.instances[1].balancer_node, None);
+    }
+
+    #[test]
     fn transition_time_is_kept_while_a_condition_holds() {
         let seen = Workloads {
             existing: vec![0, 1, 2],
             ready: vec![0, 1, 2],
             balancers_ready: 1,
+            ..Default::default()
         };
         let first = compute(&plan(), &seen, None, Some(1), now());
         let later = Time(k8s_openapi::jiff::Timestamp::from_second(2_000).unwrap());
@@ -256,6 +286,7 @@ mod tests {
             existing: vec![0, 1, 2],
             ready: vec![0, 1, 2],
             balancers_ready: 1,
+            ..Default::default()
         };
         let running = compute(&plan(), &seen, None, Some(1), now());
         let bad = invalid(
