@@ -25,6 +25,7 @@ docker build -q -t pgbalancer/operator:0.1.0 . >/dev/null
 
 step "starting the test Kubernetes"
 trap './tests/k8s/node.sh stop || true; ./tests/k8s/control-plane.sh stop || true' EXIT
+./tests/k8s/node.sh stop
 bridge=$(ip -4 -o addr show docker0 | awk '{print $4}' | cut -d/ -f1)
 PGBALANCER_K8S_BIND=0.0.0.0 PGBALANCER_K8S_ADVERTISE="$bridge" ./tests/k8s/control-plane.sh start >/dev/null
 ./tests/k8s/node.sh start

@@ -27,6 +27,8 @@ if [ "$cmd" = stop ]; then
 fi
 
 stop
+# Volumes a previous kubelet mounted under the directory outlive it.
+grep -o " $dir/[^ ]*" /proc/mounts | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
 rm -rf "$dir"
 mkdir -p "$dir/etcd" "$dir/certs"
 command -v etcd >/dev/null || { echo "etcd missing: run tests/k8s/build-kubernetes.sh" >&2; exit 1; }

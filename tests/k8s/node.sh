@@ -23,8 +23,9 @@ stop() {
     [ -f "$dir/$name.pid" ] && kill -9 "$(cat "$dir/$name.pid")" 2>/dev/null || true
     rm -f "$dir/$name.pid"
   done
-  # Pods the kubelet started.
+  # Pods the kubelet started, and the volumes it mounted for them.
   docker ps -aq --filter label=io.kubernetes.pod.name | xargs -r docker rm -f >/dev/null 2>&1 || true
+  grep -o " $dir/kubelet[^ ]*" /proc/mounts | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
 }
 
 if [ "$cmd" = stop ]; then

@@ -119,34 +119,19 @@ async fn reconcile_inner(
     let plan = Plan::kubernetes(cluster, primary);
     let creds = credentials(cluster, &plan, &owner, ctx).await?;
 
-    apply(
-        client,
-        ctx,
-        namespace,
+    let backends = objects::balancer_config(&plan, &owner, &creds);
+    for config in [
         objects::postgres_config(&plan, &owner, &creds),
-    )
-    .await?;
-    apply(
-        client,
-        ctx,
-        namespace,
+        backends.clone(),
+    ] {
+        apply(client, ctx, namespace, config).await?;
+    }
+    for secret in [
         objects::postgres_secret(&plan, &owner, &creds),
-    )
-    .await?;
-    apply(
-        client,
-        ctx,
-        namespace,
-        objects::balancer_config(&plan, &owner, &creds),
-    )
-    .await?;
-    apply(
-        client,
-        ctx,
-        namespace,
         objects::balancer_secret(&plan, &owner, &creds),
-    )
-    .await?;
+    ] {
+        apply(client, ctx, namespace, secret).await?;
+    }
     for service in [
         objects::headless_service(&plan, &owner),
         objects::rw_service(&plan, &owner),
@@ -174,7 +159,6 @@ async fn reconcile_inner(
     if ctx.pdb_supported && plan.balancer.instances.len() > 1 {
         apply(client, ctx, namespace, objects::balancer_pdb(&plan, &owner)).await?;
     }
-    let backends = objects::balancer_config(&plan, &owner, &creds);
     let backends_hash = backends
         .data
         .as_ref()
