@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Operator benchmark on the test Kubernetes (API server only, no node): seconds from
 # `kubectl apply` of a PgBalancerCluster to all its child objects created; reconciles and API
-# writes per cluster at steady state; operator RSS idle and with CLUSTERS clusters (default 200).
+# writes per cluster at steady state (after SETTLE_SECONDS, default 90); operator RSS idle and
+# with CLUSTERS clusters (default 200).
 # Seconds to Ready with a real node come from the end-to-end test (lines starting with BENCH:
 # `PGBALANCER_E2E=1 cargo test --test kube_e2e -- --nocapture` under scripts/test.sh's setup).
 # Starts its own control plane (tests/k8s/control-plane.sh); do not run beside the tests.
@@ -48,7 +49,7 @@ kubectl apply -f "$work/many.yaml" >/dev/null
 until [ "$(kubectl -n bench get pgbc -o jsonpath='{range .items[*]}{.status.phase}{"\n"}{end}' | grep -c .)" -ge "$clusters" ]; do sleep 1; done
 end=$(date +%s.%N)
 all=$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.1f", b - a }')
-sleep 5
+sleep "${SETTLE_SECONDS:-90}"
 r0=$(metric pgbalancer_operator_reconciles_total); w0=$(metric pgbalancer_operator_api_writes_total)
 sleep "$steady"
 r1=$(metric pgbalancer_operator_reconciles_total); w1=$(metric pgbalancer_operator_api_writes_total)

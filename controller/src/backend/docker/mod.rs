@@ -104,7 +104,7 @@ impl DockerBackend {
         let running = state == "running";
         let up_to_date = plan.instance(ordinal).is_none_or(|inst| {
             label(c, labels::CONFIG_HASH) == Some(objects::instance_hash(plan, inst).as_str())
-        });
+        }) && self.same_image(c, &plan.postgres.image).await;
         let host_port = public_port(c, POSTGRES_PORT);
         let mut seen = ObservedInstance {
             name: container_name(c),
@@ -142,7 +142,7 @@ impl DockerBackend {
         let running = state == "running";
         let up_to_date = plan.balancer.instances.get(index as usize).is_none_or(|b| {
             label(c, labels::CONFIG_HASH) == Some(objects::balancer_hash(plan, b).as_str())
-        });
+        }) && self.same_image(c, &plan.balancer.image).await;
         let host_port = public_port(c, BALANCER_PORT);
         let rest_port = public_port(c, crate::plan::REST_PORT);
         let mut seen = ObservedBalancer {
@@ -172,6 +172,22 @@ impl DockerBackend {
             }
         }
         seen
+    }
+
+    /// The container runs the image its tag names now; a rebuilt image (`pgbalancer images
+    /// build`) replaces it on the next `up`. An image that cannot be inspected changes nothing.
+    async fn same_image(&self, c: &ContainerSummary, image: &str) -> bool {
+        match (
+            self.docker
+                .inspect_image(image)
+                .await
+                .ok()
+                .and_then(|i| i.id),
+            c.image_id.as_deref(),
+        ) {
+            (Some(current), Some(running)) => current == running,
+            _ => true,
+        }
     }
 
     async fn create_instance(&self, plan: &Plan, ordinal: u32) -> Result<(), DockerError> {
