@@ -12,6 +12,7 @@ have=1
 for b in $bins; do [ -x "$cache/$b" ] || have=0; done
 if [ $have = 1 ]; then
   echo "==> Kubernetes binaries cached in $cache" >&2
+  command -v etcd >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null
   exit 0
 fi
 
