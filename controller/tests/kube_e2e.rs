@@ -306,6 +306,40 @@ async fn operator_in_cluster_runs_a_real_cluster() {
         "no session was bound to a kept node"
     );
 
+    // The removed replicas' replication slots are dropped on the primary.
+    let superuser = secret(ns, "demo-credentials", "superuser-password");
+    let primary_ip = pod_ips(ns, sel)
+        .into_iter()
+        .find(|(p, _)| p == "demo-0-0")
+        .expect("primary pod")
+        .1;
+    let slots_left = || async {
+        let (client, conn) = tokio_postgres::Config::new()
+            .host(&primary_ip)
+            .port(5432)
+            .user("postgres")
+            .password(&superuser)
+            .dbname("postgres")
+            .connect(tokio_postgres::NoTls)
+            .await
+            .ok()?;
+        tokio::spawn(conn);
+        let rows = client
+            .query("SELECT slot_name FROM pg_replication_slots ORDER BY 1", &[])
+            .await
+            .ok()?;
+        Some(
+            rows.iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect::<Vec<_>>(),
+        )
+    };
+    let dropped = eventually(60, || async {
+        slots_left().await == Some(vec!["instance_1".to_owned()])
+    })
+    .await;
+    assert!(dropped, "slots on the primary: {:?}", slots_left().await);
+
     // kubectl delete: no pod, PVC or PV left.
     let (ok, out) = kubectl(&["-n", ns, "delete", "pgbc", "demo"]);
     assert!(ok, "{out}");

@@ -16,4 +16,5 @@ pub mod metrics;
 pub mod objects;
 pub mod operator;
 pub mod reconcile;
+pub mod slots;
 pub mod status;

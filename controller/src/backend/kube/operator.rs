@@ -147,6 +147,21 @@ pub async fn run_with(client: Client, config: OperatorConfig) -> Result<(), Oper
         let _ = axum::serve(listener, app).await;
     });
 
+    // As PID 1 in a container, SIGTERM is ignored unless handled: a standby waiting for the
+    // lease exits at once; the leader gets a few seconds to finish the reconcile in flight.
+    let leading = ready.clone();
+    tokio::spawn(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = async { if let Some(t) = term.as_mut() { t.recv().await; } else { std::future::pending::<()>().await } } => {},
+        }
+        if leading.load(Ordering::SeqCst) {
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        }
+        std::process::exit(0);
+    });
     leader::hold(
         client.clone(),
         &config.lease_namespace,

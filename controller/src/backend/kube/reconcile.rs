@@ -200,7 +200,22 @@ async fn reconcile_inner(
             .instances
             .iter()
             .any(|i| i.balancer_node.as_deref() != Some("up"));
-    if draining || settling {
+    let primary_ready = seen.ready.contains(&plan.primary().ordinal);
+    let slots_busy = if primary_ready {
+        let services: Api<k8s_openapi::api::core::v1::Service> =
+            Api::namespaced(client.clone(), namespace);
+        match services
+            .get_opt(&format!("{}-rw", plan.cluster))
+            .await?
+            .and_then(|s| s.spec?.cluster_ip)
+        {
+            Some(ip) => super::slots::drop_stale(&plan, &ip, &creds).await,
+            None => false,
+        }
+    } else {
+        false
+    };
+    if draining || settling || slots_busy {
         // A removed replica is still attached, or a kept one not attached yet: look again shortly.
         return Ok(Action::requeue(Duration::from_secs(2)));
     }
