@@ -10,23 +10,8 @@ mod common;
 use std::process::Command;
 use std::time::Instant;
 
-use common::eventually;
+use common::{eventually, kubectl};
 use serde_json::Value;
-
-fn kubectl(args: &[&str]) -> (bool, String) {
-    let out = Command::new("kubectl")
-        .args(args)
-        .output()
-        .expect("kubectl");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
 
 fn get_json(args: &[&str]) -> Value {
     let mut all = args.to_vec();

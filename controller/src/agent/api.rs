@@ -196,16 +196,20 @@ fn authorized(agent: &Agent, headers: &HeaderMap) -> Result<(), Response> {
     }
 }
 
+/// The checks every node change starts with: the token, a well-formed id, live nodes.
+async fn change_target(
+    agent: &Agent,
+    headers: &HeaderMap,
+    id: &str,
+) -> Result<(u32, Vec<Node>), Response> {
+    authorized(agent, headers)?;
+    let id = parse_id(id)?;
+    Ok((id, live_nodes(agent).await?))
+}
+
 async fn attach(State(agent): Shared, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    if let Err(r) = authorized(&agent, &headers) {
-        return r;
-    }
-    let id = match parse_id(&id) {
-        Ok(id) => id,
-        Err(r) => return r,
-    };
-    let nodes = match live_nodes(&agent).await {
-        Ok(n) => n,
+    let (id, nodes) = match change_target(&agent, &headers, &id).await {
+        Ok(target) => target,
         Err(r) => return r,
     };
     let Some(node) = nodes.iter().find(|n| n.id == id) else {
@@ -223,15 +227,8 @@ async fn attach(State(agent): Shared, headers: HeaderMap, Path(id): Path<String>
 }
 
 async fn detach(State(agent): Shared, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    if let Err(r) = authorized(&agent, &headers) {
-        return r;
-    }
-    let id = match parse_id(&id) {
-        Ok(id) => id,
-        Err(r) => return r,
-    };
-    let nodes = match live_nodes(&agent).await {
-        Ok(n) => n,
+    let (id, nodes) = match change_target(&agent, &headers, &id).await {
+        Ok(target) => target,
         Err(r) => return r,
     };
     let Some(node) = nodes.iter().find(|n| n.id == id) else {

@@ -201,3 +201,19 @@ pub fn port(doc: &Value) -> u64 {
         .as_u64()
         .unwrap_or_else(|| panic!("no port in {doc}"))
 }
+
+/// Runs kubectl; success and its output.
+pub fn kubectl(args: &[&str]) -> (bool, String) {
+    let out = Command::new("kubectl")
+        .args(args)
+        .output()
+        .expect("kubectl");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
