@@ -166,7 +166,8 @@ async fn reconcile_inner(
         .map(objects::content_hash)
         .unwrap_or_default();
     super::balancer::nudge(client, ctx, namespace, &plan, &backends_hash).await?;
-    let (removed, draining) = remove_unplanned(client, ctx, namespace, &plan).await?;
+    let sets = instance_sets(client, namespace, &plan).await?;
+    let (removed, draining) = remove_unplanned(client, ctx, namespace, &plan, &sets).await?;
     adopt_claims(client, ctx, namespace, &plan, &owner).await?;
     if !removed.is_empty() {
         event(
@@ -179,7 +180,11 @@ async fn reconcile_inner(
         .await;
     }
 
-    let seen = observe(client, namespace, &plan).await?;
+    let kept: Vec<(u32, StatefulSet)> = sets
+        .into_iter()
+        .filter(|(_, sts)| !removed.contains(&sts.name_any()))
+        .collect();
+    let seen = observe(client, namespace, &plan, &kept).await?;
     let new = status::compute(&plan, &seen, previous.as_ref(), generation, now());
     if previous.as_ref().is_none_or(|p| !status::same(p, &new)) {
         if previous.as_ref().and_then(|p| p.phase.clone()) != new.phase {
@@ -358,37 +363,28 @@ async fn remove_unplanned(
     ctx: &Context,
     namespace: &str,
     plan: &Plan,
+    sets: &[(u32, StatefulSet)],
 ) -> Result<(Vec<String>, bool), Error> {
     let mut draining = false;
-    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), namespace);
+    let api: Api<StatefulSet> = Api::namespaced(client.clone(), namespace);
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
     let mut removed = Vec::new();
-    for sts in sets
-        .list(&ListParams::default().labels(&labels::postgres_selector(&plan.cluster)))
-        .await?
-    {
-        let Some(ordinal) = sts
-            .labels()
-            .get(labels::ORDINAL)
-            .and_then(|o| o.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if plan.instance(ordinal).is_some() {
+    for (ordinal, sts) in sets {
+        if plan.instance(*ordinal).is_some() {
             continue;
         }
-        if super::balancer::still_routes(client, namespace, plan, ordinal).await? {
+        if super::balancer::still_routes(client, namespace, plan, *ordinal).await? {
             draining = true;
             continue;
         }
         let name = sts.name_any();
         ctx.metrics.wrote();
-        match sets.delete(&name, &DeleteParams::background()).await {
+        match api.delete(&name, &DeleteParams::background()).await {
             Ok(_) => {}
             Err(kube::Error::Api(s)) if s.code == 404 => {}
             Err(e) => return Err(e.into()),
         }
-        let claim = objects::data_pvc_name(&plan.cluster, ordinal);
+        let claim = objects::data_pvc_name(&plan.cluster, *ordinal);
         ctx.metrics.wrote();
         match claims.delete(&claim, &DeleteParams::background()).await {
             Ok(_) => {}
@@ -436,20 +432,31 @@ async fn adopt_claims(
     Ok(())
 }
 
-async fn observe(client: &Client, namespace: &str, plan: &Plan) -> Result<Workloads, Error> {
-    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), namespace);
-    let mut seen = Workloads::default();
-    for sts in sets
+/// The cluster's instance StatefulSets with their ordinals, listed once per reconcile.
+async fn instance_sets(
+    client: &Client,
+    namespace: &str,
+    plan: &Plan,
+) -> Result<Vec<(u32, StatefulSet)>, Error> {
+    let api: Api<StatefulSet> = Api::namespaced(client.clone(), namespace);
+    Ok(api
         .list(&ListParams::default().labels(&labels::postgres_selector(&plan.cluster)))
         .await?
-    {
-        let Some(ordinal) = sts
-            .labels()
-            .get(labels::ORDINAL)
-            .and_then(|o| o.parse::<u32>().ok())
-        else {
-            continue;
-        };
+        .into_iter()
+        .filter_map(|sts| Some((sts.labels().get(labels::ORDINAL)?.parse::<u32>().ok()?, sts)))
+        .collect())
+}
+
+/// What the workloads report; `sets` are the StatefulSets left after scale-down.
+async fn observe(
+    client: &Client,
+    namespace: &str,
+    plan: &Plan,
+    sets: &[(u32, StatefulSet)],
+) -> Result<Workloads, Error> {
+    let mut seen = Workloads::default();
+    for (ordinal, sts) in sets {
+        let ordinal = *ordinal;
         seen.existing.push(ordinal);
         if sts
             .status
