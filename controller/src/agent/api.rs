@@ -383,7 +383,7 @@ async fn prometheus(State(agent): Shared) -> Response {
         nodes: &nodes,
         processes: &procs,
     });
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response()
 }
 
 async fn healthz(State(agent): Shared) -> Response {

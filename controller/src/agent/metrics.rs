@@ -1,8 +1,20 @@
 //! Prometheus text exposition of the balancer's state. Pure: nodes and counters in, text out.
+//!
+//! Each scrape builds a fresh `prometheus-client` registry from one [`Snapshot`] and encodes it
+//! in the Prometheus text format (version 0.0.4), served as [`CONTENT_TYPE`].
 
-use std::fmt::Write;
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::{prometheus_text, EncodeLabelSet};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 
 use super::pgpool::{Node, Process};
+
+/// `Content-Type` of [`render`]'s output: the Prometheus text format, version 0.0.4.
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 
 /// Everything `/metrics` reports.
 pub struct Snapshot<'a> {
@@ -16,96 +28,106 @@ pub struct Snapshot<'a> {
     pub processes: &'a [Process],
 }
 
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// Labels of every per-node series, in exposition order.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodeLabels {
+    node: u32,
+    host: String,
+    role: String,
 }
 
-/// The exposition text: each family's HELP and TYPE, then all of its samples.
-pub fn render(s: &Snapshot<'_>) -> String {
-    let mut out = String::new();
-    let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, String)>| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (labels, value) in samples {
-            let _ = writeln!(out, "{name}{labels} {value}");
+impl From<&Node> for NodeLabels {
+    fn from(n: &Node) -> Self {
+        NodeLabels {
+            node: n.id,
+            host: n.host.clone(),
+            role: n.role.clone(),
         }
-    };
-    let per_node = |value: &dyn Fn(&Node) -> String| -> Vec<(String, String)> {
-        s.nodes
-            .iter()
-            .map(|n| {
-                let labels = format!(
-                    "{{node=\"{}\",host=\"{}\",role=\"{}\"}}",
-                    n.id,
-                    escape(&n.host),
-                    escape(&n.role)
-                );
-                (labels, value(n))
-            })
-            .collect()
-    };
-    let single = |v: String| vec![(String::new(), v)];
-    family(
+    }
+}
+
+/// A gauge holding `v`.
+fn gauge(v: i64) -> Gauge {
+    let g = Gauge::default();
+    g.set(v);
+    g
+}
+
+/// One series per node, its value taken from the node.
+fn per_node<M: Default>(nodes: &[Node], set: impl Fn(&M, &Node)) -> Family<NodeLabels, M> {
+    let family = Family::default();
+    for n in nodes {
+        set(&family.get_or_create(&NodeLabels::from(n)), n);
+    }
+    family
+}
+
+/// The exposition text: each family's HELP and TYPE, then all of its samples. A per-node family
+/// is left out entirely when there are no nodes (pgpool did not answer).
+pub fn render(s: &Snapshot<'_>) -> String {
+    let mut registry = Registry::default();
+    registry.register(
         "pgbalancer_pgpool_up",
-        "gauge",
-        "1 when pgpool answers SQL.",
-        single(u8::from(s.pgpool_up).to_string()),
+        "1 when pgpool answers SQL",
+        gauge(s.pgpool_up.into()),
     );
-    family(
-        "pgbalancer_pgpool_restarts_total",
-        "counter",
-        "Times the agent restarted pgpool.",
-        single(s.restarts.to_string()),
+    let restarts = Counter::<u64>::default();
+    restarts.inc_by(s.restarts);
+    // Counters are registered without `_total` and help texts without their final full stop:
+    // the encoder appends both.
+    registry.register(
+        "pgbalancer_pgpool_restarts",
+        "Times the agent restarted pgpool",
+        restarts,
     );
-    family(
+    registry.register(
         "pgbalancer_node_up",
-        "gauge",
-        "1 when the backend node takes queries.",
-        per_node(&|n| u8::from(n.is_up()).to_string()),
+        "1 when the backend node takes queries",
+        per_node(s.nodes, |g: &Gauge, n| {
+            g.set(n.is_up().into());
+        }),
     );
-    family(
+    registry.register(
         "pgbalancer_node_primary",
-        "gauge",
-        "1 when the backend node is the primary.",
-        per_node(&|n| u8::from(n.role == "primary").to_string()),
+        "1 when the backend node is the primary",
+        per_node(s.nodes, |g: &Gauge, n| {
+            g.set((n.role == "primary").into());
+        }),
     );
-    family(
+    registry.register(
         "pgbalancer_node_replication_lag_bytes",
-        "gauge",
-        "Replication delay of the node in bytes.",
-        per_node(&|n| n.replication_delay.to_string()),
+        "Replication delay of the node in bytes",
+        per_node(s.nodes, |g: &Gauge, n| {
+            g.set(n.replication_delay);
+        }),
     );
-    family(
-        "pgbalancer_node_select_total",
-        "counter",
-        "SELECT statements routed to the node.",
-        per_node(&|n| n.select_cnt.to_string()),
+    registry.register(
+        "pgbalancer_node_select",
+        "SELECT statements routed to the node",
+        per_node(s.nodes, |c: &Counter, n| {
+            c.inc_by(u64::try_from(n.select_cnt).unwrap_or(0));
+        }),
     );
-    family(
+    registry.register(
         "pgbalancer_node_weight",
-        "gauge",
-        "Normalised load-balance weight of the node.",
-        per_node(&|n| n.lb_weight.to_string()),
+        "Normalised load-balance weight of the node",
+        per_node(s.nodes, |g: &Gauge<f64, AtomicU64>, n| {
+            g.set(n.lb_weight);
+        }),
     );
-    family(
+    let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+    registry.register(
         "pgbalancer_pool_processes",
-        "gauge",
-        "Pool processes (num_init_children).",
-        single(s.processes.len().to_string()),
+        "Pool processes (num_init_children)",
+        gauge(count(s.processes.len())),
     );
-    family(
+    registry.register(
         "pgbalancer_pool_processes_active",
-        "gauge",
-        "Pool processes serving a client.",
-        single(
-            s.processes
-                .iter()
-                .filter(|p| p.is_active())
-                .count()
-                .to_string(),
-        ),
+        "Pool processes serving a client",
+        gauge(count(s.processes.iter().filter(|p| p.is_active()).count())),
     );
+    let mut out = String::new();
+    prometheus_text::encode(&mut out, &registry).expect("encoding into a String cannot fail");
     out
 }
 
@@ -113,21 +135,23 @@ pub fn render(s: &Snapshot<'_>) -> String {
 mod tests {
     use super::*;
 
-    #[test]
-    fn metrics_have_help_type_and_one_sample_per_node() {
-        let nodes = vec![Node {
-            id: 1,
-            host: "db-1".into(),
+    fn node(id: u32, host: &str, role: &str, status: &str) -> Node {
+        Node {
+            id,
+            host: host.into(),
             port: 5432,
-            status: "up".into(),
+            status: status.into(),
             lb_weight: 0.5,
-            role: "standby".into(),
+            role: role.into(),
             select_cnt: 7,
             replication_delay: 128,
             replication_state: "streaming".into(),
             last_status_change: String::new(),
-        }];
-        let procs = vec![
+        }
+    }
+
+    fn procs() -> Vec<Process> {
+        vec![
             Process {
                 pid: "1".into(),
                 status: "Idle".into(),
@@ -136,25 +160,102 @@ mod tests {
                 pid: "2".into(),
                 status: "Wait for connection".into(),
             },
+        ]
+    }
+
+    #[test]
+    fn metrics_have_help_type_and_one_sample_per_node() {
+        let nodes = vec![
+            node(0, "db-0", "primary", "up"),
+            node(1, "db-1", "standby", "down"),
         ];
+        let procs = procs();
         let text = render(&Snapshot {
             pgpool_up: true,
             restarts: 2,
             nodes: &nodes,
             processes: &procs,
         });
-        assert!(text.contains("# TYPE pgbalancer_node_up gauge\n"));
-        assert!(text.contains("pgbalancer_node_replication_lag_bytes{node=\"1\",host=\"db-1\",role=\"standby\"} 128\n"));
-        assert!(text.contains("pgbalancer_pool_processes_active 1\n"));
-        assert!(text.contains("pgbalancer_pgpool_restarts_total 2\n"));
+        for line in [
+            "# HELP pgbalancer_pgpool_up 1 when pgpool answers SQL.",
+            "# TYPE pgbalancer_pgpool_up gauge",
+            "pgbalancer_pgpool_up 1",
+            "# HELP pgbalancer_pgpool_restarts_total Times the agent restarted pgpool.",
+            "# TYPE pgbalancer_pgpool_restarts_total counter",
+            "pgbalancer_pgpool_restarts_total 2",
+            "# TYPE pgbalancer_node_up gauge",
+            "pgbalancer_node_up{node=\"0\",host=\"db-0\",role=\"primary\"} 1",
+            "pgbalancer_node_up{node=\"1\",host=\"db-1\",role=\"standby\"} 0",
+            "# TYPE pgbalancer_node_primary gauge",
+            "pgbalancer_node_primary{node=\"0\",host=\"db-0\",role=\"primary\"} 1",
+            "pgbalancer_node_primary{node=\"1\",host=\"db-1\",role=\"standby\"} 0",
+            "# TYPE pgbalancer_node_replication_lag_bytes gauge",
+            "pgbalancer_node_replication_lag_bytes{node=\"1\",host=\"db-1\",role=\"standby\"} 128",
+            "# TYPE pgbalancer_node_select_total counter",
+            "pgbalancer_node_select_total{node=\"1\",host=\"db-1\",role=\"standby\"} 7",
+            "# TYPE pgbalancer_node_weight gauge",
+            "pgbalancer_node_weight{node=\"0\",host=\"db-0\",role=\"primary\"} 0.5",
+            "# TYPE pgbalancer_pool_processes gauge",
+            "pgbalancer_pool_processes 2",
+            "# TYPE pgbalancer_pool_processes_active gauge",
+            "pgbalancer_pool_processes_active 1",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
         let scrape =
             prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
-        assert_eq!(scrape.samples.len(), 9);
+        assert_eq!(scrape.samples.len(), 4 + 5 * 2, "{text}");
         let lag = scrape
             .samples
             .iter()
             .find(|s| s.metric == "pgbalancer_node_replication_lag_bytes")
             .unwrap();
-        assert_eq!(lag.labels.get("host"), Some("db-1"));
+        assert!(lag.labels.get("host").is_some_and(|h| h.starts_with("db-")));
+        let selects = scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == "pgbalancer_node_select_total")
+            .unwrap();
+        assert!(matches!(selects.value, prometheus_parse::Value::Counter(v) if v == 7.0));
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let nodes = vec![node(3, "a\"b\\c", "standby", "up")];
+        let text = render(&Snapshot {
+            pgpool_up: true,
+            restarts: 0,
+            nodes: &nodes,
+            processes: &[],
+        });
+        assert!(
+            text.contains(
+                "pgbalancer_node_up{node=\"3\",host=\"a\\\"b\\\\c\",role=\"standby\"} 1\n"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn pgpool_down_leaves_only_the_unlabelled_series() {
+        let text = render(&Snapshot {
+            pgpool_up: false,
+            restarts: 5,
+            nodes: &[],
+            processes: &[],
+        });
+        let samples: Vec<_> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(
+            samples,
+            [
+                "pgbalancer_pgpool_up 0",
+                "pgbalancer_pgpool_restarts_total 5",
+                "pgbalancer_pool_processes 0",
+                "pgbalancer_pool_processes_active 0",
+            ]
+        );
     }
 }

@@ -1,96 +1,138 @@
-//! The operator's Prometheus metrics: reconciles, failures by reason, API writes and a
-//! reconcile duration histogram. Counters are atomics; rendering is pure.
+//! The operator's Prometheus metrics: reconciles, failures by reason, API writes, failovers by
+//! kind and a reconcile duration histogram, kept in one `prometheus-client` registry and
+//! rendered in the Prometheus text format (version 0.0.4), served as [`CONTENT_TYPE`].
 
-use std::collections::BTreeMap;
-use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 use std::time::Duration;
 
+use prometheus_client::encoding::{prometheus_text, EncodeLabelSet};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// `Content-Type` of [`Metrics::render`]'s output: the Prometheus text format, version 0.0.4.
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
+
+/// Upper bounds of the reconcile duration buckets, in seconds.
 const BUCKETS: [f64; 8] = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
 
-/// Operator metrics.
-#[derive(Default)]
+/// Label of `pgbalancer_operator_reconcile_failures_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FailureLabels {
+    reason: String,
+}
+
+/// Label of `pgbalancer_failovers_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FailoverLabels {
+    kind: String,
+}
+
+/// Operator metrics. The handles share their values with the registry, so counting is lock-free
+/// for the plain counters and rendering always sees the latest values.
+#[derive(Debug)]
 pub struct Metrics {
-    reconciles: AtomicU64,
-    writes: AtomicU64,
-    failures: Mutex<BTreeMap<String, u64>>,
-    buckets: [AtomicU64; 8],
-    duration_sum_micros: AtomicU64,
+    registry: Registry,
+    reconciles: Counter,
+    writes: Counter,
+    failures: Family<FailureLabels, Counter>,
+    duration: Histogram,
+    failovers: Family<FailoverLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let reconciles = Counter::default();
+        let writes = Counter::default();
+        let failures = Family::<FailureLabels, Counter>::default();
+        let duration = Histogram::new(BUCKETS);
+        let failovers = Family::<FailoverLabels, Counter>::default();
+        let mut registry = Registry::default();
+        // Counters are registered without `_total` and help texts without their final full stop:
+        // the encoder appends both.
+        registry.register(
+            "pgbalancer_operator_reconciles",
+            "Reconciles run",
+            reconciles.clone(),
+        );
+        registry.register(
+            "pgbalancer_operator_api_writes",
+            "Write requests sent to the API server",
+            writes.clone(),
+        );
+        registry.register(
+            "pgbalancer_operator_reconcile_failures",
+            "Failed reconciles by reason",
+            failures.clone(),
+        );
+        registry.register(
+            "pgbalancer_operator_reconcile_duration_seconds",
+            "Reconcile duration",
+            duration.clone(),
+        );
+        registry.register(
+            "pgbalancer_failovers",
+            "Primary changes by kind (failover or switchover)",
+            failovers.clone(),
+        );
+        Metrics {
+            registry,
+            reconciles,
+            writes,
+            failures,
+            duration,
+            failovers,
+        }
+    }
 }
 
 impl Metrics {
     /// Counts a finished reconcile and its duration.
     pub fn reconciled(&self, took: Duration) {
-        self.reconciles.fetch_add(1, Ordering::Relaxed);
-        let secs = took.as_secs_f64();
-        for (i, bound) in BUCKETS.iter().enumerate() {
-            if secs <= *bound {
-                self.buckets[i].fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.duration_sum_micros
-            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        self.reconciles.inc();
+        self.duration.observe(took.as_secs_f64());
     }
 
     /// Counts a failed reconcile by reason.
     pub fn failed(&self, reason: &str) {
-        if let Ok(mut f) = self.failures.lock() {
-            *f.entry(reason.to_owned()).or_default() += 1;
-        }
+        self.failures
+            .get_or_create(&FailureLabels {
+                reason: reason.to_owned(),
+            })
+            .inc();
     }
 
     /// Counts one write request to the API server.
     pub fn wrote(&self) {
-        self.writes.fetch_add(1, Ordering::Relaxed);
+        self.writes.inc();
+    }
+
+    /// Counts a change of primary: `kind` is `failover` (the primary was lost) or `switchover`
+    /// (planned). Exposed as `pgbalancer_failovers_total{kind="…"}`; nothing calls it yet.
+    pub fn failover(&self, kind: &str) {
+        self.failovers
+            .get_or_create(&FailoverLabels {
+                kind: kind.to_owned(),
+            })
+            .inc();
     }
 
     /// Write requests so far.
     pub fn writes(&self) -> u64 {
-        self.writes.load(Ordering::Relaxed)
+        self.writes.get()
     }
 
     /// Reconciles so far.
     pub fn reconciles(&self) -> u64 {
-        self.reconciles.load(Ordering::Relaxed)
+        self.reconciles.get()
     }
 
-    /// Prometheus text exposition.
+    /// Prometheus text exposition. A labelled family with no series yet (no failure, no
+    /// failover) is left out entirely.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let count = self.reconciles.load(Ordering::Relaxed);
-        let _ = writeln!(out, "# HELP pgbalancer_operator_reconciles_total Reconciles run.\n# TYPE pgbalancer_operator_reconciles_total counter\npgbalancer_operator_reconciles_total {count}");
-        let _ = writeln!(out, "# HELP pgbalancer_operator_api_writes_total Write requests sent to the API server.\n# TYPE pgbalancer_operator_api_writes_total counter\npgbalancer_operator_api_writes_total {}", self.writes());
-        let _ = writeln!(out, "# HELP pgbalancer_operator_reconcile_failures_total Failed reconciles by reason.\n# TYPE pgbalancer_operator_reconcile_failures_total counter");
-        if let Ok(f) = self.failures.lock() {
-            for (reason, n) in f.iter() {
-                let _ = writeln!(
-                    out,
-                    "pgbalancer_operator_reconcile_failures_total{{reason=\"{reason}\"}} {n}"
-                );
-            }
-        }
-        let _ = writeln!(out, "# HELP pgbalancer_operator_reconcile_duration_seconds Reconcile duration.\n# TYPE pgbalancer_operator_reconcile_duration_seconds histogram");
-        for (i, bound) in BUCKETS.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "pgbalancer_operator_reconcile_duration_seconds_bucket{{le=\"{bound}\"}} {}",
-                self.buckets[i].load(Ordering::Relaxed)
-            );
-        }
-        let _ = writeln!(
-            out,
-            "pgbalancer_operator_reconcile_duration_seconds_bucket{{le=\"+Inf\"}} {count}"
-        );
-        let _ = writeln!(
-            out,
-            "pgbalancer_operator_reconcile_duration_seconds_sum {}",
-            self.duration_sum_micros.load(Ordering::Relaxed) as f64 / 1e6
-        );
-        let _ = writeln!(
-            out,
-            "pgbalancer_operator_reconcile_duration_seconds_count {count}"
-        );
+        prometheus_text::encode(&mut out, &self.registry)
+            .expect("encoding into a String cannot fail");
         out
     }
 }
@@ -99,14 +141,51 @@ impl Metrics {
 mod tests {
     use super::*;
 
+    fn assert_lines(text: &str, lines: &[&str]) {
+        for line in lines {
+            assert!(
+                text.lines().any(|l| l == *line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+    }
+
     #[test]
     fn metrics_parse_and_count() {
         let m = Metrics::default();
-        m.reconciled(Duration::from_millis(30));
-        m.reconciled(Duration::from_millis(300));
-        m.failed("kube");
+        // Binary fractions, so the sum is exact.
+        m.reconciled(Duration::from_micros(31_250));
+        m.reconciled(Duration::from_millis(500));
+        m.failed("kube_api");
+        m.failed("kube_api");
+        m.failed("invalid_spec");
         m.wrote();
+        assert_eq!((m.reconciles(), m.writes()), (2, 1));
         let text = m.render();
+        assert_lines(
+            &text,
+            &[
+                "# HELP pgbalancer_operator_reconciles_total Reconciles run.",
+                "# TYPE pgbalancer_operator_reconciles_total counter",
+                "pgbalancer_operator_reconciles_total 2",
+                "# TYPE pgbalancer_operator_api_writes_total counter",
+                "pgbalancer_operator_api_writes_total 1",
+                "# TYPE pgbalancer_operator_reconcile_failures_total counter",
+                "pgbalancer_operator_reconcile_failures_total{reason=\"kube_api\"} 2",
+                "pgbalancer_operator_reconcile_failures_total{reason=\"invalid_spec\"} 1",
+                "# TYPE pgbalancer_operator_reconcile_duration_seconds histogram",
+                "pgbalancer_operator_reconcile_duration_seconds_bucket{le=\"0.01\"} 0",
+                "pgbalancer_operator_reconcile_duration_seconds_bucket{le=\"0.05\"} 1",
+                "pgbalancer_operator_reconcile_duration_seconds_bucket{le=\"0.25\"} 1",
+                "pgbalancer_operator_reconcile_duration_seconds_bucket{le=\"0.5\"} 2",
+                "pgbalancer_operator_reconcile_duration_seconds_bucket{le=\"1\"} 2",
+                "pgbalancer_operator_reconcile_duration_seconds_bucket{le=\"10\"} 2",
+                "pgbalancer_operator_reconcile_duration_seconds_bucket{le=\"+Inf\"} 2",
+                "pgbalancer_operator_reconcile_duration_seconds_sum 0.53125",
+                "pgbalancer_operator_reconcile_duration_seconds_count 2",
+            ],
+        );
+        assert!(!text.contains("pgbalancer_failovers"), "{text}");
         let scrape =
             prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
         let total = scrape
@@ -115,9 +194,41 @@ mod tests {
             .find(|s| s.metric == "pgbalancer_operator_reconciles_total")
             .unwrap();
         assert!(matches!(total.value, prometheus_parse::Value::Counter(v) if v == 2.0));
-        assert!(
-            text.contains("pgbalancer_operator_reconcile_duration_seconds_bucket{le=\"0.05\"} 1\n")
+        // 2 counters, 2 failure reasons, 9 buckets, sum and count.
+        let samples = text.lines().filter(|l| !l.starts_with('#')).count();
+        assert_eq!(samples, 2 + 2 + 9 + 2, "{text}");
+    }
+
+    #[test]
+    fn failovers_are_counted_by_kind() {
+        let m = Metrics::default();
+        m.failover("failover");
+        m.failover("switchover");
+        m.failover("switchover");
+        let text = m.render();
+        assert_lines(
+            &text,
+            &[
+                "# HELP pgbalancer_failovers_total Primary changes by kind (failover or switchover).",
+                "# TYPE pgbalancer_failovers_total counter",
+                "pgbalancer_failovers_total{kind=\"failover\"} 1",
+                "pgbalancer_failovers_total{kind=\"switchover\"} 2",
+            ],
         );
-        assert!(text.contains("pgbalancer_operator_reconcile_failures_total{reason=\"kube\"} 1\n"));
+    }
+
+    #[test]
+    fn fresh_metrics_expose_zeroes() {
+        let text = Metrics::default().render();
+        let samples: Vec<_> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(samples.len(), 2 + 9 + 2, "{text}");
+        assert_lines(
+            &text,
+            &[
+                "pgbalancer_operator_reconciles_total 0",
+                "pgbalancer_operator_api_writes_total 0",
+                "pgbalancer_operator_reconcile_duration_seconds_count 0",
+            ],
+        );
     }
 }

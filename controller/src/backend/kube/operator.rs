@@ -5,6 +5,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use axum::http::header;
 use axum::routing::get;
 use axum::Router;
 use clap::Args;
@@ -20,7 +21,7 @@ use pgbalancer_crd::PgBalancerCluster;
 use thiserror::Error;
 
 use super::leader;
-use super::metrics::Metrics;
+use super::metrics::{self, Metrics};
 use super::reconcile::{error_policy, reconcile, Context};
 use crate::labels;
 
@@ -126,7 +127,10 @@ pub async fn run_with(client: Client, config: OperatorConfig) -> Result<(), Oper
     let app = Router::new()
         .route(
             "/metrics",
-            get(move || std::future::ready(metrics_ctx.metrics.render())),
+            get(move || {
+                let text = metrics_ctx.metrics.render();
+                std::future::ready(([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text))
+            }),
         )
         .route("/healthz", get(|| std::future::ready("ok\n")))
         .route(
