@@ -45,9 +45,10 @@ fn start_operator(
 ) -> tokio::task::JoinHandle<()> {
     let config = OperatorConfig {
         namespace: Some(ns.to_owned()),
-        lease_namespace: ns.to_owned(),
+        lease_namespace: Some(ns.to_owned()),
         listen: format!("127.0.0.1:{port}"),
         identity: Some(identity.to_owned()),
+        leader_elect: true,
     };
     let client = client.clone();
     tokio::spawn(async move {

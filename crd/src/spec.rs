@@ -76,7 +76,9 @@ pub struct PostgresSpec {
     #[serde(default)]
     pub storage: StorageSpec,
     /// Extra `postgresql.conf` parameters. Parameters the operator manages (ports, paths,
-    /// replication settings) are refused.
+    /// replication settings) are refused. `max_connections`, when absent, is sized for the
+    /// balancers' pool (numInitChildren × maxPool × instances, plus headroom, at least 200);
+    /// when set, it must exceed that pool by at least 10.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub parameters: BTreeMap<String, String>,
     /// Compute resources of each instance (Kubernetes); on Docker the limits become

@@ -3,6 +3,8 @@
 //! `validate` checks one cluster; `validate_set` adds the checks across the clusters of one file
 //! (names, container names, host ports). Checks against what already runs (ports taken by other
 //! clusters, existing networks) belong to the backends, which use [`claimed_host_ports`].
+//! [`default_max_connections`] sizes `max_connections` for the balancers' pool when the spec sets
+//! none; the planner renders that value, so what is checked here is what the instances get.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -60,10 +62,20 @@ pub const MANAGED_PARAMETERS: [&str; 14] = [
 /// Roles created by the images; the application user cannot take these names.
 pub const RESERVED_ROLES: [&str; 3] = ["postgres", "replicator", "pgbalancer_monitor"];
 
-/// Connections kept free for superusers, replication and monitoring when checking the pool budget.
+/// Connections an explicit `max_connections` must leave free beyond the balancers' pool budget
+/// (superusers, replication, monitoring).
 pub const RESERVED_CONNECTIONS: u32 = 10;
-/// `max_connections` rendered when the user sets none.
+/// The least `max_connections` rendered when the user sets none; see [`default_max_connections`].
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 200;
+/// Added to the pool budget when deriving `max_connections`: superuser sessions, base backups,
+/// monitoring and the operator's own connections.
+pub const MAX_CONNECTIONS_HEADROOM: u32 = 20;
+/// A derived `max_connections` is a multiple of this.
+pub const MAX_CONNECTIONS_STEP: u32 = 100;
+/// The least explicit `max_connections` accepted.
+pub const MIN_MAX_CONNECTIONS: u32 = 20;
+/// PostgreSQL's upper bound for `max_connections` (`MAX_BACKENDS`).
+pub const POSTGRES_MAX_CONNECTIONS: u32 = 262_143;
 /// Longest cluster name, so that derived names (`<name>-<ordinal>`, `<name>-balancer-<i>`)
 /// stay valid DNS labels.
 pub const MAX_NAME_LEN: usize = 40;
@@ -213,10 +225,10 @@ fn check_postgres(pg: &PostgresSpec, c: &mut Collector) {
         }
     }
     if let Some(v) = pg.parameters.get("max_connections") {
-        if v.parse::<u32>().map_or(true, |n| n < 20) {
+        if v.parse::<u32>().map_or(true, |n| n < MIN_MAX_CONNECTIONS) {
             c.err(
                 "spec.postgres.parameters.max_connections",
-                format!("`{v}` must be a number of at least 20"),
+                format!("`{v}` must be a number of at least {MIN_MAX_CONNECTIONS}"),
             );
         }
     }
@@ -245,28 +257,98 @@ fn check_balancer(spec: &PgBalancerClusterSpec, c: &mut Collector) {
             format!("{} is out of range 1..=64", b.max_pool),
         );
     }
-    let max_connections = spec
-        .postgres
-        .parameters
-        .get("max_connections")
-        .and_then(|v| v.parse::<u32>().ok())
-        .unwrap_or(DEFAULT_MAX_CONNECTIONS);
+    let needed = pool_connections(spec);
+    match spec.postgres.parameters.get("max_connections") {
+        Some(value) => {
+            // Not a number, or below the minimum: check_postgres has named the field already.
+            let explicit = value
+                .parse::<u32>()
+                .ok()
+                .filter(|n| *n >= MIN_MAX_CONNECTIONS);
+            if let Some(max_connections) = explicit {
+                let budget = max_connections.saturating_sub(RESERVED_CONNECTIONS);
+                if needed > budget {
+                    c.err(
+                        "spec.postgres.parameters.max_connections",
+                        format!(
+                            "{max_connections} is too low for the balancers: numInitChildren × maxPool × \
+                             instances = {needed} backend connections, plus {RESERVED_CONNECTIONS} reserved; \
+                             set at least {}, remove it to let pgbalancer size it, or lower \
+                             spec.balancer.numInitChildren, maxPool or instances",
+                            needed.saturating_add(RESERVED_CONNECTIONS)
+                        ),
+                    );
+                }
+            }
+        }
+        None => {
+            let derived = default_max_connections(spec);
+            if derived > POSTGRES_MAX_CONNECTIONS {
+                c.err(
+                    "spec.balancer.numInitChildren",
+                    format!(
+                        "numInitChildren × maxPool × instances = {needed} backend connections needs \
+                         max_connections {derived}, beyond the {POSTGRES_MAX_CONNECTIONS} PostgreSQL \
+                         allows; lower numInitChildren, maxPool or instances"
+                    ),
+                );
+            }
+        }
+    }
+}
+
+/// Backend connections the balancers may open together: `numInitChildren × maxPool × instances`
+/// (saturating; `instances` below 1 counts as 1).
+pub fn pool_connections(spec: &PgBalancerClusterSpec) -> u32 {
+    let b = &spec.balancer;
     let instances = u32::try_from(b.instances.max(1)).unwrap_or(1);
-    let needed = b
+    b.num_init_children
+        .saturating_mul(b.max_pool)
+        .saturating_mul(instances)
+}
+
+/// The `max_connections` pgbalancer renders in `postgresql.conf`, ahead of
+/// `spec.postgres.parameters`. Pure: the same spec gives the same value on Docker and Kubernetes,
+/// and validation checks the very value that is rendered.
+///
+/// When the user sets none, it is derived from the pool budget so that the defaults are valid for
+/// every allowed `spec.balancer.instances`:
+///
+/// ```text
+/// instances' = instances rounded up to a power of two (1, 2, 4, 8)
+/// value      = max(200, smallest multiple of 100 ≥ numInitChildren × maxPool × instances' + 20)
+/// ```
+///
+/// With the default pool (32 × 4) that is 200 for one balancer, 300 for two, 600 for three or four
+/// and 1100 for five to eight. `postgresql.conf` feeds the instances' config hash, so a change of
+/// this value replaces (restarts) the PostgreSQL instances; the value therefore moves in coarse
+/// steps rather than with every balancer added: rounding to 100 absorbs small pool changes, and
+/// rounding the balancer count to a power of two lets 3 ↔ 4 and 5 ↔ 8 balancers share a value.
+/// The floor of 200 is the value every cluster rendered before the default was derived, so a
+/// cluster with one balancer and the default pool keeps its file byte for byte. One and two
+/// balancers cannot share a value without raising that floor, which would restart every such
+/// cluster's instances once on upgrade; they differ (200, 300).
+///
+/// When `spec.postgres.parameters` sets `max_connections`, the user's line (rendered after this
+/// one) is what PostgreSQL uses; this one then stays at [`DEFAULT_MAX_CONNECTIONS`] as it always
+/// was, so that the file depends on the user's value alone, not on the balancers.
+pub fn default_max_connections(spec: &PgBalancerClusterSpec) -> u32 {
+    if spec.postgres.parameters.contains_key("max_connections") {
+        return DEFAULT_MAX_CONNECTIONS;
+    }
+    let b = &spec.balancer;
+    let instances = u32::try_from(b.instances.clamp(1, MAX_BALANCER_INSTANCES))
+        .unwrap_or(1)
+        .next_power_of_two();
+    let wanted = b
         .num_init_children
         .saturating_mul(b.max_pool)
-        .saturating_mul(instances);
-    let budget = max_connections.saturating_sub(RESERVED_CONNECTIONS);
-    if needed > budget {
-        c.err(
-            "spec.balancer.numInitChildren",
-            format!(
-                "numInitChildren × maxPool × instances = {needed} backend connections exceeds \
-                 max_connections ({max_connections}) minus {RESERVED_CONNECTIONS} reserved; lower them or raise \
-                 spec.postgres.parameters.max_connections"
-            ),
-        );
-    }
+        .saturating_mul(instances)
+        .saturating_add(MAX_CONNECTIONS_HEADROOM);
+    wanted
+        .div_ceil(MAX_CONNECTIONS_STEP)
+        .saturating_mul(MAX_CONNECTIONS_STEP)
+        .max(DEFAULT_MAX_CONNECTIONS)
 }
 
 fn check_local(spec: &PgBalancerClusterSpec, local: &LocalSpec, c: &mut Collector) {

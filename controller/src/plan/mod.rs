@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use k8s_openapi::api::core::v1::ResourceRequirements;
-use pgbalancer_crd::validate::offset_port;
+use pgbalancer_crd::validate::{default_max_connections, offset_port};
 use pgbalancer_crd::PgBalancerCluster;
 
 pub use images::{
@@ -86,6 +86,9 @@ pub struct PostgresPlan {
     pub database: String,
     /// Owner of `database`.
     pub user: String,
+    /// `max_connections` of the managed parameters, from
+    /// [`default_max_connections`]: sized for the balancers' pool unless `parameters` sets it.
+    pub max_connections: u32,
     /// User parameters, rendered after the managed ones.
     pub parameters: BTreeMap<String, String>,
     /// Resources (Kubernetes; limits also on Docker).
@@ -242,6 +245,7 @@ impl Plan {
                     .unwrap_or_else(|| default_postgres_image(spec.postgres.version)),
                 database: spec.postgres.database.clone(),
                 user: spec.postgres.user.clone(),
+                max_connections: default_max_connections(spec),
                 parameters: spec.postgres.parameters.clone(),
                 resources: spec.postgres.resources.clone(),
                 storage_size: spec.postgres.storage.size.clone(),

@@ -2,8 +2,6 @@
 
 use std::fmt::Write;
 
-use pgbalancer_crd::validate::DEFAULT_MAX_CONNECTIONS;
-
 use super::conf_quote;
 use crate::plan::{Plan, POSTGRES_PORT, REPLICATION_USER};
 
@@ -12,7 +10,9 @@ use crate::plan::{Plan, POSTGRES_PORT, REPLICATION_USER};
 const MAX_WAL_SENDERS: i32 = pgbalancer_crd::MAX_REPLICAS + 8;
 
 /// Parameters the operator sets; user parameters follow and may override the tunables
-/// (not the managed ones, which validation refuses).
+/// (not the managed ones, which validation refuses). `max_connections` is the plan's, sized for
+/// the balancers' pool unless the user sets it (see
+/// [`pgbalancer_crd::validate::default_max_connections`]).
 pub fn postgresql_conf(plan: &Plan) -> String {
     let mut out = format!(
         "# Rendered by pgbalancer for cluster {cluster}; changes here are overwritten.\n\
@@ -21,7 +21,7 @@ pub fn postgresql_conf(plan: &Plan) -> String {
          hba_file = '{dir}/pg_hba.conf'\n\
          unix_socket_directories = '/var/run/postgresql'\n\
          password_encryption = 'scram-sha-256'\n\
-         max_connections = {DEFAULT_MAX_CONNECTIONS}\n\
+         max_connections = {max_connections}\n\
          # Replication: every instance can serve as primary after a switchover.\n\
          wal_level = replica\n\
          max_wal_senders = {senders}\n\
@@ -41,6 +41,7 @@ pub fn postgresql_conf(plan: &Plan) -> String {
         cluster = plan.cluster,
         dir = super::CONFIG_DIR,
         senders = MAX_WAL_SENDERS,
+        max_connections = plan.postgres.max_connections,
     );
     if !plan.postgres.parameters.is_empty() {
         out.push_str("# From spec.postgres.parameters.\n");

@@ -93,3 +93,54 @@ fn secrets_are_marked_and_escaped() {
         .contents
         .contains("app:TEXTap\n"));
 }
+
+fn plan_with(spec_yaml: &str) -> (Plan, Plan) {
+    let text = format!(
+        "apiVersion: pgbalancer.io/v1alpha1\nkind: PgBalancerCluster\nmetadata: {{name: demo}}\nspec:\n{spec_yaml}"
+    );
+    let cluster = &parse_documents(&text).unwrap()[0];
+    (Plan::new(cluster, 0), Plan::kubernetes(cluster, 0))
+}
+
+fn max_connections_lines(conf: &str) -> Vec<&str> {
+    conf.lines()
+        .filter(|l| l.starts_with("max_connections"))
+        .collect()
+}
+
+#[test]
+fn max_connections_follows_the_pool_on_both_backends() {
+    for (instances, expected) in [(1, 200), (2, 300), (3, 600), (8, 1100)] {
+        let (docker, kube) = plan_with(&format!("  balancer: {{instances: {instances}}}\n"));
+        for plan in [docker, kube] {
+            assert_eq!(
+                max_connections_lines(&postgresql_conf(&plan)),
+                [format!("max_connections = {expected}")],
+                "instances: {instances}"
+            );
+        }
+    }
+}
+
+#[test]
+fn balancer_counts_sharing_a_step_render_the_same_postgres_files() {
+    let (three, _) = plan_with("  balancer: {instances: 3}\n");
+    let (four, _) = plan_with("  balancer: {instances: 4}\n");
+    assert_eq!(
+        postgres_files(&three, &creds()),
+        postgres_files(&four, &creds())
+    );
+}
+
+#[test]
+fn explicit_max_connections_is_rendered_last_and_wins() {
+    for instances in [1, 8] {
+        let (plan, _) = plan_with(&format!(
+            "  balancer: {{instances: {instances}}}\n  postgres:\n    parameters: {{max_connections: '5000'}}\n"
+        ));
+        assert_eq!(
+            max_connections_lines(&postgresql_conf(&plan)),
+            ["max_connections = 200", "max_connections = '5000'"]
+        );
+    }
+}

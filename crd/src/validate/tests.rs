@@ -64,11 +64,96 @@ fn managed_parameters_and_reserved_roles_are_refused() {
 }
 
 #[test]
-fn pool_budget_beyond_max_connections_is_refused() {
-    let c = cluster("  balancer: {numInitChildren: 100, maxPool: 4}\n");
+fn default_pool_is_valid_for_every_balancer_count() {
+    for instances in 1..=MAX_BALANCER_INSTANCES {
+        let c = cluster(&format!("  balancer: {{instances: {instances}}}\n"));
+        assert_eq!(validate(&c), Ok(()), "instances: {instances}");
+        let derived = default_max_connections(&c.spec);
+        assert!(
+            pool_connections(&c.spec) + RESERVED_CONNECTIONS <= derived,
+            "instances: {instances}, max_connections {derived}"
+        );
+    }
+}
+
+#[test]
+fn derived_max_connections_moves_in_coarse_steps() {
+    let table = [
+        // (balancer spec, max_connections)
+        ("{instances: 1}", 200),
+        ("{instances: 2}", 300),
+        ("{instances: 3}", 600),
+        ("{instances: 4}", 600),
+        ("{instances: 5}", 1100),
+        ("{instances: 8}", 1100),
+        ("{instances: 1, numInitChildren: 16, maxPool: 2}", 200),
+        ("{instances: 4, numInitChildren: 16, maxPool: 2}", 200),
+        ("{instances: 8, numInitChildren: 16, maxPool: 2}", 300),
+        ("{instances: 1, numInitChildren: 100, maxPool: 4}", 500),
+        ("{instances: 1, numInitChildren: 45, maxPool: 4}", 200),
+        ("{instances: 1, numInitChildren: 46, maxPool: 4}", 300),
+    ];
+    for (balancer, expected) in table {
+        let c = cluster(&format!("  balancer: {balancer}\n"));
+        assert_eq!(default_max_connections(&c.spec), expected, "{balancer}");
+        assert_eq!(validate(&c), Ok(()), "{balancer}");
+    }
+}
+
+#[test]
+fn explicit_max_connections_is_kept_and_must_hold_the_pool() {
+    let table = [
+        // (max_connections, balancer spec, valid)
+        ("200", "{instances: 1}", true),
+        ("138", "{instances: 1}", true),
+        ("137", "{instances: 1}", false),
+        ("200", "{instances: 2}", false),
+        ("5000", "{instances: 8}", true),
+        ("409", "{numInitChildren: 100, maxPool: 4}", false),
+        ("410", "{numInitChildren: 100, maxPool: 4}", true),
+    ];
+    for (max_connections, balancer, valid) in table {
+        let c = cluster(&format!(
+            "  balancer: {balancer}\n  postgres:\n    parameters: {{max_connections: '{max_connections}'}}\n"
+        ));
+        let expected: &[&str] = if valid {
+            &[]
+        } else {
+            &["spec.postgres.parameters.max_connections"]
+        };
+        assert_eq!(
+            fields(validate(&c)),
+            expected,
+            "{max_connections} with {balancer}"
+        );
+        // The user's own line decides; the managed one no longer follows the balancers.
+        assert_eq!(default_max_connections(&c.spec), DEFAULT_MAX_CONNECTIONS);
+    }
+    let low = cluster(
+        "  balancer: {instances: 2}\n  postgres:\n    parameters: {max_connections: '200'}\n",
+    );
+    let message = &validate(&low).unwrap_err().0[0].message;
+    assert!(message.contains("266"), "{message}");
+}
+
+#[test]
+fn malformed_max_connections_is_named_once() {
+    for value in ["lots", "5"] {
+        let c = cluster(&format!(
+            "  postgres:\n    parameters: {{max_connections: '{value}'}}\n"
+        ));
+        assert_eq!(
+            fields(validate(&c)),
+            ["spec.postgres.parameters.max_connections"],
+            "{value}"
+        );
+    }
+}
+
+#[test]
+fn a_pool_beyond_what_postgres_allows_is_refused() {
+    let c = cluster("  balancer: {instances: 8, numInitChildren: 2048, maxPool: 64}\n");
     assert_eq!(fields(validate(&c)), ["spec.balancer.numInitChildren"]);
-    let raised = cluster("  balancer: {numInitChildren: 100, maxPool: 4}\n  postgres:\n    parameters: {max_connections: '500'}\n");
-    assert_eq!(validate(&raised), Ok(()));
 }
 
 #[test]

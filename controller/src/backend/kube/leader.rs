@@ -1,6 +1,11 @@
 //! Leader election through a `coordination.k8s.io/v1` Lease, so two operator replicas are
 //! safe: only the holder reconciles; a holder that cannot renew stops the process, and a
 //! standby takes over once the lease has expired.
+//!
+//! The Lease lives in the operator's own namespace ([`lease_namespace`]). While it cannot be
+//! taken, each new situation (another holder, a missing namespace, a refusal, an unreachable
+//! API) is logged once, with what to do when it will not resolve by itself; the retries every
+//! two seconds that find the same situation log at debug level only.
 
 use std::time::Duration;
 
@@ -9,10 +14,13 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
 use kube::Client;
+use thiserror::Error;
 
 /// Seconds a lease stays valid without renewal.
 pub const LEASE_SECONDS: i32 = 15;
 const RENEW_EVERY: Duration = Duration::from_secs(5);
+/// Pause between attempts to take the lease.
+const RETRY_EVERY: Duration = Duration::from_secs(2);
 
 /// Whether `holder` may take a lease last renewed at `renewed` (pure).
 pub fn can_take(lease: &LeaseSpec, me: &str, now: Timestamp) -> bool {
@@ -37,9 +45,72 @@ fn spec(me: &str, acquired: Option<MicroTime>) -> LeaseSpec {
     }
 }
 
+/// Why one attempt to take or renew the lease failed.
+#[derive(Debug, Error)]
+pub enum LeaseError {
+    /// Creating the Lease answered 404: its namespace does not exist.
+    #[error("the namespace does not exist")]
+    NoNamespace(#[source] kube::Error),
+    /// The API answered 403: RBAC does not let this operator use Leases there.
+    #[error("not allowed to use Leases there")]
+    Forbidden(#[source] kube::Error),
+    /// Anything else (API server unreachable, timeouts, other statuses); usually passes.
+    #[error("the Lease API request failed")]
+    Api(#[source] kube::Error),
+}
+
+impl LeaseError {
+    /// Classifies an API error; `creating` tells that it answered the Lease's creation, where a
+    /// 404 can only mean a missing namespace.
+    pub fn classify(error: kube::Error, creating: bool) -> LeaseError {
+        match &error {
+            kube::Error::Api(status) if status.code == 403 => LeaseError::Forbidden(error),
+            kube::Error::Api(status) if status.code == 404 && creating => {
+                LeaseError::NoNamespace(error)
+            }
+            _ => LeaseError::Api(error),
+        }
+    }
+
+    /// What an operator whose Lease is in `namespace` should be told, in one message: the
+    /// reason and, when it will not resolve by itself, what to do about it.
+    pub fn explain(&self, namespace: &str) -> String {
+        let api = |e: &kube::Error| match e {
+            kube::Error::Api(status) if !status.message.is_empty() => status.message.clone(),
+            other => other.to_string(),
+        };
+        let options = format!(
+            "name an existing namespace with --lease-namespace, or run a single operator \
+             without a Lease with --leader-elect=false; retrying every {}s quietly",
+            RETRY_EVERY.as_secs()
+        );
+        match self {
+            LeaseError::NoNamespace(_) => format!(
+                "cannot elect a leader: the lease namespace `{namespace}` does not exist. Create it \
+                 (kubectl create namespace {namespace}), {options}"
+            ),
+            LeaseError::Forbidden(e) => format!(
+                "cannot elect a leader: not allowed to get, create or update Leases in namespace \
+                 `{namespace}` ({}). Grant that on leases.coordination.k8s.io in `{namespace}` \
+                 (the Role in manifests/operator.yaml does), {options}",
+                api(e)
+            ),
+            LeaseError::Api(e) => format!(
+                "cannot reach the leader Lease in namespace `{namespace}` ({}); retrying every {}s",
+                api(e),
+                RETRY_EVERY.as_secs()
+            ),
+        }
+    }
+}
+
 /// Tries once to hold the lease; true when this process holds it now.
-pub async fn try_acquire(api: &Api<Lease>, name: &str, me: &str) -> Result<bool, kube::Error> {
-    match api.get_opt(name).await? {
+pub async fn try_acquire(api: &Api<Lease>, name: &str, me: &str) -> Result<bool, LeaseError> {
+    let found = api
+        .get_opt(name)
+        .await
+        .map_err(|e| LeaseError::classify(e, false))?;
+    match found {
         None => {
             let lease = Lease {
                 metadata: ObjectMeta {
@@ -51,7 +122,7 @@ pub async fn try_acquire(api: &Api<Lease>, name: &str, me: &str) -> Result<bool,
             match api.create(&PostParams::default(), &lease).await {
                 Ok(_) => Ok(true),
                 Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
-                Err(e) => Err(e),
+                Err(e) => Err(LeaseError::classify(e, true)),
             }
         }
         Some(mut lease) => {
@@ -67,9 +138,41 @@ pub async fn try_acquire(api: &Api<Lease>, name: &str, me: &str) -> Result<bool,
             match api.replace(name, &PostParams::default(), &lease).await {
                 Ok(_) => Ok(true),
                 Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
-                Err(e) => Err(e),
+                Err(e) => Err(LeaseError::classify(e, false)),
             }
         }
+    }
+}
+
+/// What an attempt to take the lease found, as far as logging is concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Situation {
+    Waiting,
+    NoNamespace,
+    Forbidden,
+    Unreachable,
+}
+
+impl Situation {
+    fn of(result: &Result<bool, LeaseError>) -> Option<Situation> {
+        match result {
+            Ok(true) => None,
+            Ok(false) => Some(Situation::Waiting),
+            Err(LeaseError::NoNamespace(_)) => Some(Situation::NoNamespace),
+            Err(LeaseError::Forbidden(_)) => Some(Situation::Forbidden),
+            Err(LeaseError::Api(_)) => Some(Situation::Unreachable),
+        }
+    }
+}
+
+/// Remembers the last situation logged so that a retry finding the same one stays quiet.
+#[derive(Default)]
+struct Quiet(Option<Situation>);
+
+impl Quiet {
+    /// True when `now` differs from the last situation seen (which it becomes).
+    fn is_new(&mut self, now: Situation) -> bool {
+        self.0.replace(now) != Some(now)
     }
 }
 
@@ -77,15 +180,33 @@ pub async fn try_acquire(api: &Api<Lease>, name: &str, me: &str) -> Result<bool,
 /// renewal fails for longer than the lease lasts, the process exits so a standby takes over.
 pub async fn hold(client: Client, namespace: &str, name: &str, me: String) {
     let api: Api<Lease> = Api::namespaced(client, namespace);
+    let mut quiet = Quiet::default();
     loop {
-        match try_acquire(&api, name, &me).await {
-            Ok(true) => break,
-            Ok(false) => tracing::info!(lease = name, "another operator holds the lease; waiting"),
-            Err(e) => tracing::warn!(error = %e, "lease not reachable"),
+        let result = try_acquire(&api, name, &me).await;
+        let Some(situation) = Situation::of(&result) else {
+            break;
+        };
+        let new = quiet.is_new(situation);
+        match (&result, new) {
+            (Ok(_), true) => {
+                tracing::info!(
+                    lease = name,
+                    namespace,
+                    "another operator holds the lease; waiting"
+                )
+            }
+            (Err(e @ (LeaseError::NoNamespace(_) | LeaseError::Forbidden(_))), true) => {
+                tracing::error!(lease = name, namespace, "{}", e.explain(namespace))
+            }
+            (Err(e), true) => tracing::warn!(lease = name, namespace, "{}", e.explain(namespace)),
+            (Ok(_), false) => tracing::debug!(lease = name, "still waiting for the lease"),
+            (Err(e), false) => {
+                tracing::debug!(lease = name, namespace, error = %e, "still cannot take the lease")
+            }
         }
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::time::sleep(RETRY_EVERY).await;
     }
-    tracing::info!(lease = name, identity = %me, "leading");
+    tracing::info!(lease = name, namespace, identity = %me, "leading");
     let name = name.to_owned();
     tokio::spawn(async move {
         let mut last_renewal = std::time::Instant::now();
@@ -107,6 +228,44 @@ pub async fn hold(client: Client, namespace: &str, name: &str, me: String) {
     });
 }
 
+/// Where the lease namespace came from, for the operator's first log line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NamespaceSource {
+    /// `--lease-namespace`, or `POD_NAMESPACE` (the downward API, as the manifests set it).
+    Configured,
+    /// The client's default namespace: the service account's (its
+    /// `/var/run/secrets/kubernetes.io/serviceaccount/namespace`) in a pod, else the kubeconfig
+    /// context's, `default` when the context names none.
+    Client,
+}
+
+impl NamespaceSource {
+    /// How the logs describe it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            NamespaceSource::Configured => "--lease-namespace or POD_NAMESPACE",
+            NamespaceSource::Client => "the service account's or kubeconfig context's namespace",
+        }
+    }
+}
+
+/// Chooses the namespace of the Lease (pure): `configured` (`--lease-namespace` or
+/// `POD_NAMESPACE`) when given and not blank, else `client_default`, the namespace the
+/// Kubernetes client was configured with (see [`NamespaceSource::Client`]), else `default`.
+pub fn lease_namespace(
+    configured: Option<&str>,
+    client_default: &str,
+) -> (String, NamespaceSource) {
+    match configured.map(str::trim).filter(|ns| !ns.is_empty()) {
+        Some(ns) => (ns.to_owned(), NamespaceSource::Configured),
+        None => {
+            let ns = client_default.trim();
+            let ns = if ns.is_empty() { "default" } else { ns };
+            (ns.to_owned(), NamespaceSource::Client)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,6 +277,81 @@ mod tests {
             lease_duration_seconds: Some(15),
             ..Default::default()
         }
+    }
+
+    fn api_error(code: u16, message: &str) -> kube::Error {
+        kube::Error::Api(
+            kube::core::Status::failure(message, "")
+                .with_code(code)
+                .boxed(),
+        )
+    }
+
+    #[test]
+    fn the_configured_namespace_wins_then_the_clients() {
+        let table = [
+            // (--lease-namespace / POD_NAMESPACE, client default, chosen)
+            (Some("ops"), "team", ("ops", NamespaceSource::Configured)),
+            (Some(" ops\n"), "team", ("ops", NamespaceSource::Configured)),
+            (Some(""), "team", ("team", NamespaceSource::Client)),
+            (None, "team", ("team", NamespaceSource::Client)),
+            (None, "", ("default", NamespaceSource::Client)),
+            (Some("  "), " ", ("default", NamespaceSource::Client)),
+        ];
+        for (configured, client, (name, source)) in table {
+            assert_eq!(
+                lease_namespace(configured, client),
+                (name.to_owned(), source),
+                "{configured:?} / {client:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn lasting_refusals_are_told_apart_from_passing_failures() {
+        let missing = LeaseError::classify(api_error(404, "namespaces \"x\" not found"), true);
+        assert!(matches!(missing, LeaseError::NoNamespace(_)));
+        let text = missing.explain("x");
+        for part in [
+            "namespace `x` does not exist",
+            "kubectl create namespace x",
+            "--lease-namespace",
+            "--leader-elect=false",
+        ] {
+            assert!(text.contains(part), "{text}");
+        }
+        let forbidden = LeaseError::classify(api_error(403, "leases is forbidden"), false);
+        assert!(matches!(forbidden, LeaseError::Forbidden(_)));
+        let text = forbidden.explain("x");
+        for part in ["leases is forbidden", "`x`", "--leader-elect=false"] {
+            assert!(text.contains(part), "{text}");
+        }
+        // A Lease that vanished between get and replace is not a missing namespace.
+        assert!(matches!(
+            LeaseError::classify(api_error(404, "not found"), false),
+            LeaseError::Api(_)
+        ));
+        assert!(matches!(
+            LeaseError::classify(api_error(500, "etcd"), true),
+            LeaseError::Api(_)
+        ));
+    }
+
+    #[test]
+    fn a_situation_is_logged_once_until_it_changes() {
+        let mut quiet = Quiet::default();
+        let seen: Vec<bool> = [
+            Situation::NoNamespace,
+            Situation::NoNamespace,
+            Situation::NoNamespace,
+            Situation::Waiting,
+            Situation::Waiting,
+            Situation::NoNamespace,
+        ]
+        .into_iter()
+        .map(|s| quiet.is_new(s))
+        .collect();
+        assert_eq!(seen, [true, false, false, true, false, true]);
     }
 
     #[test]

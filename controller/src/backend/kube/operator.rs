@@ -1,6 +1,6 @@
-//! `pgbalancer operator`: the controller process. Holds the leader Lease, watches
-//! `PgBalancerCluster`s and every child kind it owns (label-selected), and serves `/metrics`,
-//! `/healthz` and `/readyz`.
+//! `pgbalancer operator`: the controller process. Holds the leader Lease (in its own namespace
+//! unless told otherwise; none with `--leader-elect=false`), watches `PgBalancerCluster`s and
+//! every child kind it owns (label-selected), and serves `/metrics`, `/healthz` and `/readyz`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -31,9 +31,11 @@ pub struct OperatorConfig {
     /// Watch only this namespace (all namespaces when absent).
     #[arg(long, env = "PGBALANCER_WATCH_NAMESPACE")]
     pub namespace: Option<String>,
-    /// Namespace of the leader-election Lease (the operator's own).
-    #[arg(long, env = "POD_NAMESPACE", default_value = "pgbalancer-system")]
-    pub lease_namespace: String,
+    /// Namespace of the leader-election Lease. Default: the operator's own namespace in a pod
+    /// (POD_NAMESPACE, else its service account's), otherwise the kubeconfig context's
+    /// namespace (`default` when the context names none).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub lease_namespace: Option<String>,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(
         long,
@@ -44,6 +46,17 @@ pub struct OperatorConfig {
     /// This replica's identity in the Lease (the pod name in a cluster).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+    /// Elect a leader through a Lease, so that several operators are safe. With
+    /// `--leader-elect=false` this process reconciles at once, without a Lease: run only one.
+    #[arg(
+        long,
+        default_value_t = true,
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
+    pub leader_elect: bool,
 }
 
 /// Why the operator stopped.
@@ -166,13 +179,24 @@ pub async fn run_with(client: Client, config: OperatorConfig) -> Result<(), Oper
         }
         std::process::exit(0);
     });
-    leader::hold(
-        client.clone(),
-        &config.lease_namespace,
-        labels::MANAGER,
-        identity,
-    )
-    .await;
+    if config.leader_elect {
+        let (lease_namespace, source) = leader::lease_namespace(
+            config.lease_namespace.as_deref(),
+            client.default_namespace(),
+        );
+        tracing::info!(
+            lease = labels::MANAGER,
+            namespace = %lease_namespace,
+            from = source.describe(),
+            "electing a leader"
+        );
+        leader::hold(client.clone(), &lease_namespace, labels::MANAGER, identity).await;
+    } else {
+        tracing::warn!(
+            "leader election is off (--leader-elect=false): reconciling without a Lease; \
+             run no other operator against this cluster"
+        );
+    }
     ready.store(true, Ordering::SeqCst);
 
     let owned =
@@ -204,4 +228,42 @@ pub async fn run_with(client: Client, config: OperatorConfig) -> Result<(), Oper
         })
         .await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::OperatorConfig;
+
+    #[derive(Parser)]
+    struct Command {
+        #[command(flatten)]
+        config: OperatorConfig,
+    }
+
+    fn parse(args: &[&str]) -> Result<OperatorConfig, clap::Error> {
+        Command::try_parse_from(std::iter::once("operator").chain(args.iter().copied()))
+            .map(|c| c.config)
+    }
+
+    #[test]
+    fn leader_election_is_on_unless_turned_off() {
+        let table: [(&[&str], bool); 4] = [
+            (&[], true),
+            (&["--leader-elect"], true),
+            (&["--leader-elect=true"], true),
+            (&["--leader-elect=false"], false),
+        ];
+        for (args, expected) in table {
+            assert_eq!(parse(args).unwrap().leader_elect, expected, "{args:?}");
+        }
+        assert!(parse(&["--leader-elect=maybe"]).is_err());
+    }
+
+    #[test]
+    fn an_explicit_lease_namespace_is_kept() {
+        let config = parse(&["--lease-namespace", "ops"]).unwrap();
+        assert_eq!(config.lease_namespace.as_deref(), Some("ops"));
+    }
 }
