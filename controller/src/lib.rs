@@ -12,6 +12,7 @@ pub mod cli;
 pub mod credentials;
 pub mod labels;
 pub mod local;
+pub mod pg;
 pub mod plan;
 pub mod reconcile;
 pub mod render;

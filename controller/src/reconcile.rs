@@ -31,26 +31,273 @@ pub enum ConvergeError<E: std::error::Error + 'static> {
     /// Still not ready when time ran out.
     #[error("not ready after {seconds} s: {pending}")]
     Timeout { seconds: u64, pending: String },
+    /// What runs contradicts the record of the primary; nothing was touched.
+    #[error("{0}")]
+    Conflict(String),
 }
 
-/// Whether instance `ordinal` serves in its planned role.
+/// Who is primary, durably (the CR status on Kubernetes, the state file locally). A change
+/// of primary first moves `target`, then acts, then sets `current`; every step is observed
+/// before the next, so a controller that stops half-way resumes where it was.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Record {
+    /// The instance known to be primary; `None` before the first one was seen.
+    pub current: Option<u32>,
+    /// The instance that should be primary.
+    pub target: u32,
+}
+
+impl Record {
+    /// A record whose primary is `ordinal`, with no change in progress.
+    pub fn settled(ordinal: u32) -> Record {
+        Record {
+            current: Some(ordinal),
+            target: ordinal,
+        }
+    }
+
+    /// A change of primary is in progress.
+    pub fn changing(&self) -> bool {
+        self.current.is_some_and(|c| c != self.target)
+    }
+
+    /// The record once `observed` is taken into account: `current` follows `target` as soon
+    /// as the target is the only instance that accepts writes.
+    pub fn advance(&self, observed: &Observed) -> Record {
+        let writable = writable(observed);
+        if self.current != Some(self.target) && writable == [self.target] {
+            Record::settled(self.target)
+        } else {
+            *self
+        }
+    }
+}
+
+/// Ordinals of the running instances that answered as primaries; without SQL, those the
+/// engine reports ready while marked primary.
+fn writable(observed: &Observed) -> Vec<u32> {
+    observed
+        .instances
+        .iter()
+        .filter(|(_, s)| {
+            s.running
+                && match s.in_recovery {
+                    Some(in_recovery) => !in_recovery,
+                    None => s.engine_ready == Some(true) && s.marked == Some(Role::Primary),
+                }
+        })
+        .map(|(&o, _)| o)
+        .collect()
+}
+
+/// What is observed contradicts the record: more than one instance accepts writes, or the
+/// one that does is neither the recorded nor the target primary. Nothing is touched then.
+pub fn conflict(plan: &Plan, observed: &Observed, record: &Record) -> Option<String> {
+    let name = |o: u32| format!("{}-{o}", plan.cluster);
+    match writable(observed).as_slice() {
+        [a, b, ..] => Some(format!(
+            "{} and {} both accept writes; nothing is changed until one is stopped",
+            name(*a),
+            name(*b)
+        )),
+        [w] if Some(*w) != record.current && *w != record.target => Some(format!(
+            "{} accepts writes but the record names {} as primary; nothing is changed",
+            name(*w),
+            name(record.current.unwrap_or(record.target))
+        )),
+        _ => None,
+    }
+}
+
+/// Most bytes of WAL a switchover target may still have to replay when it is chosen.
+pub const MAX_SWITCHOVER_LAG: i64 = 16 * 1024 * 1024;
+
+/// The replica to promote: among ready replicas whose lag is at most `max_lag`, the one
+/// with the highest received LSN, ties to the lowest ordinal. Pure; `None` when none
+/// qualifies.
+pub fn elect(plan: &Plan, observed: &Observed, max_lag: i64) -> Option<u32> {
+    plan.instances
+        .iter()
+        .filter(|i| i.role == Role::Replica && instance_ready(plan, observed, i.ordinal))
+        .filter_map(|i| Some((i.ordinal, observed.instances.get(&i.ordinal)?)))
+        .filter(|(_, s)| s.lag_bytes.unwrap_or(i64::MAX) <= max_lag)
+        .max_by(|(a, sa), (b, sb)| sa.received_lsn.cmp(&sb.received_lsn).then_with(|| b.cmp(a)))
+        .map(|(o, _)| o)
+}
+
+/// Checks a requested switchover to `to` (an instance name or ordinal; the best replica when
+/// absent) and returns the new target's ordinal, or why it is refused. Pure.
+pub fn switchover_target(
+    plan: &Plan,
+    observed: &Observed,
+    record: &Record,
+    to: Option<&str>,
+) -> Result<u32, String> {
+    let name = |o: u32| crate::plan::instance_name(&plan.cluster, o);
+    if let (true, Some(current)) = (record.changing(), record.current) {
+        return Err(format!(
+            "a change of primary is already in progress ({} to {}); wait for it to finish",
+            name(current),
+            name(record.target)
+        ));
+    }
+    if let Some(conflict) = conflict(plan, observed, record) {
+        return Err(conflict);
+    }
+    let current = record.current.unwrap_or(record.target);
+    if !instance_ready(plan, observed, current) {
+        return Err(format!(
+            "the primary {} is not ready; a switchover needs a running primary",
+            name(current)
+        ));
+    }
+    let Some(to) = to else {
+        return elect(plan, observed, MAX_SWITCHOVER_LAG)
+            .ok_or_else(|| "no replica is streaming and caught up; nothing to switch to".into());
+    };
+    let ordinal = plan
+        .instances
+        .iter()
+        .find(|i| i.name == to || i.container == to || i.ordinal.to_string() == to)
+        .map(|i| i.ordinal)
+        .ok_or_else(|| {
+            let known: Vec<&str> = plan.instances.iter().map(|i| i.name.as_str()).collect();
+            format!(
+                "--to {to}: no such instance; instances: {}",
+                known.join(", ")
+            )
+        })?;
+    if ordinal == current {
+        return Err(format!(
+            "--to {to}: {} is already the primary",
+            name(ordinal)
+        ));
+    }
+    if !instance_ready(plan, observed, ordinal) {
+        return Err(format!("--to {to}: {} is not streaming", name(ordinal)));
+    }
+    let lag = observed
+        .instances
+        .get(&ordinal)
+        .and_then(|s| s.lag_bytes)
+        .unwrap_or(i64::MAX);
+    if lag > MAX_SWITCHOVER_LAG {
+        return Err(format!(
+            "--to {to}: {} lags {lag} bytes behind (at most {MAX_SWITCHOVER_LAG} allowed)",
+            name(ordinal)
+        ));
+    }
+    Ok(ordinal)
+}
+
+/// Whether instance `ordinal` serves in its planned role. Without SQL (an operator outside
+/// the cluster network) the engine's readiness stands in for it.
 pub fn instance_ready(plan: &Plan, observed: &Observed, ordinal: u32) -> bool {
     let (Some(inst), Some(seen)) = (plan.instance(ordinal), observed.instances.get(&ordinal))
     else {
         return false;
     };
-    seen.running
-        && seen.accepting
-        && match inst.role {
-            Role::Primary => seen.in_recovery == Some(false),
-            Role::Replica => seen.in_recovery == Some(true) && seen.streaming,
+    if !seen.running {
+        return false;
+    }
+    match seen.in_recovery {
+        Some(in_recovery) => {
+            seen.accepting
+                && match inst.role {
+                    Role::Primary => !in_recovery,
+                    Role::Replica => in_recovery && seen.streaming,
+                }
         }
+        None => seen.engine_ready == Some(true),
+    }
 }
 
-/// The next actions towards `plan`. Empty when nothing can be done but wait.
-pub fn decide(plan: &Plan, observed: &Observed) -> Vec<Action> {
+/// The steps of a change of primary (`record.target` ≠ `record.current`), one at a time:
+/// fence the old primary, mark the target, promote it once it replayed all it received.
+/// `None` when no change is in progress or the target already accepts writes.
+fn change_primary(observed: &Observed, record: &Record) -> Option<Vec<Action>> {
+    let old = record.current.filter(|_| record.changing())?;
+    let target = record.target;
+    if let Some(seen) = observed.instances.get(&old) {
+        if seen.running || seen.marked == Some(Role::Primary) {
+            return Some(vec![Action::Fence(old)]);
+        }
+    }
+    let seen = observed.instances.get(&target)?;
+    if seen.in_recovery == Some(false) {
+        return None;
+    }
+    if !seen.running {
+        return Some(vec![Action::StartInstance(target)]);
+    }
+    if seen.marked != Some(Role::Primary) {
+        return Some(vec![Action::MarkRole(target)]);
+    }
+    let caught_up = match (seen.received_lsn, seen.replayed_lsn) {
+        (Some(received), Some(replayed)) => replayed >= received,
+        (None, Some(_)) => true,
+        _ => false,
+    };
+    Some(if seen.in_recovery == Some(true) && caught_up {
+        vec![Action::Promote(target)]
+    } else {
+        Vec::new()
+    })
+}
+
+/// Role marks and replication slots that differ from the plan, for instances that answer.
+fn runtime_state(plan: &Plan, observed: &Observed) -> Vec<Action> {
+    let mut actions = Vec::new();
+    for inst in &plan.instances {
+        let Some(seen) = observed.instances.get(&inst.ordinal) else {
+            continue;
+        };
+        if !seen.running {
+            continue;
+        }
+        let verified = match inst.role {
+            Role::Primary => seen.in_recovery == Some(false),
+            Role::Replica => seen.in_recovery == Some(true),
+        } || (seen.in_recovery.is_none() && seen.engine_ready == Some(true));
+        // An unmarked instance (a new pod) gets its planned role at once: its entrypoint
+        // waits for it. A marked one is re-marked only once SQL confirms the planned role.
+        if seen.marked != Some(inst.role) && (verified || seen.marked.is_none()) {
+            actions.push(Action::MarkRole(inst.ordinal));
+        }
+        if let Some(slots) = &seen.slots {
+            let wanted: Vec<&str> = match inst.role {
+                Role::Primary if seen.in_recovery == Some(false) => plan
+                    .instances
+                    .iter()
+                    .filter(|i| i.ordinal != inst.ordinal)
+                    .map(|i| i.slot.as_str())
+                    .collect(),
+                Role::Primary => continue,
+                Role::Replica => Vec::new(),
+            };
+            let missing = wanted.iter().any(|w| !slots.contains_key(*w));
+            let stale = slots.iter().any(|(name, active)| {
+                !active && crate::plan::is_instance_slot(name) && !wanted.contains(&name.as_str())
+            });
+            if missing || stale {
+                actions.push(Action::EnsureSlots(inst.ordinal));
+            }
+        }
+    }
+    actions
+}
+
+/// The next actions towards `plan` (planned with `record.target` as primary). Empty when
+/// nothing can be done but wait, or when the observation contradicts the record.
+pub fn decide(plan: &Plan, observed: &Observed, record: &Record) -> Vec<Action> {
     if !observed.network {
         return vec![Action::EnsureNetwork];
+    }
+    if conflict(plan, observed, record).is_some() {
+        return Vec::new();
+    }
+    if let Some(steps) = change_primary(observed, record) {
+        return steps;
     }
     let mut actions = Vec::new();
     for (&ordinal, seen) in &observed.instances {
@@ -82,6 +329,7 @@ pub fn decide(plan: &Plan, observed: &Observed) -> Vec<Action> {
             Some(_) => {}
         }
     }
+    actions.extend(runtime_state(plan, observed));
     let all_ready = plan
         .instances
         .iter()
@@ -131,8 +379,17 @@ pub fn decide(plan: &Plan, observed: &Observed) -> Vec<Action> {
 }
 
 /// What is still missing, for progress and timeout messages. Empty when converged.
-pub fn pending(plan: &Plan, observed: &Observed) -> Vec<String> {
+pub fn pending(plan: &Plan, observed: &Observed, record: &Record) -> Vec<String> {
     let mut out = Vec::new();
+    if let Some(conflict) = conflict(plan, observed, record) {
+        out.push(conflict);
+    }
+    if let (true, Some(old)) = (record.changing(), record.current) {
+        out.push(format!(
+            "primary moving from {}-{old} to {}-{}",
+            plan.cluster, plan.cluster, record.target
+        ));
+    }
     for inst in &plan.instances {
         if instance_ready(plan, observed, inst.ordinal) {
             continue;
@@ -151,6 +408,14 @@ pub fn pending(plan: &Plan, observed: &Observed) -> Vec<String> {
             None => out.push(format!("{} not created", b.container)),
             Some(seen) if !seen.routing => out.push(format!("{} not routing queries", b.container)),
             Some(seen) => {
+                let primary = plan.primary();
+                let writes_to = seen.nodes.iter().find(|n| n.role == "primary");
+                if !seen.nodes.is_empty() && writes_to.is_none_or(|n| n.slot != primary.ordinal) {
+                    out.push(format!(
+                        "{} does not send writes to {} yet",
+                        b.container, primary.name
+                    ));
+                }
                 for inst in &plan.instances {
                     if !seen
                         .nodes
@@ -177,12 +442,16 @@ pub fn pending(plan: &Plan, observed: &Observed) -> Vec<String> {
 }
 
 /// Drives `backend` until the cluster matches `plan`, reporting each action through `report`.
+/// `record` is the durable record of the primary (`plan` is planned with its target); each
+/// time it advances it is handed to `save` before anything else is done.
 pub async fn converge<B: Backend>(
     backend: &B,
     plan: &Plan,
+    mut record: Record,
     timeout: Duration,
     mut report: impl FnMut(&str),
-) -> Result<Observed, ConvergeError<B::Error>> {
+    mut save: impl FnMut(&Record),
+) -> Result<(Observed, Record), ConvergeError<B::Error>> {
     let started = Instant::now();
     let mut last_pending = String::new();
     let mut last_actions = Vec::new();
@@ -191,10 +460,18 @@ pub async fn converge<B: Backend>(
             .observe(plan)
             .await
             .map_err(ConvergeError::Observe)?;
-        let actions = decide(plan, &observed);
-        let waiting = pending(plan, &observed);
+        if let Some(conflict) = conflict(plan, &observed, &record) {
+            return Err(ConvergeError::Conflict(conflict));
+        }
+        let advanced = record.advance(&observed);
+        if advanced != record {
+            record = advanced;
+            save(&record);
+        }
+        let actions = decide(plan, &observed, &record);
+        let waiting = pending(plan, &observed, &record);
         if actions.is_empty() && waiting.is_empty() {
-            return Ok(observed);
+            return Ok((observed, record));
         }
         if started.elapsed() > timeout {
             return Err(ConvergeError::Timeout {

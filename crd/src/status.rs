@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "camelCase")]
 pub struct PgBalancerClusterStatus {
     /// `Running` when every instance and balancer is ready, else `Creating`, `Scaling`,
-    /// `Degraded` or `Failed`.
+    /// `SwitchingOver`, `Degraded` or `Failed` (the primary does not serve).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,
     /// Replicas that exist (primary not counted), for the scale subresource.
@@ -19,9 +19,13 @@ pub struct PgBalancerClusterStatus {
     /// Replicas that are streaming from the primary.
     #[serde(default)]
     pub ready_replicas: i32,
-    /// Name of the instance that is primary now.
+    /// Name of the instance that is primary now: the durable record of the primary.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current_primary: Option<String>,
+    /// Name of the instance that should be primary; differs from `currentPrimary` while a
+    /// change of primary is in progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_primary: Option<String>,
     /// Label selector of the cluster's PostgreSQL pods, for the scale subresource.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<String>,
@@ -52,6 +56,9 @@ pub struct InstanceStatus {
     /// Bytes of WAL the replica has not replayed yet (replicas only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lag_bytes: Option<i64>,
+    /// Timeline the instance is on, when it could be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeline: Option<u32>,
     /// This instance's node in the balancer (`up` or `down`), as the balancer's agent reports it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balancer_node: Option<String>,

@@ -1,15 +1,24 @@
 #!/bin/sh
-# Starts one PostgreSQL instance of a pgbalancer cluster.
+# Starts one PostgreSQL instance of a pgbalancer cluster, in the role the controller gave it.
 #
-# On an empty data directory it bootstraps once: `initdb` (scram-sha-256, data checksums) and the
-# cluster's roles and database when PGB_BOOTSTRAP_FROM is empty, otherwise `pg_basebackup -R`
-# from that host with a physical replication slot. An existing data directory is started as it
-# is: whether it runs as primary or standby is decided by its own `standby.signal`, so a later
-# promotion or re-pointing never depends on how the container was created.
+# The role is runtime state, never part of how the container or pod was made: on Docker the
+# file /etc/pgbalancer/role (uploaded by the controller, kept across restarts), on Kubernetes
+# the pod's `pgbalancer.io/role` label seen through a downward-API file (PGB_ROLE_FROM_LABELS).
+# Until a role is given the entrypoint waits.
 #
-# Inputs: /etc/pgbalancer/{postgresql.conf,pg_hba.conf}, /etc/pgbalancer/secrets/* (copied
-# there from PGB_CONFIG_FROM when set), and PGB_BOOTSTRAP_FROM, PGB_SLOT_NAME,
-# PGB_APPLICATION_NAME, PGB_DATABASE, PGB_APP_USER.
+# - primary, empty data directory: `initdb` (scram-sha-256, data checksums), then the roles
+#   and the database.
+# - replica, empty data directory: `pg_basebackup -R` from PGB_PRIMARY_HOST (`<cluster>-rw`,
+#   which always reaches the current primary) through the instance's physical slot.
+# - replica whose data was a primary (no standby.signal: a fenced old primary): `pg_rewind`
+#   from the current primary; when rewind fails, the data directory is kept aside once
+#   (data.diverged) and a fresh clone made. It never starts writable.
+# - otherwise the data directory starts as it is; a replica always streams from
+#   PGB_PRIMARY_HOST, following timeline changes (`recovery_target_timeline = latest`).
+#
+# Inputs: /etc/pgbalancer/{postgresql.conf,pg_hba.conf,role}, /etc/pgbalancer/secrets/*
+# (copied there from PGB_CONFIG_FROM when set), and PGB_PRIMARY_HOST, PGB_SLOT_NAME,
+# PGB_APPLICATION_NAME, PGB_DATABASE, PGB_APP_USER, PGB_ROLE_FROM_LABELS.
 set -eu
 
 CONF=/etc/pgbalancer
@@ -23,6 +32,17 @@ log() { echo "pgbalancer-postgres: $*" >&2; }
 secret() { cat "$SECRETS/$1"; }
 # Single quotes doubled, for SQL string literals and conninfo values.
 quote() { printf '%s' "$1" | sed "s/'/''/g"; }
+
+# The role given by the controller, or nothing yet.
+role() {
+  if [ -n "${PGB_ROLE_FROM_LABELS:-}" ]; then
+    sed -n 's/^pgbalancer\.io\/role="\(primary\|replica\)"$/\1/p' "$PGB_ROLE_FROM_LABELS" 2>/dev/null || true
+  else
+    cat "$CONF/role" 2>/dev/null || true
+  fi
+}
+
+src=${PGB_PRIMARY_HOST:?PGB_PRIMARY_HOST is required}
 
 initialise_primary() {
   log "initialising a new primary in $PGDATA"
@@ -38,24 +58,60 @@ CREATE DATABASE "$db" OWNER "$app";
 SQL
 }
 
+wait_for_primary() {
+  log "waiting for $src to accept connections"
+  until pg_isready -q -h "$src" -p 5432 -t 1; do sleep 0.2; done
+}
+
 clone_from_primary() {
-  src=$PGB_BOOTSTRAP_FROM
   slot=${PGB_SLOT_NAME:?PGB_SLOT_NAME is required for a replica}
   app=${PGB_APPLICATION_NAME:?PGB_APPLICATION_NAME is required for a replica}
   export PGPASSFILE="$SECRETS/pgpass"
-  log "waiting for $src to accept connections"
-  until pg_isready -q -h "$src" -p 5432 -t 1; do sleep 0.2; done
-  # A slot left by an earlier replica of the same name would make -C fail.
+  wait_for_primary
+  # A slot left by an earlier replica of the same name may be lost (WAL past
+  # max_slot_wal_keep_size): start from a fresh one. The controller may create it meanwhile.
   pg_receivewal --drop-slot --slot="$slot" -h "$src" -U replicator -w >/dev/null 2>&1 || true
+  pg_receivewal --create-slot --if-not-exists --slot="$slot" -h "$src" -U replicator -w >/dev/null
   rm -rf "$PGDATA.partial"
   log "cloning from $src (slot $slot)"
-  pg_basebackup -h "$src" -p 5432 -U replicator -w -D "$PGDATA.partial" -X stream -C -S "$slot" -R \
+  pg_basebackup -h "$src" -p 5432 -U replicator -w -D "$PGDATA.partial" -X stream -S "$slot" -R \
     -d "application_name=$app" --checkpoint=fast
-  cat >>"$PGDATA.partial/postgresql.auto.conf" <<CONF
+  mv "$PGDATA.partial" "$PGDATA"
+}
+
+# Streams from whichever instance holds PGB_PRIMARY_HOST, through the instance's slot.
+follow_primary() {
+  slot=${PGB_SLOT_NAME:?PGB_SLOT_NAME is required for a replica}
+  app=${PGB_APPLICATION_NAME:?PGB_APPLICATION_NAME is required for a replica}
+  auto="$PGDATA/postgresql.auto.conf"
+  touch "$auto"
+  sed -i -e '/^primary_conninfo/d' -e '/^primary_slot_name/d' -e '/^recovery_target_timeline/d' "$auto"
+  cat >>"$auto" <<CONF
 primary_conninfo = 'host=$(quote "$src") port=5432 user=replicator passfile=$SECRETS/pgpass application_name=$(quote "$app")'
 primary_slot_name = '$slot'
+recovery_target_timeline = 'latest'
 CONF
-  mv "$PGDATA.partial" "$PGDATA"
+  touch "$PGDATA/standby.signal"
+}
+
+# A former primary joins the current one: pg_rewind, else a fresh clone with the old data
+# kept aside (once: a second diverged copy is never made, the start fails instead).
+rejoin() {
+  wait_for_primary
+  log "rejoining as a replica of $src"
+  # The password goes through the environment, never the command line (`ps` shows that).
+  if PGPASSWORD="$(secret superuser-password)" pg_rewind --target-pgdata="$PGDATA" \
+    --source-server="host=$(quote "$src") port=5432 user=postgres dbname=postgres" --progress >&2; then
+    log "pg_rewind finished"
+    return 0
+  fi
+  if [ -e "$PGDATA.diverged" ]; then
+    log "pg_rewind failed and $PGDATA.diverged already holds an earlier diverged copy; refusing to set another aside: move it away to continue"
+    exit 1
+  fi
+  log "pg_rewind failed: keeping the diverged data in $PGDATA.diverged and cloning afresh"
+  mv "$PGDATA" "$PGDATA.diverged"
+  clone_from_primary
 }
 
 if [ -n "${PGB_CONFIG_FROM:-}" ]; then
@@ -67,13 +123,28 @@ if [ -n "${PGB_CONFIG_FROM:-}" ]; then
   chmod 0600 "$SECRETS"/*
 fi
 
+given=$(role)
+if [ -z "$given" ]; then
+  log "waiting for the controller to give this instance its role"
+  # Bounded: after 10 minutes the container exits and its restart policy tries again.
+  i=0
+  while [ -z "$given" ] && [ "$i" -lt 3000 ]; do sleep 0.2; i=$((i + 1)); given=$(role); done
+  [ -n "$given" ] || { log "no role given"; exit 1; }
+fi
+log "role: $given"
+
 if [ ! -s "$PGDATA/PG_VERSION" ]; then
-  if [ -z "${PGB_BOOTSTRAP_FROM:-}" ]; then
+  if [ "$given" = primary ]; then
     rm -rf "$PGDATA"
     initialise_primary
   else
     clone_from_primary
   fi
+elif [ "$given" = replica ] && [ ! -e "$PGDATA/standby.signal" ]; then
+  rejoin
+fi
+if [ "$given" = replica ]; then
+  follow_primary
 fi
 
 exec postgres -D "$PGDATA" -c config_file="$CONF/postgresql.conf"

@@ -10,7 +10,7 @@ pub mod kube;
 use std::collections::BTreeMap;
 use std::future::Future;
 
-use crate::plan::Plan;
+use crate::plan::{Plan, Role};
 
 /// What a backend saw.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -46,6 +46,31 @@ pub struct ObservedInstance {
     pub lag_bytes: Option<i64>,
     /// Published host port.
     pub host_port: Option<u16>,
+    /// Timeline it writes (primary) or follows (standby), when it answered.
+    pub timeline: Option<u32>,
+    /// WAL received (standby) or written (primary), bytes from `0/0`, when it answered.
+    pub received_lsn: Option<u64>,
+    /// WAL replayed, bytes from `0/0`, when it answered.
+    pub replayed_lsn: Option<u64>,
+    /// The standby's WAL receiver: `None` when none runs or the instance did not answer.
+    pub receiver: Option<WalReceiver>,
+    /// The role the controller gave it at runtime (Docker: holds the `<cluster>-rw` alias;
+    /// Kubernetes: the pod's role label). `None` when that could not be seen.
+    pub marked: Option<Role>,
+    /// The engine's own readiness (Kubernetes: the pod's Ready condition, which checks
+    /// streaming on standbys), used when SQL could not reach the instance.
+    pub engine_ready: Option<bool>,
+    /// Physical replication slots on it (name → in use); read on the primary only.
+    pub slots: Option<BTreeMap<String, bool>>,
+}
+
+/// A standby's WAL receiver (`pg_stat_wal_receiver`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WalReceiver {
+    /// `streaming`, `starting`, `waiting`…
+    pub status: String,
+    /// Host it streams from, as it resolved it.
+    pub sender_host: Option<String>,
 }
 
 /// One balancer as seen.
@@ -122,6 +147,17 @@ pub enum Action {
     AttachBackend { balancer: u32, slot: u32 },
     /// Detach node `slot` on balancer `balancer`.
     DetachBackend { balancer: u32, slot: u32 },
+    /// Give instance `ordinal` its planned role at runtime (Docker: the `<cluster>-rw` alias
+    /// and the role file; Kubernetes: the pod's role label). Recreates nothing.
+    MarkRole(u32),
+    /// Make the replication slots on instance `ordinal` what its role needs: on the primary
+    /// one per planned replica, on a standby none; slots in use are never dropped.
+    EnsureSlots(u32),
+    /// Stop the old primary `ordinal` and mark it a replica, so that it can never take a write
+    /// again and rejoins as a standby when it starts.
+    Fence(u32),
+    /// Promote standby `ordinal` (`pg_promote()`).
+    Promote(u32),
 }
 
 impl std::fmt::Display for Action {
@@ -145,6 +181,10 @@ impl std::fmt::Display for Action {
             Action::DetachBackend { balancer, slot } => {
                 write!(f, "detach node {slot} on balancer {balancer}")
             }
+            Action::MarkRole(o) => write!(f, "give instance {o} its role"),
+            Action::EnsureSlots(o) => write!(f, "reconcile replication slots on instance {o}"),
+            Action::Fence(o) => write!(f, "fence instance {o} (stop it, mark it a replica)"),
+            Action::Promote(o) => write!(f, "promote instance {o}"),
         }
     }
 }

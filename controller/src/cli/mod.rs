@@ -1,5 +1,5 @@
-//! The `pgbalancer` command: local Docker mode (`up`, `status`, `scale`, `down`,
-//! `images build`) and `crd`.
+//! The `pgbalancer` command: local Docker mode (`up`, `status`, `scale`, `switchover`,
+//! `down`, `images build`) and `crd`.
 
 mod output;
 pub mod seed;
@@ -56,6 +56,18 @@ enum Command {
         #[arg(long)]
         replicas: i32,
         /// Seconds to wait for the cluster to be ready.
+        #[arg(long, default_value_t = 180)]
+        timeout: u64,
+    },
+    /// Move the primary to another instance: waits for it to catch up, shuts the old primary
+    /// down cleanly, promotes the target, and the old primary follows it as a replica.
+    Switchover {
+        /// Cluster name.
+        name: String,
+        /// Instance to promote (name or ordinal); the most caught-up replica when absent.
+        #[arg(long)]
+        to: Option<String>,
+        /// Seconds to wait for the cluster to be ready again.
         #[arg(long, default_value_t = 180)]
         timeout: u64,
     },
@@ -134,6 +146,9 @@ async fn dispatch(cli: Cli) -> Result<(), OpError> {
             replicas,
             timeout,
         } => scale(&name, replicas, timeout).await,
+        Command::Switchover { name, to, timeout } => {
+            switchover(&name, to.as_deref(), timeout).await
+        }
         Command::Down { names, keep_data } => down(&names, keep_data).await,
         Command::Images {
             command: ImagesCommand::Build { versions },
@@ -240,6 +255,21 @@ async fn scale(name: &str, replicas: i32, timeout: u64) -> Result<(), OpError> {
     for view in &views {
         println!("{}", output::ready_summary(view, started.elapsed()));
     }
+    Ok(())
+}
+
+async fn switchover(name: &str, to: Option<&str>, timeout: u64) -> Result<(), OpError> {
+    let local = Local::connect().await?;
+    let started = Instant::now();
+    let view = local
+        .switchover(name, to, Duration::from_secs(timeout), &progress(started))
+        .await?;
+    println!(
+        "{name}: primary is {} ({:.1} s)",
+        view.plan.primary().name,
+        started.elapsed().as_secs_f64()
+    );
+    println!("{}", output::ready_summary(&view, started.elapsed()));
     Ok(())
 }
 

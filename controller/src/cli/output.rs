@@ -128,7 +128,15 @@ pub fn status_document(view: &ClusterView, show_secrets: bool) -> StatusDocument
         plan,
         observed,
     } = view;
-    let computed = status::compute(plan, observed, Time(k8s_openapi::jiff::Timestamp::now()));
+    let record = stored.record();
+    let computed = status::compute(
+        plan,
+        observed,
+        &record,
+        None,
+        None,
+        Time(k8s_openapi::jiff::Timestamp::now()),
+    );
     let first_balancer = observed.balancers.get(&0);
     let docs: Vec<InstanceDoc> = plan
         .instances
@@ -217,7 +225,7 @@ pub fn status_document(view: &ClusterView, show_secrets: bool) -> StatusDocument
             endpoint: balancer_port.map(|p| format!("{host}:{p}")),
             instances: balancers,
         },
-        pending: crate::reconcile::pending(plan, observed),
+        pending: crate::reconcile::pending(plan, observed, &record),
         secrets,
     }
 }

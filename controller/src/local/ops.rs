@@ -21,7 +21,7 @@ use crate::credentials::Credentials;
 use crate::labels;
 use crate::local::state::{StateDir, StateError, StoredCluster};
 use crate::plan::Plan;
-use crate::reconcile::{converge, ConvergeError};
+use crate::reconcile::{converge, ConvergeError, Record};
 
 /// Why a local operation failed.
 #[derive(Debug, Error)]
@@ -117,24 +117,26 @@ impl Local {
         for cluster in clusters {
             let name = cluster.metadata.name.clone().unwrap_or_default();
             let previous = self.state.load(&name)?;
-            let (credentials, primary) = match &previous {
+            let (credentials, record) = match &previous {
                 Some(p) => {
                     pgbalancer_crd::validate::validate_update(&p.cluster.spec, &cluster.spec)
                         .map_err(|e| OpError::Input(format!("cluster {name}: {e}")))?;
-                    (p.credentials.clone(), p.primary)
+                    (p.credentials.clone(), p.record())
                 }
                 None => {
                     self.refuse_foreign_data(&name).await?;
-                    (Credentials::generate(), 0)
+                    (Credentials::generate(), Record::default())
                 }
             };
-            let plan = Plan::new(&cluster, primary);
-            let stored = StoredCluster {
+            let mut stored = StoredCluster {
                 cluster: cluster.clone(),
                 credentials,
-                primary,
+                current_primary: None,
+                target_primary: 0,
                 seed_file: seed_file.clone().or(previous.and_then(|p| p.seed_file)),
             };
+            stored.set_record(&record);
+            let plan = stored.plan();
             prepared.push((cluster, plan, stored));
         }
         let pairs: Vec<(PgBalancerCluster, Plan)> = prepared
@@ -148,15 +150,29 @@ impl Local {
         for (_, _, stored) in &prepared {
             self.state.save(stored)?;
         }
-        let runs = prepared.into_iter().map(|(_, plan, stored)| async move {
+        let runs = prepared.into_iter().map(|(_, plan, mut stored)| async move {
             let backend = DockerBackend::new(self.docker.clone(), stored.credentials.clone());
             let name = plan.cluster.clone();
-            let observed = converge(&backend, &plan, timeout, |line| report(&name, line))
-                .await
-                .map_err(|source| OpError::Converge {
-                    cluster: name.clone(),
-                    source: Box::new(source),
-                })?;
+            let mut saving = stored.clone();
+            let (observed, record) = converge(
+                &backend,
+                &plan,
+                stored.record(),
+                timeout,
+                |line| report(&name, line),
+                |record| {
+                    saving.set_record(record);
+                    if let Err(e) = self.state.save(&saving) {
+                        tracing::warn!(cluster = %name, error = %e, "record of the primary not saved");
+                    }
+                },
+            )
+            .await
+            .map_err(|source| OpError::Converge {
+                cluster: name.clone(),
+                source: Box::new(source),
+            })?;
+            stored.set_record(&record);
             Ok::<_, OpError>(ClusterView {
                 stored,
                 plan,
@@ -204,10 +220,61 @@ impl Local {
             .collect())
     }
 
+    /// Moves the primary of cluster `name` to `to` (the best caught-up replica when absent):
+    /// checks the request, records the new target, then converges (fence the old primary
+    /// with a clean shutdown, promote the target once it replayed everything, move
+    /// `<name>-rw`, restart the old primary as a replica).
+    pub async fn switchover(
+        &self,
+        name: &str,
+        to: Option<&str>,
+        timeout: Duration,
+        report: &(dyn Fn(&str, &str) + Sync),
+    ) -> Result<ClusterView, OpError> {
+        let view = self.view(name).await?;
+        let mut stored = view.stored;
+        let target =
+            crate::reconcile::switchover_target(&view.plan, &view.observed, &stored.record(), to)
+                .map_err(|e| OpError::Input(format!("switchover of {name}: {e}")))?;
+        let record = Record {
+            current: stored.record().current.or(Some(stored.target_primary)),
+            target,
+        };
+        stored.set_record(&record);
+        self.state.save(&stored)?;
+        let plan = stored.plan();
+        let backend = DockerBackend::new(self.docker.clone(), stored.credentials.clone());
+        let mut saving = stored.clone();
+        let (observed, record) = converge(
+            &backend,
+            &plan,
+            record,
+            timeout,
+            |line| report(name, line),
+            |record| {
+                saving.set_record(record);
+                if let Err(e) = self.state.save(&saving) {
+                    tracing::warn!(cluster = %name, error = %e, "record of the primary not saved");
+                }
+            },
+        )
+        .await
+        .map_err(|source| OpError::Converge {
+            cluster: name.to_owned(),
+            source: Box::new(source),
+        })?;
+        stored.set_record(&record);
+        Ok(ClusterView {
+            stored,
+            plan,
+            observed,
+        })
+    }
+
     /// Observes cluster `name`.
     pub async fn view(&self, name: &str) -> Result<ClusterView, OpError> {
         let stored = self.stored(name)?;
-        let plan = Plan::new(&stored.cluster, stored.primary);
+        let plan = stored.plan();
         let backend = DockerBackend::new(self.docker.clone(), stored.credentials.clone());
         let observed = backend.observe(&plan).await?;
         Ok(ClusterView {
@@ -224,7 +291,7 @@ impl Local {
         let containers = list_owned(&self.docker, Some(name)).await?;
         let mut networks: Vec<String> = stored
             .as_ref()
-            .map(|s| Plan::new(&s.cluster, s.primary).local.network)
+            .map(|s| s.plan().local.network)
             .into_iter()
             .collect();
         // Balancers first so no client is routed to an instance being stopped.

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::credentials::Credentials;
+use crate::reconcile::Record;
 
 /// A state file that cannot be read or written.
 #[derive(Debug, Error)]
@@ -35,12 +36,37 @@ pub struct StoredCluster {
     pub cluster: PgBalancerCluster,
     /// Generated credentials; created once, never replaced.
     pub credentials: Credentials,
-    /// Ordinal of the current primary.
-    #[serde(default)]
-    pub primary: u32,
+    /// Ordinal of the instance known to be primary; absent until the first one was seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_primary: Option<u32>,
+    /// Ordinal of the instance that should be primary; differs from `currentPrimary` while a
+    /// change of primary is in progress. (`primary` in files written by earlier versions.)
+    #[serde(default, alias = "primary")]
+    pub target_primary: u32,
     /// Seed JSON file the cluster came from, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed_file: Option<PathBuf>,
+}
+
+impl StoredCluster {
+    /// The durable record of the primary.
+    pub fn record(&self) -> Record {
+        Record {
+            current: self.current_primary,
+            target: self.target_primary,
+        }
+    }
+
+    /// Takes `record` as the record of the primary.
+    pub fn set_record(&mut self, record: &Record) {
+        self.current_primary = record.current;
+        self.target_primary = record.target;
+    }
+
+    /// The plan of this cluster, with the target primary as primary.
+    pub fn plan(&self) -> crate::plan::Plan {
+        crate::plan::Plan::new(&self.cluster, self.target_primary)
+    }
 }
 
 /// The directory holding every cluster's state.
@@ -186,7 +212,8 @@ mod tests {
         let stored = StoredCluster {
             cluster,
             credentials: Credentials::generate(),
-            primary: 0,
+            current_primary: None,
+            target_primary: 0,
             seed_file: None,
         };
         state.save(&stored).unwrap();

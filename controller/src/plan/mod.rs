@@ -36,6 +36,32 @@ pub const REPLICATION_USER: &str = "replicator";
 /// Superuser.
 pub const SUPERUSER: &str = "postgres";
 
+/// Prefix of the physical replication slot an instance streams through.
+const SLOT_PREFIX: &str = "instance_";
+
+/// The physical replication slot instance `ordinal` streams through, on whichever is primary.
+pub fn slot_name(ordinal: u32) -> String {
+    format!("{SLOT_PREFIX}{ordinal}")
+}
+
+/// A slot named like an instance's (`instance_<ordinal>`): ours to create and drop.
+pub fn is_instance_slot(name: &str) -> bool {
+    name.strip_prefix(SLOT_PREFIX)
+        .is_some_and(|o| o.parse::<u32>().is_ok())
+}
+
+/// Name of instance `ordinal` of `cluster`: its identity, `application_name` and default
+/// container, pod and host name.
+pub fn instance_name(cluster: &str, ordinal: u32) -> String {
+    format!("{cluster}-{ordinal}")
+}
+
+/// The name that always reaches the current primary: the Docker network alias the primary
+/// holds, and the Kubernetes Service that selects the pod labelled primary.
+pub fn rw_host(cluster: &str) -> String {
+    format!("{cluster}-rw")
+}
+
 /// Name of the headless Service that gives each instance pod a DNS name (Kubernetes).
 pub fn headless_service(cluster: &str) -> String {
     format!("{cluster}-hl")
@@ -186,7 +212,7 @@ impl Plan {
             .into_iter()
             .map(|ordinal| {
                 let explicit = local.instance(ordinal);
-                let inst_name = format!("{name}-{ordinal}");
+                let inst_name = instance_name(&name, ordinal);
                 InstancePlan {
                     ordinal,
                     role: if ordinal == primary {
@@ -194,7 +220,7 @@ impl Plan {
                     } else {
                         Role::Replica
                     },
-                    slot: format!("instance_{ordinal}"),
+                    slot: slot_name(ordinal),
                     host: explicit
                         .and_then(|e| e.hostname.clone())
                         .unwrap_or_else(|| inst_name.clone()),

@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::backend::{ObservedBalancer, ObservedInstance, PoolNode};
+use crate::plan::Role;
 use pgbalancer_crd::parse_documents;
 
 fn plan(replicas: i32) -> Plan {
@@ -23,6 +24,15 @@ fn ready(ordinal: u32) -> ObservedInstance {
         streaming: ordinal != 0,
         lag_bytes: Some(0),
         host_port: Some(15432 + ordinal as u16),
+        timeline: Some(1),
+        received_lsn: Some(1000),
+        replayed_lsn: Some(1000),
+        marked: Some(if ordinal == 0 {
+            Role::Primary
+        } else {
+            Role::Replica
+        }),
+        ..Default::default()
     }
 }
 
@@ -61,7 +71,7 @@ fn converged(replicas: u32) -> Observed {
 #[test]
 fn empty_world_starts_with_the_network() {
     assert_eq!(
-        decide(&plan(2), &Observed::default()),
+        decide(&plan(2), &Observed::default(), &Record::settled(0)),
         [Action::EnsureNetwork]
     );
 }
@@ -72,7 +82,7 @@ fn instances_are_created_together_and_the_balancer_waits_for_them() {
         network: true,
         ..Observed::default()
     };
-    let actions = decide(&plan(2), &observed);
+    let actions = decide(&plan(2), &observed, &Record::settled(0));
     assert_eq!(
         actions,
         [
@@ -84,9 +94,9 @@ fn instances_are_created_together_and_the_balancer_waits_for_them() {
     let mut cloning = converged(2);
     cloning.balancers.clear();
     cloning.instances.get_mut(&2).unwrap().streaming = false;
-    assert_eq!(decide(&plan(2), &cloning), []);
+    assert_eq!(decide(&plan(2), &cloning, &Record::settled(0)), []);
     assert_eq!(
-        pending(&plan(2), &cloning)[0],
+        pending(&plan(2), &cloning, &Record::settled(0))[0],
         "demo-2 not streaming from the primary"
     );
 }
@@ -94,15 +104,18 @@ fn instances_are_created_together_and_the_balancer_waits_for_them() {
 #[test]
 fn converged_cluster_needs_nothing() {
     let observed = converged(2);
-    assert!(decide(&plan(2), &observed).is_empty());
-    assert!(pending(&plan(2), &observed).is_empty());
+    assert!(decide(&plan(2), &observed, &Record::settled(0)).is_empty());
+    assert!(pending(&plan(2), &observed, &Record::settled(0)).is_empty());
 }
 
 #[test]
 fn scale_up_adds_the_slot_then_attaches_it() {
     let mut observed = converged(2);
     observed.instances.insert(3, ready(3));
-    assert_eq!(decide(&plan(3), &observed), [Action::UpdateBackends(0)]);
+    assert_eq!(
+        decide(&plan(3), &observed, &Record::settled(0)),
+        [Action::UpdateBackends(0)]
+    );
     observed
         .balancers
         .get_mut(&0)
@@ -110,7 +123,7 @@ fn scale_up_adds_the_slot_then_attaches_it() {
         .nodes
         .push(node(3, "down"));
     assert_eq!(
-        decide(&plan(3), &observed),
+        decide(&plan(3), &observed, &Record::settled(0)),
         [Action::AttachBackend {
             balancer: 0,
             slot: 3
@@ -121,7 +134,7 @@ fn scale_up_adds_the_slot_then_attaches_it() {
 #[test]
 fn scale_down_detaches_before_removing_and_never_touches_the_primary() {
     let mut observed = converged(2);
-    let actions = decide(&plan(0), &observed);
+    let actions = decide(&plan(0), &observed, &Record::settled(0));
     assert_eq!(
         actions,
         [
@@ -141,7 +154,7 @@ fn scale_down_detaches_before_removing_and_never_touches_the_primary() {
         }
     }
     assert_eq!(
-        decide(&plan(0), &observed),
+        decide(&plan(0), &observed, &Record::settled(0)),
         [Action::RemoveInstance(1), Action::RemoveInstance(2)]
     );
 }
@@ -152,7 +165,7 @@ fn changed_or_stopped_objects_are_replaced_or_started() {
     observed.instances.get_mut(&1).unwrap().up_to_date = false;
     observed.balancers.get_mut(&0).unwrap().running = false;
     assert_eq!(
-        decide(&plan(1), &observed),
+        decide(&plan(1), &observed, &Record::settled(0)),
         [Action::ReplaceInstance(1), Action::StartBalancer(0)]
     );
 }
@@ -162,13 +175,210 @@ fn a_down_node_is_attached_only_once_its_instance_is_ready() {
     let mut observed = converged(1);
     observed.balancers.get_mut(&0).unwrap().nodes[1].status = "down".into();
     observed.instances.get_mut(&1).unwrap().streaming = false;
-    assert!(decide(&plan(1), &observed).is_empty());
+    assert!(decide(&plan(1), &observed, &Record::settled(0)).is_empty());
     observed.instances.get_mut(&1).unwrap().streaming = true;
     assert_eq!(
-        decide(&plan(1), &observed),
+        decide(&plan(1), &observed, &Record::settled(0)),
         [Action::AttachBackend {
             balancer: 0,
             slot: 1
         }]
+    );
+}
+
+fn plan_with_primary(replicas: i32, primary: u32) -> Plan {
+    let text = format!(
+        "apiVersion: pgbalancer.io/v1alpha1\nkind: PgBalancerCluster\nmetadata: {{name: demo}}\nspec: {{replicas: {replicas}}}\n"
+    );
+    Plan::new(&parse_documents(&text).unwrap()[0], primary)
+}
+
+fn moving(from: u32, to: u32) -> Record {
+    Record {
+        current: Some(from),
+        target: to,
+    }
+}
+
+#[test]
+fn a_change_of_primary_fences_the_old_one_first() {
+    let plan = plan_with_primary(2, 1);
+    assert_eq!(
+        decide(&plan, &converged(2), &moving(0, 1)),
+        [Action::Fence(0)]
+    );
+}
+
+#[test]
+fn the_target_is_marked_then_promoted_once_it_replayed_everything() {
+    let plan = plan_with_primary(2, 1);
+    let mut observed = converged(2);
+    let old = observed.instances.get_mut(&0).unwrap();
+    old.running = false;
+    old.accepting = false;
+    old.in_recovery = None;
+    old.marked = Some(Role::Replica);
+    assert_eq!(
+        decide(&plan, &observed, &moving(0, 1)),
+        [Action::MarkRole(1)]
+    );
+    let target = observed.instances.get_mut(&1).unwrap();
+    target.marked = Some(Role::Primary);
+    target.received_lsn = Some(2000);
+    target.replayed_lsn = Some(1500);
+    assert_eq!(decide(&plan, &observed, &moving(0, 1)), []);
+    observed.instances.get_mut(&1).unwrap().replayed_lsn = Some(2000);
+    assert_eq!(
+        decide(&plan, &observed, &moving(0, 1)),
+        [Action::Promote(1)]
+    );
+}
+
+#[test]
+fn once_the_target_writes_the_record_follows_and_the_old_primary_starts_as_a_replica() {
+    let plan = plan_with_primary(2, 1);
+    let mut observed = converged(2);
+    let old = observed.instances.get_mut(&0).unwrap();
+    old.running = false;
+    old.accepting = false;
+    old.in_recovery = None;
+    old.marked = Some(Role::Replica);
+    let target = observed.instances.get_mut(&1).unwrap();
+    target.in_recovery = Some(false);
+    target.marked = Some(Role::Primary);
+    let record = moving(0, 1).advance(&observed);
+    assert_eq!(record, Record::settled(1));
+    assert!(decide(&plan, &observed, &record).contains(&Action::StartInstance(0)));
+}
+
+#[test]
+fn a_controller_that_stopped_half_way_resumes_at_the_same_step() {
+    // Fenced and marked, then the controller stopped: the next one promotes, no fence again.
+    let plan = plan_with_primary(1, 1);
+    let mut observed = converged(1);
+    observed.instances.get_mut(&0).unwrap().running = false;
+    observed.instances.get_mut(&0).unwrap().in_recovery = None;
+    observed.instances.get_mut(&0).unwrap().marked = Some(Role::Replica);
+    observed.instances.get_mut(&1).unwrap().marked = Some(Role::Primary);
+    assert_eq!(
+        decide(&plan, &observed, &moving(0, 1)),
+        [Action::Promote(1)]
+    );
+}
+
+#[test]
+fn two_writable_instances_stop_every_action() {
+    let mut observed = converged(2);
+    observed.instances.get_mut(&2).unwrap().in_recovery = Some(false);
+    observed.instances.remove(&1);
+    assert!(conflict(&plan(2), &observed, &Record::settled(0)).is_some());
+    assert_eq!(decide(&plan(2), &observed, &Record::settled(0)), []);
+}
+
+#[test]
+fn a_primary_the_record_does_not_name_is_a_conflict_not_a_guess() {
+    let mut observed = converged(1);
+    observed.instances.get_mut(&0).unwrap().in_recovery = Some(true);
+    observed.instances.get_mut(&1).unwrap().in_recovery = Some(false);
+    let message = conflict(&plan(1), &observed, &Record::settled(0)).unwrap();
+    assert!(message.contains("demo-1 accepts writes but the record names demo-0"));
+}
+
+#[test]
+fn the_first_primary_seen_settles_an_empty_record() {
+    let fresh = Record::default();
+    assert_eq!(fresh.advance(&converged(2)), Record::settled(0));
+    assert_eq!(fresh.advance(&Observed::default()), fresh);
+}
+
+#[test]
+fn the_primary_gets_slots_for_every_replica_and_standbys_none() {
+    let mut observed = converged(2);
+    observed.instances.get_mut(&0).unwrap().slots = Some([("instance_1".to_owned(), true)].into());
+    observed.instances.get_mut(&1).unwrap().slots = Some(Default::default());
+    assert_eq!(
+        decide(&plan(2), &observed, &Record::settled(0)),
+        [Action::EnsureSlots(0)]
+    );
+    observed.instances.get_mut(&0).unwrap().slots = Some(
+        [
+            ("instance_1".to_owned(), true),
+            ("instance_2".to_owned(), true),
+        ]
+        .into(),
+    );
+    observed.instances.get_mut(&1).unwrap().slots = Some([("instance_2".to_owned(), false)].into());
+    assert_eq!(
+        decide(&plan(2), &observed, &Record::settled(0)),
+        [Action::EnsureSlots(1)]
+    );
+}
+
+#[test]
+fn a_slot_still_in_use_by_a_removed_replica_is_left_until_it_disconnects() {
+    let mut observed = converged(1);
+    observed.instances.get_mut(&0).unwrap().slots = Some(
+        [
+            ("instance_1".to_owned(), true),
+            ("instance_2".to_owned(), true),
+        ]
+        .into(),
+    );
+    assert_eq!(decide(&plan(1), &observed, &Record::settled(0)), []);
+    observed.instances.get_mut(&0).unwrap().slots = Some(
+        [
+            ("instance_1".to_owned(), true),
+            ("instance_2".to_owned(), false),
+        ]
+        .into(),
+    );
+    assert_eq!(
+        decide(&plan(1), &observed, &Record::settled(0)),
+        [Action::EnsureSlots(0)]
+    );
+}
+
+/// An operator outside the cluster network: pods, readiness and labels, no SQL.
+fn kube_shaped(ordinal: u32, ready: bool, marked: Option<Role>) -> ObservedInstance {
+    ObservedInstance {
+        name: format!("demo-{ordinal}-0"),
+        state: "running".into(),
+        running: true,
+        up_to_date: true,
+        engine_ready: Some(ready),
+        marked,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn without_sql_an_unmarked_pod_gets_its_role_and_readiness_comes_from_the_engine() {
+    let observed = Observed {
+        network: true,
+        instances: [
+            (0, kube_shaped(0, false, None)),
+            (1, kube_shaped(1, false, Some(Role::Replica))),
+        ]
+        .into(),
+        balancers: Default::default(),
+    };
+    assert_eq!(
+        decide(&plan(1), &observed, &Record::default()),
+        [Action::MarkRole(0)]
+    );
+    let ready = Observed {
+        network: true,
+        instances: [
+            (0, kube_shaped(0, true, Some(Role::Primary))),
+            (1, kube_shaped(1, true, Some(Role::Replica))),
+        ]
+        .into(),
+        balancers: Default::default(),
+    };
+    assert!(instance_ready(&plan(1), &ready, 0));
+    assert_eq!(Record::default().advance(&ready), Record::settled(0));
+    assert_eq!(
+        decide(&plan(1), &ready, &Record::settled(0)),
+        [Action::CreateBalancer(0)]
     );
 }

@@ -16,6 +16,9 @@ use crate::plan::Plan;
 
 /// Directory the images read their configuration from.
 pub const CONFIG_DIR: &str = "/etc/pgbalancer";
+/// Path, relative to [`CONFIG_DIR`], of the file holding an instance's role (`primary` or
+/// `replica`) on Docker; the entrypoint obeys it at every start.
+pub const ROLE_FILE: &str = "role";
 /// Directory of the PostgreSQL data volume in the image.
 pub const DATA_VOLUME_DIR: &str = "/var/lib/pgbalancer";
 /// `PGDATA` inside the data volume (a subdirectory, so a volume's `lost+found` does no harm).

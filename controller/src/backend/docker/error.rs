@@ -30,12 +30,8 @@ pub enum DockerError {
         output: String,
     },
     /// A SQL probe or statement failed.
-    #[error("{what}")]
-    Sql {
-        what: String,
-        #[source]
-        source: tokio_postgres::Error,
-    },
+    #[error(transparent)]
+    Sql(#[from] crate::pg::PgError),
     /// Something the plan needs is missing or taken.
     #[error("{0}")]
     Conflict(String),
@@ -56,7 +52,7 @@ impl BackendError for DockerError {
     fn is_transient(&self) -> bool {
         matches!(
             self,
-            DockerError::Exec { .. } | DockerError::Sql { .. } | DockerError::Missing(_)
+            DockerError::Exec { .. } | DockerError::Sql(_) | DockerError::Missing(_)
         )
     }
 }

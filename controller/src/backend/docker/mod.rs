@@ -9,12 +9,12 @@ mod exec;
 pub mod images;
 pub mod objects;
 pub mod preflight;
-mod sql;
 
 use std::collections::HashMap;
 
 use bollard::models::{
-    ContainerSummary, Ipam, IpamConfig, NetworkCreateRequest, VolumeCreateRequest,
+    ContainerSummary, Ipam, IpamConfig, NetworkConnectRequest, NetworkCreateRequest,
+    NetworkDisconnectRequest, VolumeCreateRequest,
 };
 use bollard::query_parameters::{
     CreateContainerOptions, ListContainersOptions, RemoveContainerOptions, RemoveVolumeOptions,
@@ -28,7 +28,8 @@ pub use error::DockerError;
 use crate::backend::{Action, Backend, Observed, ObservedBalancer, ObservedInstance};
 use crate::credentials::Credentials;
 use crate::labels;
-use crate::plan::{Plan, BALANCER_PORT, PCP_PORT, PCP_USER, POSTGRES_PORT, SUPERUSER};
+use crate::pg;
+use crate::plan::{self, Plan, Role, BALANCER_PORT, PCP_PORT, PCP_USER, POSTGRES_PORT, SUPERUSER};
 use crate::render::CONFIG_DIR;
 
 /// Connects to the engine named by `DOCKER_HOST` (or the local socket) and settles the API
@@ -113,23 +114,59 @@ impl DockerBackend {
             running,
             up_to_date,
             host_port,
+            marked: self.holds_rw_alias(plan, c).await,
             ..Default::default()
         };
         if let (true, Some(port)) = (running, host_port) {
-            let client = sql::connect(
-                plan.connect_address(),
-                port,
-                SUPERUSER,
-                &self.creds.superuser_password,
-                "postgres",
-            )
-            .await;
-            if let Ok(client) = client {
+            if let Ok(client) = self.superuser(plan, port).await {
                 seen.accepting = true;
-                seen.in_recovery = sql::in_recovery(&client).await.ok();
+                if let Ok(position) = pg::position(&client).await {
+                    seen.in_recovery = Some(position.in_recovery);
+                    seen.timeline = position.timeline;
+                    seen.received_lsn = position.received_lsn;
+                    seen.replayed_lsn = position.replayed_lsn;
+                    seen.receiver = position.receiver;
+                }
+                if let Ok(slots) = pg::slots(&client).await {
+                    seen.slots = Some(slots.into_iter().collect());
+                }
             }
         }
         seen
+    }
+
+    /// A superuser connection to the instance published on host port `port`.
+    async fn superuser(
+        &self,
+        plan: &Plan,
+        port: u16,
+    ) -> Result<tokio_postgres::Client, pg::PgError> {
+        pg::connect(
+            plan.connect_address(),
+            port,
+            SUPERUSER,
+            &self.creds.superuser_password,
+            "postgres",
+        )
+        .await
+    }
+
+    /// Whether the container holds the `<cluster>-rw` alias on the cluster's network, as a
+    /// role mark; `None` when the engine could not say.
+    async fn holds_rw_alias(&self, plan: &Plan, c: &ContainerSummary) -> Option<Role> {
+        let id = c.id.as_deref()?;
+        let inspected = self.docker.inspect_container(id, None).await.ok()?;
+        let aliases = inspected
+            .network_settings?
+            .networks?
+            .remove(&plan.local.network)
+            .and_then(|n| n.aliases)
+            .unwrap_or_default();
+        Some(if aliases.contains(&plan::rw_host(&plan.cluster)) {
+            Role::Primary
+        } else {
+            Role::Replica
+        })
     }
 
     async fn observe_balancer(
@@ -156,7 +193,7 @@ impl DockerBackend {
             ..Default::default()
         };
         if let (true, Some(port)) = (running, host_port) {
-            let client = sql::connect(
+            let client = pg::connect(
                 plan.connect_address(),
                 port,
                 &plan.postgres.user,
@@ -165,7 +202,7 @@ impl DockerBackend {
             )
             .await;
             if let Ok(client) = client {
-                if let Ok(nodes) = sql::pool_nodes(&client).await {
+                if let Ok(nodes) = pg::pool_nodes(&client).await {
                     seen.routing = client.simple_query("SELECT 1").await.is_ok();
                     seen.nodes = nodes;
                 }
@@ -204,12 +241,9 @@ impl DockerBackend {
             .await
             .map_err(DockerError::api(format!("create volume {volume}")))?;
         let body = objects::instance_container(plan, inst);
-        self.create_and_start(
-            &inst.container,
-            body,
-            objects::instance_files(plan, &self.creds),
-        )
-        .await
+        let files = objects::instance_files(plan, inst.role, &self.creds)
+            .map_err(|e| DockerError::Conflict(format!("configuration archive: {e}")))?;
+        self.create_and_start(&inst.container, body, files).await
     }
 
     async fn create_balancer(&self, plan: &Plan, index: u32) -> Result<(), DockerError> {
@@ -219,12 +253,9 @@ impl DockerBackend {
             .get(index as usize)
             .ok_or_else(|| DockerError::Missing(format!("balancer {index}")))?;
         let body = objects::balancer_container(plan, b);
-        self.create_and_start(
-            &b.container,
-            body,
-            objects::balancer_files(plan, &self.creds),
-        )
-        .await
+        let files = objects::balancer_files(plan, &self.creds)
+            .map_err(|e| DockerError::Conflict(format!("configuration archive: {e}")))?;
+        self.create_and_start(&b.container, body, files).await
     }
 
     async fn create_and_start(
@@ -268,17 +299,10 @@ impl DockerBackend {
     }
 
     async fn remove_container(&self, id: &str) -> Result<(), DockerError> {
-        // A clean stop first: PostgreSQL checkpoints, pgpool closes its sessions.
-        let _ = self
-            .docker
-            .stop_container(
-                id,
-                Some(StopContainerOptions {
-                    t: Some(30),
-                    ..Default::default()
-                }),
-            )
-            .await;
+        // A clean stop first: PostgreSQL checkpoints, pgpool closes its sessions. A container
+        // that is already stopped answers 304 and one that will not stop is removed by force
+        // below, so the outcome of the stop itself changes nothing.
+        let _ = self.stop(id).await;
         self.docker
             .remove_container(
                 id,
@@ -308,42 +332,142 @@ impl DockerBackend {
             }) => {}
             Err(e) => return Err(DockerError::api(format!("remove volume {volume}"))(e)),
         }
-        self.drop_slot(plan, ordinal).await
+        // Its slot on the primary is dropped by `EnsureSlots` once it is no longer in use.
+        Ok(())
     }
 
-    /// Drops the removed replica's slot on the primary so it does not pin WAL.
-    async fn drop_slot(&self, plan: &Plan, ordinal: u32) -> Result<(), DockerError> {
-        let primary = plan.primary();
-        let Some(port) = self
-            .containers(&plan.cluster)
+    /// Stops a container cleanly (PostgreSQL: a fast shutdown that sends all WAL to the
+    /// standbys still connected), waiting up to 30 s.
+    async fn stop(&self, id: &str) -> Result<(), DockerError> {
+        match self
+            .docker
+            .stop_container(
+                id,
+                Some(StopContainerOptions {
+                    t: Some(30),
+                    ..Default::default()
+                }),
+            )
+            .await
+        {
+            Ok(())
+            | Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 304, ..
+            }) => Ok(()),
+            Err(e) => Err(DockerError::api(format!("stop container {id}"))(e)),
+        }
+    }
+
+    /// Gives instance `ordinal` the role `role` at runtime: the role file its entrypoint obeys
+    /// at the next start, and the `<cluster>-rw` alias (only the primary holds it; the
+    /// endpoint is reconnected to change it, which Docker needs to change aliases).
+    async fn mark(&self, plan: &Plan, ordinal: u32, role: Role) -> Result<(), DockerError> {
+        let inst = plan
+            .instance(ordinal)
+            .ok_or_else(|| DockerError::Missing(format!("instance {ordinal}")))?;
+        let id = self.container_of(plan, labels::POSTGRES, ordinal).await?;
+        let role_file = objects::files_tar(&[objects::role_file(role)])
+            .map_err(|e| DockerError::Conflict(format!("configuration archive: {e}")))?;
+        self.upload(&id, role_file).await?;
+        let network = &plan.local.network;
+        let endpoint = objects::endpoint(
+            objects::instance_aliases(plan, inst, role == Role::Primary),
+            inst.ip,
+        );
+        match self
+            .docker
+            .disconnect_network(
+                network,
+                NetworkDisconnectRequest {
+                    container: id.clone(),
+                    force: Some(true),
+                },
+            )
+            .await
+        {
+            Ok(()) => {}
+            // Not connected (a stopped container that lost its endpoint): connect below.
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404 | 403,
+                ..
+            }) => {}
+            Err(e) => {
+                return Err(DockerError::api(format!("disconnect {}", inst.container))(
+                    e,
+                ))
+            }
+        }
+        self.docker
+            .connect_network(
+                network,
+                NetworkConnectRequest {
+                    container: id,
+                    endpoint_config: Some(endpoint),
+                },
+            )
+            .await
+            .map_err(DockerError::api(format!("connect {}", inst.container)))
+    }
+
+    /// Fences the old primary `ordinal`: marked a replica first (so that no later start makes
+    /// it writable), then stopped cleanly.
+    async fn fence(&self, plan: &Plan, ordinal: u32) -> Result<(), DockerError> {
+        self.mark(plan, ordinal, Role::Replica).await?;
+        let id = self.container_of(plan, labels::POSTGRES, ordinal).await?;
+        self.stop(&id).await
+    }
+
+    /// Makes the slots on instance `ordinal` match its role (see [`Action::EnsureSlots`]).
+    async fn ensure_slots(&self, plan: &Plan, ordinal: u32) -> Result<(), DockerError> {
+        let port = self.instance_port(plan, ordinal).await?;
+        let client = self.superuser(plan, port).await?;
+        let position = pg::position(&client).await?;
+        let primary = !position.in_recovery && plan.primary().ordinal == ordinal;
+        let wanted: Vec<&str> = plan
+            .instances
+            .iter()
+            .filter(|i| primary && i.ordinal != ordinal)
+            .map(|i| i.slot.as_str())
+            .collect();
+        let existing = pg::slots(&client).await?;
+        for slot in &wanted {
+            if !existing.contains_key(*slot) {
+                pg::create_slot(&client, slot).await?;
+                tracing::info!(%slot, instance = ordinal, "created replication slot");
+            }
+        }
+        for (slot, active) in existing {
+            if !active && plan::is_instance_slot(&slot) && !wanted.contains(&slot.as_str()) {
+                pg::drop_slot(&client, &slot).await?;
+                tracing::info!(%slot, instance = ordinal, "dropped replication slot");
+            }
+        }
+        Ok(())
+    }
+
+    async fn promote(&self, plan: &Plan, ordinal: u32) -> Result<(), DockerError> {
+        let port = self.instance_port(plan, ordinal).await?;
+        let client = self.superuser(plan, port).await?;
+        if pg::promote(&client).await? {
+            tracing::info!(instance = ordinal, "promoted");
+            Ok(())
+        } else {
+            Err(DockerError::Conflict(format!(
+                "instance {ordinal} did not finish promotion in time"
+            )))
+        }
+    }
+
+    async fn instance_port(&self, plan: &Plan, ordinal: u32) -> Result<u16, DockerError> {
+        self.containers(&plan.cluster)
             .await?
             .iter()
             .find(|c| {
                 label(c, labels::COMPONENT) == Some(labels::POSTGRES)
-                    && ordinal_of(c) == Some(primary.ordinal)
+                    && ordinal_of(c) == Some(ordinal)
             })
             .and_then(|c| public_port(c, POSTGRES_PORT))
-        else {
-            return Ok(());
-        };
-        let client = sql::connect(
-            plan.connect_address(),
-            port,
-            SUPERUSER,
-            &self.creds.superuser_password,
-            "postgres",
-        )
-        .await?;
-        let slot = format!("instance_{ordinal}");
-        for _ in 0..50 {
-            if sql::drop_slot(&client, &slot).await? {
-                return Ok(());
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
-        Err(DockerError::Conflict(format!(
-            "replication slot {slot} is still in use"
-        )))
+            .ok_or_else(|| DockerError::Missing(format!("published port of instance {ordinal}")))
     }
 
     async fn pcp(
@@ -365,8 +489,9 @@ impl DockerBackend {
 
     async fn update_backends(&self, plan: &Plan, index: u32) -> Result<(), DockerError> {
         let id = self.container_of(plan, labels::BALANCER, index).await?;
-        self.upload(&id, objects::balancer_files(plan, &self.creds))
-            .await?;
+        let files = objects::balancer_files(plan, &self.creds)
+            .map_err(|e| DockerError::Conflict(format!("configuration archive: {e}")))?;
+        self.upload(&id, files).await?;
         self.pcp(plan, index, "pcp_reload_config", None).await
     }
 
@@ -463,18 +588,10 @@ impl Backend for DockerBackend {
             .find(|i| i.in_recovery == Some(false))
             .and_then(|i| i.host_port);
         if let Some(port) = primary_port {
-            if let Ok(client) = sql::connect(
-                plan.connect_address(),
-                port,
-                SUPERUSER,
-                &self.creds.superuser_password,
-                "postgres",
-            )
-            .await
-            {
-                if let Ok(standbys) = sql::replication(&client).await {
+            if let Ok(client) = self.superuser(plan, port).await {
+                if let Ok(standbys) = pg::standbys(&client).await {
                     for (ordinal, seen) in observed.instances.iter_mut() {
-                        let name = format!("{}-{ordinal}", plan.cluster);
+                        let name = plan::instance_name(&plan.cluster, *ordinal);
                         if let Some((state, lag)) = standbys.get(&name) {
                             seen.streaming = state == "streaming";
                             seen.lag_bytes = Some(*lag);
@@ -511,6 +628,21 @@ impl Backend for DockerBackend {
                 self.pcp(plan, balancer, "pcp_detach_node", Some(slot))
                     .await
             }
+            Action::MarkRole(o) => {
+                let role = plan.instance(o).map_or(Role::Replica, |i| i.role);
+                if role == Role::Primary {
+                    // The alias moves: nobody else may hold it.
+                    for other in plan.instances.iter().filter(|i| i.ordinal != o) {
+                        if let Err(e) = self.mark(plan, other.ordinal, Role::Replica).await {
+                            tracing::debug!(instance = other.ordinal, error = %e, "not unmarked");
+                        }
+                    }
+                }
+                self.mark(plan, o, role).await
+            }
+            Action::EnsureSlots(o) => self.ensure_slots(plan, o).await,
+            Action::Fence(o) => self.fence(plan, o).await,
+            Action::Promote(o) => self.promote(plan, o).await,
         }
     }
 }

@@ -12,7 +12,8 @@ use sha2::{Digest, Sha256};
 use crate::credentials::Credentials;
 use crate::labels;
 use crate::plan::{
-    BalancerInstancePlan, InstancePlan, Plan, BALANCER_PORT, PCP_PORT, POSTGRES_PORT, REST_PORT,
+    self, BalancerInstancePlan, InstancePlan, Plan, Role, BALANCER_PORT, PCP_PORT, POSTGRES_PORT,
+    REST_PORT,
 };
 use crate::render::{self, ConfigFile, DATA_VOLUME_DIR, IMAGE_UID};
 
@@ -44,21 +45,26 @@ pub fn balancer_labels(plan: &Plan, b: &BalancerInstancePlan) -> HashMap<String,
     l
 }
 
-/// Environment of an instance. Only bootstrap inputs: the role is in the data directory, so a
-/// change of primary does not change (and does not replace) any container.
+/// Environment of an instance: bootstrap inputs only, the same whatever its role. The role
+/// is runtime state (the uploaded role file and the `<cluster>-rw` alias), so a change of
+/// primary changes (and replaces) no container.
 fn instance_env(plan: &Plan, inst: &InstancePlan) -> Vec<String> {
-    let source = if inst.ordinal == plan.primary().ordinal {
-        String::new()
-    } else {
-        plan.primary().host.clone()
-    };
     vec![
-        format!("PGB_BOOTSTRAP_FROM={source}"),
+        format!("PGB_PRIMARY_HOST={}", plan::rw_host(&plan.cluster)),
         format!("PGB_SLOT_NAME={}", inst.slot),
         format!("PGB_APPLICATION_NAME={}", inst.name),
         format!("PGB_DATABASE={}", plan.postgres.database),
         format!("PGB_APP_USER={}", plan.postgres.user),
     ]
+}
+
+/// Network aliases of an instance: its hostname, plus `<cluster>-rw` when it is primary.
+pub fn instance_aliases(plan: &Plan, inst: &InstancePlan, primary: bool) -> Vec<String> {
+    let mut aliases = vec![inst.host.clone()];
+    if primary {
+        aliases.push(plan::rw_host(&plan.cluster));
+    }
+    aliases
 }
 
 /// Hash of everything whose change needs a new instance container.
@@ -122,18 +128,27 @@ fn published(
         .collect()
 }
 
-fn networking(plan: &Plan, host: &str, ip: Option<std::net::Ipv4Addr>) -> NetworkingConfig {
+/// The endpoint on the cluster's network: aliases and, when fixed, the IP.
+pub fn endpoint(aliases: Vec<String>, ip: Option<std::net::Ipv4Addr>) -> EndpointSettings {
+    EndpointSettings {
+        aliases: Some(aliases),
+        ipam_config: ip.map(|ip| EndpointIpamConfig {
+            ipv4_address: Some(ip.to_string()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn networking(
+    plan: &Plan,
+    aliases: Vec<String>,
+    ip: Option<std::net::Ipv4Addr>,
+) -> NetworkingConfig {
     NetworkingConfig {
         endpoints_config: Some(HashMap::from([(
             plan.local.network.clone(),
-            EndpointSettings {
-                aliases: Some(vec![host.to_owned()]),
-                ipam_config: ip.map(|ip| EndpointIpamConfig {
-                    ipv4_address: Some(ip.to_string()),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            },
+            endpoint(aliases, ip),
         )])),
     }
 }
@@ -198,7 +213,11 @@ pub fn instance_container(plan: &Plan, inst: &InstancePlan) -> ContainerCreateBo
             shm_size: Some(256 * 1024 * 1024),
             ..Default::default()
         })),
-        networking_config: Some(networking(plan, &inst.host, inst.ip)),
+        networking_config: Some(networking(
+            plan,
+            instance_aliases(plan, inst, inst.role == Role::Primary),
+            inst.ip,
+        )),
         ..Default::default()
     }
 }
@@ -236,13 +255,14 @@ pub fn balancer_container(plan: &Plan, b: &BalancerInstancePlan) -> ContainerCre
             )),
             ..Default::default()
         })),
-        networking_config: Some(networking(plan, &b.host, b.ip)),
+        networking_config: Some(networking(plan, vec![b.host.clone()], b.ip)),
         ..Default::default()
     }
 }
 
 /// Files of an instance or balancer as a tar for `/etc/pgbalancer`, owned by the image user.
-pub fn files_tar(files: &[ConfigFile]) -> Vec<u8> {
+/// Writing to memory fails only on a path tar cannot hold, which is reported.
+pub fn files_tar(files: &[ConfigFile]) -> std::io::Result<Vec<u8>> {
     let mut builder = tar::Builder::new(Vec::new());
     let mut dir = tar::Header::new_gnu();
     dir.set_entry_type(tar::EntryType::Directory);
@@ -250,25 +270,36 @@ pub fn files_tar(files: &[ConfigFile]) -> Vec<u8> {
     dir.set_uid(IMAGE_UID);
     dir.set_gid(IMAGE_UID);
     dir.set_size(0);
-    let _ = builder.append_data(&mut dir, "secrets/", std::io::empty());
+    builder.append_data(&mut dir, "secrets/", std::io::empty())?;
     for f in files {
         let mut header = tar::Header::new_gnu();
         header.set_mode(if f.secret { 0o600 } else { 0o644 });
         header.set_uid(IMAGE_UID);
         header.set_gid(IMAGE_UID);
         header.set_size(f.contents.len() as u64);
-        let _ = builder.append_data(&mut header, f.path, f.contents.as_bytes());
+        builder.append_data(&mut header, f.path, f.contents.as_bytes())?;
     }
-    builder.into_inner().unwrap_or_default()
+    builder.into_inner()
 }
 
-/// Instance files for upload.
-pub fn instance_files(plan: &Plan, creds: &Credentials) -> Vec<u8> {
-    files_tar(&render::postgres_files(plan, creds))
+/// The role file the instance's entrypoint obeys at every start (`primary` or `replica`).
+pub fn role_file(role: Role) -> ConfigFile {
+    ConfigFile {
+        path: render::ROLE_FILE,
+        contents: format!("{}\n", role.as_str()),
+        secret: false,
+    }
+}
+
+/// Instance files for upload, with the role file of `role`.
+pub fn instance_files(plan: &Plan, role: Role, creds: &Credentials) -> std::io::Result<Vec<u8>> {
+    let mut files = render::postgres_files(plan, creds);
+    files.push(role_file(role));
+    files_tar(&files)
 }
 
 /// Balancer files for upload.
-pub fn balancer_files(plan: &Plan, creds: &Credentials) -> Vec<u8> {
+pub fn balancer_files(plan: &Plan, creds: &Credentials) -> std::io::Result<Vec<u8>> {
     files_tar(&render::balancer_files(plan, creds))
 }
 
@@ -337,12 +368,44 @@ mod tests {
     }
 
     #[test]
-    fn replicas_bootstrap_from_the_primary_host_and_the_primary_from_nothing() {
+    fn every_instance_reaches_the_primary_through_the_rw_alias_which_only_the_primary_holds() {
         let p = plan("");
-        let env = |o: u32| instance_container(&p, p.instance(o).unwrap()).env.unwrap();
-        assert!(env(0).contains(&"PGB_BOOTSTRAP_FROM=".to_string()));
-        assert!(env(2).contains(&"PGB_BOOTSTRAP_FROM=demo-0".to_string()));
-        assert!(env(2).contains(&"PGB_SLOT_NAME=instance_2".to_string()));
+        let body = |o: u32| instance_container(&p, p.instance(o).unwrap());
+        assert!(body(0)
+            .env
+            .unwrap()
+            .contains(&"PGB_PRIMARY_HOST=demo-rw".to_string()));
+        assert!(body(2)
+            .env
+            .unwrap()
+            .contains(&"PGB_PRIMARY_HOST=demo-rw".to_string()));
+        assert!(body(2)
+            .env
+            .unwrap()
+            .contains(&"PGB_SLOT_NAME=instance_2".to_string()));
+        let aliases = |o: u32| {
+            body(o).networking_config.unwrap().endpoints_config.unwrap()["pgbalancer-demo"]
+                .aliases
+                .clone()
+                .unwrap()
+        };
+        assert_eq!(aliases(0), ["demo-0", "demo-rw"]);
+        assert_eq!(aliases(2), ["demo-2"]);
+    }
+
+    #[test]
+    fn a_change_of_primary_changes_no_instance_hash_or_environment() {
+        let text = "apiVersion: pgbalancer.io/v1alpha1\nkind: PgBalancerCluster\nmetadata: {name: demo}\nspec: {replicas: 2}\n";
+        let cluster = &parse_documents(text).unwrap()[0];
+        let (a, b) = (Plan::new(cluster, 0), Plan::new(cluster, 1));
+        for o in 0..3 {
+            let (ia, ib) = (a.instance(o).unwrap(), b.instance(o).unwrap());
+            assert_eq!(instance_hash(&a, ia), instance_hash(&b, ib));
+            assert_eq!(
+                instance_container(&a, ia).env,
+                instance_container(&b, ib).env
+            );
+        }
     }
 
     #[test]
@@ -411,7 +474,8 @@ mod tests {
             path: "secrets/x",
             contents: "s".into(),
             secret: true,
-        }]);
+        }])
+        .unwrap();
         let mut archive = tar::Archive::new(tar_bytes.as_slice());
         let modes: Vec<(String, u32, u64)> = archive
             .entries()

@@ -11,6 +11,7 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 
 use super::reconcile::{Context, Error};
+use crate::backend::PoolNode;
 use crate::labels;
 use crate::plan::{Plan, REST_PORT};
 
@@ -86,36 +87,30 @@ async fn get_json(url: String) -> Option<serde_json::Value> {
     .flatten()
 }
 
-/// The first reachable agent's nodes: slot → (`up`/`down`, replication lag in bytes). Empty
-/// when no agent answers (not running yet, or an operator outside the cluster network).
-pub async fn nodes(
-    client: &Client,
-    namespace: &str,
-    plan: &Plan,
-) -> Result<BTreeMap<u32, (String, i64)>, Error> {
+/// The first reachable agent's nodes (`/api/v1/nodes`). Empty when no agent answers (not
+/// running yet, or an operator outside the cluster network).
+pub async fn nodes(client: &Client, namespace: &str, plan: &Plan) -> Result<Vec<PoolNode>, Error> {
     for ip in balancer_ips(client, namespace, plan).await? {
         if let Some(v) = get_json(format!("http://{ip}:{REST_PORT}/api/v1/nodes")).await {
             return Ok(v["nodes"]
                 .as_array()
-                .map(|nodes| {
-                    nodes
-                        .iter()
-                        .filter_map(|n| {
-                            let id = u32::try_from(n["id"].as_u64()?).ok()?;
-                            Some((
-                                id,
-                                (
-                                    n["status"].as_str()?.to_owned(),
-                                    n["replication_lag"].as_i64().unwrap_or(0),
-                                ),
-                            ))
-                        })
-                        .collect()
-                })
+                .map(|nodes| nodes.iter().filter_map(pool_node).collect())
                 .unwrap_or_default());
         }
     }
-    Ok(BTreeMap::new())
+    Ok(Vec::new())
+}
+
+/// One node of the agent's REST answer.
+fn pool_node(n: &serde_json::Value) -> Option<PoolNode> {
+    Some(PoolNode {
+        slot: u32::try_from(n["id"].as_u64()?).ok()?,
+        host: n["host"].as_str().unwrap_or_default().to_owned(),
+        status: n["status"].as_str()?.to_owned(),
+        role: n["role"].as_str().unwrap_or_default().to_owned(),
+        select_count: n["select_count"].as_i64().unwrap_or(0),
+        replication_delay: n["replication_lag"].as_i64().unwrap_or(0),
+    })
 }
 
 /// Whether any reachable balancer agent still routes to node `slot`. Unreachable agents

@@ -17,4 +17,3 @@ pub mod objects;
 pub mod operator;
 pub mod reconcile;
 pub mod slots;
-pub mod status;

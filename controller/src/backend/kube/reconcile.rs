@@ -20,10 +20,12 @@ use thiserror::Error;
 
 use super::metrics::Metrics;
 use super::objects::{self, Owner};
-use super::status::{self, Workloads};
+use crate::backend::{Observed, ObservedBalancer, ObservedInstance, PoolNode};
 use crate::credentials::Credentials;
 use crate::labels;
-use crate::plan::Plan;
+use crate::plan::{Plan, Role};
+use crate::reconcile::Record;
+use crate::status;
 
 /// Why a reconcile failed.
 #[derive(Debug, Error)]
@@ -110,13 +112,8 @@ async fn reconcile_inner(
             .controller_owner_ref(&())
             .ok_or_else(|| Error::Invalid("the cluster has no uid yet".into()))?,
     };
-    let primary = previous
-        .as_ref()
-        .and_then(|s| s.current_primary.as_deref())
-        .and_then(|p| p.strip_prefix(&format!("{name}-")))
-        .and_then(|o| o.parse().ok())
-        .unwrap_or(0);
-    let plan = Plan::kubernetes(cluster, primary);
+    let record = record_of(&name, previous.as_ref());
+    let plan = Plan::kubernetes(cluster, record.target);
     let creds = credentials(cluster, &plan, &owner, ctx).await?;
 
     let backends = objects::balancer_config(&plan, &owner, &creds);
@@ -185,7 +182,27 @@ async fn reconcile_inner(
         .filter(|(_, sts)| !removed.contains(&sts.name_any()))
         .collect();
     let seen = observe(client, namespace, &plan, &kept).await?;
-    let new = status::compute(&plan, &seen, previous.as_ref(), generation, now());
+    let record = record.advance(&seen);
+    let mut new = status::compute(&plan, &seen, &record, previous.as_ref(), generation, now());
+    if let Some(b) = new.balancer.as_mut() {
+        b.endpoint = Some(format!(
+            "{}-balancer:{}",
+            plan.cluster,
+            crate::plan::BALANCER_PORT
+        ));
+    }
+    if let Some(conflict) = status::conflict_message(&new) {
+        if previous.as_ref().and_then(|p| p.phase.as_deref()) != new.phase.as_deref() {
+            event(
+                ctx,
+                cluster,
+                EventType::Warning,
+                "PrimaryConflict",
+                &conflict,
+            )
+            .await;
+        }
+    }
     if previous.as_ref().is_none_or(|p| !status::same(p, &new)) {
         if previous.as_ref().and_then(|p| p.phase.clone()) != new.phase {
             let phase = new.phase.clone().unwrap_or_default();
@@ -200,12 +217,13 @@ async fn reconcile_inner(
         }
         write_status(&clusters, &name, &new, ctx).await?;
     }
-    let settling = seen.balancers_ready > 0
+    let balancers_ready = seen.balancers.values().filter(|b| b.routing).count();
+    let settling = balancers_ready > 0
         && new
             .instances
             .iter()
             .any(|i| i.balancer_node.as_deref() != Some("up"));
-    let primary_ready = seen.ready.contains(&plan.primary().ordinal);
+    let primary_ready = crate::reconcile::instance_ready(&plan, &seen, plan.primary().ordinal);
     let slots_busy = if primary_ready {
         let services: Api<k8s_openapi::api::core::v1::Service> =
             Api::namespaced(client.clone(), namespace);
@@ -447,36 +465,97 @@ async fn instance_sets(
         .collect())
 }
 
-/// What the workloads report; `sets` are the StatefulSets left after scale-down.
+/// The record of the primary kept in the cluster's status; instance 0 before any.
+fn record_of(cluster: &str, status: Option<&PgBalancerClusterStatus>) -> Record {
+    let ordinal = |name: Option<&str>| -> Option<u32> {
+        name?.strip_prefix(cluster)?.strip_prefix('-')?.parse().ok()
+    };
+    let current = ordinal(status.and_then(|s| s.current_primary.as_deref()));
+    Record {
+        current,
+        target: ordinal(status.and_then(|s| s.target_primary.as_deref()))
+            .or(current)
+            .unwrap_or(0),
+    }
+}
+
+/// What the workloads report, in the engine-neutral shape; `sets` are the StatefulSets left
+/// after scale-down. From outside the cluster network SQL is not attempted: roles come from
+/// the pods' role marks and readiness from the pods' Ready condition (whose probe checks
+/// streaming on standbys); what cannot be seen stays unknown.
 async fn observe(
     client: &Client,
     namespace: &str,
     plan: &Plan,
     sets: &[(u32, StatefulSet)],
-) -> Result<Workloads, Error> {
-    let mut seen = Workloads::default();
+) -> Result<Observed, Error> {
+    let mut seen = Observed {
+        network: true,
+        ..Observed::default()
+    };
     for (ordinal, sts) in sets {
-        let ordinal = *ordinal;
-        seen.existing.push(ordinal);
-        if sts
+        let ready = sts
             .status
             .as_ref()
             .and_then(|s| s.ready_replicas)
             .unwrap_or(0)
-            >= 1
-        {
-            seen.ready.push(ordinal);
-        }
+            >= 1;
+        let role = sts
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.metadata.as_ref())
+            .and_then(|m| m.labels.as_ref())
+            .and_then(|l| l.get(labels::ROLE))
+            .map(|r| {
+                if r == "primary" {
+                    Role::Primary
+                } else {
+                    Role::Replica
+                }
+            });
+        seen.instances.insert(
+            *ordinal,
+            ObservedInstance {
+                name: format!("{}-0", sts.name_any()),
+                state: if ready { "running" } else { "restarting" }.into(),
+                running: true,
+                up_to_date: true,
+                engine_ready: Some(ready),
+                marked: role,
+                ..ObservedInstance::default()
+            },
+        );
     }
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
-    if let Some(d) = deployments
+    let ready_balancers = match deployments
         .get_opt(&format!("{}-balancer", plan.cluster))
         .await?
     {
-        seen.balancers_ready = d.status.and_then(|s| s.ready_replicas).unwrap_or(0);
-    }
-    if seen.balancers_ready > 0 {
-        seen.nodes = super::balancer::nodes(client, namespace, plan).await?;
+        Some(d) => d.status.and_then(|s| s.ready_replicas).unwrap_or(0),
+        None => 0,
+    };
+    let nodes: Vec<PoolNode> = if ready_balancers > 0 {
+        super::balancer::nodes(client, namespace, plan).await?
+    } else {
+        Vec::new()
+    };
+    for index in 0..u32::try_from(ready_balancers).unwrap_or(0) {
+        seen.balancers.insert(
+            index,
+            ObservedBalancer {
+                name: format!("{}-balancer", plan.cluster),
+                state: "running".into(),
+                running: true,
+                up_to_date: true,
+                routing: true,
+                nodes: if index == 0 {
+                    nodes.clone()
+                } else {
+                    Vec::new()
+                },
+                ..ObservedBalancer::default()
+            },
+        );
     }
     Ok(seen)
 }

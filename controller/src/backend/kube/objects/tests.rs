@@ -54,20 +54,25 @@ fn statefulsets_are_owned_labelled_and_replicas_clone_from_rw() {
         .env
         .clone()
         .unwrap();
-    let bootstrap = env.iter().find(|e| e.name == "PGB_BOOTSTRAP_FROM").unwrap();
-    assert_eq!(bootstrap.value.as_deref(), Some("demo-rw"));
+    let value = |env: &[k8s_openapi::api::core::v1::EnvVar], name: &str| {
+        env.iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value.clone())
+    };
+    assert_eq!(value(&env, "PGB_PRIMARY_HOST").as_deref(), Some("demo-rw"));
+    assert_eq!(
+        value(&env, "PGB_ROLE_FROM_LABELS").as_deref(),
+        Some("/etc/podinfo/labels")
+    );
+    // The container is the same whatever the role: the role reaches it through its labels.
     let primary = statefulset(&p, &owner(), &p.instances[0], &c);
-    let env = primary.spec.unwrap().template.spec.unwrap().containers[0]
+    let primary_env = primary.spec.unwrap().template.spec.unwrap().containers[0]
         .env
         .clone()
         .unwrap();
     assert_eq!(
-        env.iter()
-            .find(|e| e.name == "PGB_BOOTSTRAP_FROM")
-            .unwrap()
-            .value
-            .as_deref(),
-        Some("")
+        value(&primary_env, "PGB_PRIMARY_HOST"),
+        value(&env, "PGB_PRIMARY_HOST")
     );
     let security = template
         .spec

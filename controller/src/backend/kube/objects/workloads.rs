@@ -5,11 +5,11 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMapProjection, Container, ContainerPort, EnvVar, ExecAction, HTTPGetAction,
-    KeyToPath, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, ProjectedVolumeSource, SeccompProfile, SecretProjection,
-    SecurityContext, TCPSocketAction, Volume, VolumeMount, VolumeProjection,
-    VolumeResourceRequirements,
+    Capabilities, ConfigMapProjection, Container, ContainerPort, DownwardAPIVolumeFile,
+    DownwardAPIVolumeSource, EnvVar, ExecAction, HTTPGetAction, KeyToPath, ObjectFieldSelector,
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec,
+    Probe, ProjectedVolumeSource, SeccompProfile, SecretProjection, SecurityContext,
+    TCPSocketAction, Volume, VolumeMount, VolumeProjection, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -100,6 +100,28 @@ fn projected(
     }
 }
 
+/// Where the pod's labels are projected: the entrypoint reads its role there, and a label
+/// patched at runtime reaches the file without a restart.
+const PODINFO_DIR: &str = "/etc/podinfo";
+
+fn pod_labels_volume() -> Volume {
+    Volume {
+        name: "podinfo".into(),
+        downward_api: Some(DownwardAPIVolumeSource {
+            items: Some(vec![DownwardAPIVolumeFile {
+                path: "labels".into(),
+                field_ref: Some(ObjectFieldSelector {
+                    api_version: None,
+                    field_path: "metadata.labels".into(),
+                }),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 fn env(name: &str, value: impl Into<String>) -> EnvVar {
     EnvVar {
         name: name.to_owned(),
@@ -167,18 +189,14 @@ pub fn statefulset(
     let mut pod_labels = instance_labels(plan, inst);
     pod_labels.insert(labels::ROLE.to_owned(), inst.role.as_str().to_owned());
     let config_hash = content_hash(&render::postgres_files(plan, creds));
-    let bootstrap = if inst.ordinal == plan.primary().ordinal {
-        String::new()
-    } else {
-        format!("{}-rw", plan.cluster)
-    };
     let limits_requests = plan.postgres.resources.clone();
     let container = Container {
         name: "postgres".into(),
         image: Some(plan.postgres.image.clone()),
         image_pull_policy: Some("IfNotPresent".into()),
         env: Some(vec![
-            env("PGB_BOOTSTRAP_FROM", bootstrap),
+            env("PGB_PRIMARY_HOST", plan::rw_host(&plan.cluster)),
+            env("PGB_ROLE_FROM_LABELS", format!("{PODINFO_DIR}/labels")),
             env("PGB_SLOT_NAME", inst.slot.clone()),
             env("PGB_APPLICATION_NAME", inst.name.clone()),
             env("PGB_DATABASE", plan.postgres.database.clone()),
@@ -204,6 +222,12 @@ pub fn statefulset(
             VolumeMount {
                 name: "config".into(),
                 mount_path: "/config".into(),
+                read_only: Some(true),
+                ..Default::default()
+            },
+            VolumeMount {
+                name: "podinfo".into(),
+                mount_path: PODINFO_DIR.into(),
                 read_only: Some(true),
                 ..Default::default()
             },
@@ -247,19 +271,22 @@ pub fn statefulset(
                         security_context: Some(pod_security()),
                         termination_grace_period_seconds: Some(60),
                         enable_service_links: Some(false),
-                        volumes: Some(vec![projected(
-                            "config",
-                            &postgres_config_name(&plan.cluster),
-                            &["postgresql.conf", "pg_hba.conf"],
-                            &postgres_config_name(&plan.cluster),
-                            &[
-                                "superuser-password",
-                                "replication-password",
-                                "app-password",
-                                "monitor-password",
-                                "pgpass",
-                            ],
-                        )]),
+                        volumes: Some(vec![
+                            projected(
+                                "config",
+                                &postgres_config_name(&plan.cluster),
+                                &["postgresql.conf", "pg_hba.conf"],
+                                &postgres_config_name(&plan.cluster),
+                                &[
+                                    "superuser-password",
+                                    "replication-password",
+                                    "app-password",
+                                    "monitor-password",
+                                    "pgpass",
+                                ],
+                            ),
+                            pod_labels_volume(),
+                        ]),
                         ..Default::default()
                     }),
                 },

@@ -1,0 +1,219 @@
+//! PostgreSQL access shared by every backend (IO): connect with a bounded time, read an
+//! instance's role and replication position, the primary's view of its standbys, manage
+//! replication slots, promote, and read a balancer's node list. Nothing here decides; the
+//! reconcile core does that with what these functions return.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio_postgres::{Client, Config, NoTls, SimpleQueryMessage};
+
+use crate::backend::{PoolNode, WalReceiver};
+
+/// Longest a connection attempt may take, DNS and authentication included.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// A failed connection or statement.
+#[derive(Debug, Error)]
+pub enum PgError {
+    /// The server could not be reached or refused the login.
+    #[error("cannot connect to {address} as {user}")]
+    Connect {
+        address: String,
+        user: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// The connection attempt did not finish in time.
+    #[error("connecting to {address} timed out")]
+    Timeout { address: String },
+    /// A statement failed.
+    #[error("{what}")]
+    Query {
+        what: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+}
+
+fn query(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> PgError {
+    move |source| PgError::Query { what, source }
+}
+
+/// Opens a connection; the connection task ends when the client is dropped.
+pub async fn connect(
+    host: &str,
+    port: u16,
+    user: &str,
+    password: &str,
+    db: &str,
+) -> Result<Client, PgError> {
+    let address = format!("{host}:{port}");
+    let mut config = Config::new();
+    config
+        .host(host)
+        .port(port)
+        .user(user)
+        .password(password)
+        .dbname(db)
+        .application_name("pgbalancer")
+        .connect_timeout(CONNECT_TIMEOUT);
+    let (client, connection) = tokio::time::timeout(CONNECT_TIMEOUT * 2, config.connect(NoTls))
+        .await
+        .map_err(|_| PgError::Timeout {
+            address: address.clone(),
+        })?
+        .map_err(|source| PgError::Connect {
+            address,
+            user: user.to_owned(),
+            source,
+        })?;
+    tokio::spawn(async move {
+        // The connection ends with an error when the server goes away; the client's next
+        // call reports it, so there is nothing to add here.
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// Role and replication position of one instance, read in one round trip.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Position {
+    /// `pg_is_in_recovery()`.
+    pub in_recovery: bool,
+    /// Timeline the instance writes (primary) or last received/checkpointed (standby).
+    pub timeline: Option<u32>,
+    /// WAL received (standby) or written (primary), in bytes from `0/0`.
+    pub received_lsn: Option<u64>,
+    /// WAL replayed (standby) or written (primary), in bytes from `0/0`.
+    pub replayed_lsn: Option<u64>,
+    /// The standby's WAL receiver, when one runs.
+    pub receiver: Option<WalReceiver>,
+}
+
+const POSITION: &str = "\
+SELECT r,
+  pg_wal_lsn_diff(CASE WHEN r THEN pg_last_wal_receive_lsn() ELSE pg_current_wal_lsn() END, '0/0')::bigint,
+  pg_wal_lsn_diff(CASE WHEN r THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END, '0/0')::bigint,
+  CASE WHEN r THEN COALESCE(w.received_tli, (SELECT timeline_id FROM pg_control_checkpoint()))
+       ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END,
+  w.status, w.sender_host
+FROM (SELECT pg_is_in_recovery() AS r) s LEFT JOIN pg_stat_wal_receiver w ON true";
+
+/// Role, timeline, LSNs and WAL receiver of the instance `client` is connected to.
+pub async fn position(client: &Client) -> Result<Position, PgError> {
+    let row = client
+        .query_one(POSITION, &[])
+        .await
+        .map_err(query("reading the replication position"))?;
+    let lsn = |i: usize| row.get::<_, Option<i64>>(i).map(|v| v.max(0) as u64);
+    let status: Option<String> = row.get(4);
+    Ok(Position {
+        in_recovery: row.get(0),
+        received_lsn: lsn(1),
+        replayed_lsn: lsn(2),
+        timeline: row.get::<_, Option<i32>>(3).map(|t| t.max(0) as u32),
+        receiver: status.map(|status| WalReceiver {
+            status,
+            sender_host: row.get(5),
+        }),
+    })
+}
+
+/// The primary's view of its standbys: `application_name` → (state, replay lag in bytes).
+pub async fn standbys(client: &Client) -> Result<HashMap<String, (String, i64)>, PgError> {
+    let rows = client
+        .query(
+            "SELECT application_name, state, \
+             COALESCE(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn), 0)::bigint \
+             FROM pg_stat_replication",
+            &[],
+        )
+        .await
+        .map_err(query("reading pg_stat_replication"))?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (
+                r.get::<_, String>(0),
+                (r.get::<_, Option<String>>(1).unwrap_or_default(), r.get(2)),
+            )
+        })
+        .collect())
+}
+
+/// Physical replication slots: name → in use.
+pub async fn slots(client: &Client) -> Result<HashMap<String, bool>, PgError> {
+    let rows = client
+        .query(
+            "SELECT slot_name::text, active FROM pg_replication_slots WHERE slot_type = 'physical'",
+            &[],
+        )
+        .await
+        .map_err(query("reading pg_replication_slots"))?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Creates physical slot `slot` reserving WAL from now on, unless it exists.
+pub async fn create_slot(client: &Client, slot: &str) -> Result<(), PgError> {
+    client
+        .execute(
+            "SELECT pg_create_physical_replication_slot($1, true) \
+             WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
+            &[&slot],
+        )
+        .await
+        .map_err(query("creating a replication slot"))?;
+    Ok(())
+}
+
+/// Drops physical slot `slot` when it is not in use; true when no such slot remains.
+pub async fn drop_slot(client: &Client, slot: &str) -> Result<bool, PgError> {
+    let rows = client
+        .query(
+            "SELECT active, CASE WHEN NOT active THEN pg_drop_replication_slot(slot_name) IS NULL END \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(query("dropping a replication slot"))?;
+    Ok(rows.iter().all(|r| !r.get::<_, bool>(0)))
+}
+
+/// Promotes the standby `client` is connected to and waits (up to 30 s) until it accepts
+/// writes. True when it is a primary now.
+pub async fn promote(client: &Client) -> Result<bool, PgError> {
+    let row = client
+        .query_one("SELECT pg_promote(true, 30)", &[])
+        .await
+        .map_err(query("pg_promote"))?;
+    Ok(row.get(0))
+}
+
+/// `SHOW POOL_NODES` through a balancer.
+pub async fn pool_nodes(client: &Client) -> Result<Vec<PoolNode>, PgError> {
+    let messages = client
+        .simple_query("SHOW POOL_NODES")
+        .await
+        .map_err(query("SHOW POOL_NODES"))?;
+    Ok(messages
+        .into_iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(row) => Some(row),
+            _ => None,
+        })
+        .map(|row| {
+            let text = |name: &str| row.try_get(name).ok().flatten().unwrap_or("").to_owned();
+            let number = |name: &str| text(name).parse::<i64>().unwrap_or(0);
+            PoolNode {
+                slot: text("node_id").parse().unwrap_or(u32::MAX),
+                host: text("hostname"),
+                status: text("status"),
+                role: text("role"),
+                select_count: number("select_cnt"),
+                replication_delay: number("replication_delay"),
+            }
+        })
+        .collect())
+}
