@@ -125,6 +125,78 @@ pub fn elect(plan: &Plan, observed: &Observed, max_lag: i64) -> Option<u32> {
         .map(|(o, _)| o)
 }
 
+/// What automated failover may do, from `spec.failover`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FailoverPolicy {
+    /// Fail over at all.
+    pub enabled: bool,
+    /// How long the primary must be unreachable first.
+    pub delay: Duration,
+    /// Most bytes a candidate may lack of what the primary last wrote.
+    pub max_lag_bytes: i64,
+}
+
+impl FailoverPolicy {
+    /// The policy of `spec`.
+    pub fn of(spec: &pgbalancer_crd::FailoverSpec) -> Self {
+        Self {
+            enabled: spec.enabled,
+            delay: Duration::from_secs(u64::from(spec.delay_seconds)),
+            max_lag_bytes: spec.max_lag_bytes,
+        }
+    }
+}
+
+/// The recorded primary does not answer SQL (stopped, gone, or unreachable). Unknown (an
+/// operator outside the cluster network) is not "down": only what was seen counts.
+pub fn primary_down(observed: &Observed, record: &Record) -> bool {
+    let Some(current) = record.current else {
+        return false;
+    };
+    match observed.instances.get(&current) {
+        None => true,
+        Some(seen) => !seen.running || (!seen.accepting && seen.engine_ready != Some(true)),
+    }
+}
+
+/// The failover to start, as the record to write: `None` unless failover is enabled, no
+/// change is in progress, and the recorded primary has been down for the policy's delay
+/// (`down_for`). The new target is the running standby with the highest received LSN that
+/// had received at least `last_primary_lsn - max_lag_bytes` (ties to the lowest ordinal).
+/// Pure: the caller measures `down_for` and remembers the primary's last written LSN.
+pub fn failover(
+    plan: &Plan,
+    observed: &Observed,
+    record: &Record,
+    policy: &FailoverPolicy,
+    down_for: Duration,
+    last_primary_lsn: Option<u64>,
+) -> Option<Record> {
+    let current = record.current?;
+    if !policy.enabled
+        || record.changing()
+        || down_for < policy.delay
+        || !primary_down(observed, record)
+    {
+        return None;
+    }
+    let floor = last_primary_lsn.map_or(0, |lsn| {
+        lsn.saturating_sub(u64::try_from(policy.max_lag_bytes).unwrap_or(0))
+    });
+    plan.instances
+        .iter()
+        .filter(|i| i.ordinal != current)
+        .filter_map(|i| Some((i.ordinal, observed.instances.get(&i.ordinal)?)))
+        .filter(|(_, s)| s.running && s.in_recovery == Some(true))
+        .filter_map(|(o, s)| Some((o, s.received_lsn?)))
+        .filter(|(_, received)| *received >= floor)
+        .max_by(|(a, ra), (b, rb)| ra.cmp(rb).then_with(|| b.cmp(a)))
+        .map(|(target, _)| Record {
+            current: Some(current),
+            target,
+        })
+}
+
 /// Checks a requested switchover to `to` (an instance name or ordinal; the best replica when
 /// absent) and returns the new target's ordinal, or why it is refused. Pure.
 pub fn switchover_target(

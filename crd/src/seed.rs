@@ -178,6 +178,7 @@ impl SeedConfig {
                 load_balance_mode: load_balance,
             },
             auth: AuthSpec::default(),
+            failover: FailoverSpec::default(),
             local: Some(LocalSpec {
                 network: LocalNetwork {
                     name: Some(self.network.name.clone()),

@@ -53,6 +53,9 @@ pub struct PgBalancerClusterSpec {
     /// Credentials. Generated (random, never overwritten) when no secret is named.
     #[serde(default)]
     pub auth: AuthSpec,
+    /// Automated failover when the primary is lost.
+    #[serde(default)]
+    pub failover: FailoverSpec,
     /// Settings read only by the local Docker backend: network, host ports, explicit names.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub local: Option<LocalSpec>,
@@ -60,6 +63,41 @@ pub struct PgBalancerClusterSpec {
 
 fn default_replicas() -> i32 {
     2
+}
+
+/// Automated failover: when the primary does not answer for `delaySeconds`, it is fenced and
+/// the replica with the most WAL received is promoted; the balancers follow without a restart.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FailoverSpec {
+    /// Fail over automatically. When off, a lost primary leaves the cluster `Failed` until it
+    /// returns or a switchover is requested.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Seconds the primary must be unreachable before failover starts (1 to 300).
+    #[serde(default = "default_failover_delay")]
+    pub delay_seconds: u32,
+    /// A replica that had received this many bytes less WAL than the primary had written when
+    /// it was last seen is not a candidate (asynchronous replication loses at most this much).
+    #[serde(default = "default_max_lag")]
+    pub max_lag_bytes: i64,
+}
+
+fn default_failover_delay() -> u32 {
+    3
+}
+fn default_max_lag() -> i64 {
+    16 * 1024 * 1024
+}
+
+impl Default for FailoverSpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            delay_seconds: default_failover_delay(),
+            max_lag_bytes: default_max_lag(),
+        }
+    }
 }
 
 /// The PostgreSQL instances of the cluster.

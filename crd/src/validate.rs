@@ -169,6 +169,18 @@ fn check_cluster(cluster: &PgBalancerCluster, c: &mut Collector) {
     }
     check_postgres(&spec.postgres, c);
     check_balancer(spec, c);
+    if !(1..=300).contains(&spec.failover.delay_seconds) {
+        c.err(
+            "spec.failover.delaySeconds",
+            format!("{} is out of range 1..=300", spec.failover.delay_seconds),
+        );
+    }
+    if spec.failover.max_lag_bytes < 0 {
+        c.err(
+            "spec.failover.maxLagBytes",
+            format!("{} must not be negative", spec.failover.max_lag_bytes),
+        );
+    }
     if let Some(local) = &spec.local {
         check_local(spec, local, c);
     }

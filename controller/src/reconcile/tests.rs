@@ -382,3 +382,152 @@ fn without_sql_an_unmarked_pod_gets_its_role_and_readiness_comes_from_the_engine
         [Action::CreateBalancer(0)]
     );
 }
+
+fn policy() -> FailoverPolicy {
+    FailoverPolicy {
+        enabled: true,
+        delay: Duration::from_secs(3),
+        max_lag_bytes: 100,
+    }
+}
+
+/// Primary 0 stopped; replicas with the given received LSNs.
+fn primary_lost(received: &[(u32, u64)]) -> Observed {
+    let mut observed = converged(received.len() as u32);
+    let primary = observed.instances.get_mut(&0).unwrap();
+    primary.running = false;
+    primary.accepting = false;
+    primary.in_recovery = None;
+    for &(o, lsn) in received {
+        observed.instances.get_mut(&o).unwrap().received_lsn = Some(lsn);
+    }
+    observed
+}
+
+#[test]
+fn failover_waits_for_the_delay_then_elects_the_highest_received_lsn() {
+    let observed = primary_lost(&[(1, 900), (2, 1000)]);
+    let record = Record::settled(0);
+    let early = failover(
+        &plan(2),
+        &observed,
+        &record,
+        &policy(),
+        Duration::from_secs(2),
+        None,
+    );
+    assert_eq!(early, None);
+    let late = failover(
+        &plan(2),
+        &observed,
+        &record,
+        &policy(),
+        Duration::from_secs(3),
+        None,
+    );
+    assert_eq!(late, Some(moving(0, 2)));
+}
+
+#[test]
+fn failover_ties_go_to_the_lowest_ordinal() {
+    let observed = primary_lost(&[(1, 1000), (2, 1000), (3, 1000)]);
+    let chosen = failover(
+        &plan(3),
+        &observed,
+        &Record::settled(0),
+        &policy(),
+        Duration::from_secs(9),
+        None,
+    );
+    assert_eq!(chosen, Some(moving(0, 1)));
+}
+
+#[test]
+fn failover_skips_candidates_too_far_behind_and_stopped_ones() {
+    let mut observed = primary_lost(&[(1, 850), (2, 1000)]);
+    observed.instances.get_mut(&2).unwrap().running = false;
+    let record = Record::settled(0);
+    let wait = Duration::from_secs(9);
+    // Primary last wrote 1000; 1 lacks 150 > 100 bytes: nobody qualifies.
+    assert_eq!(
+        failover(&plan(2), &observed, &record, &policy(), wait, Some(1000)),
+        None
+    );
+    assert_eq!(
+        failover(&plan(2), &observed, &record, &policy(), wait, Some(900)),
+        Some(moving(0, 1))
+    );
+}
+
+#[test]
+fn no_failover_when_disabled_in_progress_or_primary_up_or_unseen() {
+    let observed = primary_lost(&[(1, 1000)]);
+    let wait = Duration::from_secs(9);
+    let off = FailoverPolicy {
+        enabled: false,
+        ..policy()
+    };
+    assert_eq!(
+        failover(&plan(1), &observed, &Record::settled(0), &off, wait, None),
+        None
+    );
+    assert_eq!(
+        failover(&plan(1), &observed, &moving(0, 1), &policy(), wait, None),
+        None
+    );
+    assert_eq!(
+        failover(
+            &plan(1),
+            &converged(1),
+            &Record::settled(0),
+            &policy(),
+            wait,
+            None
+        ),
+        None
+    );
+    // Without SQL a ready pod is not "down".
+    let mut unseen = Observed {
+        network: true,
+        instances: [
+            (0, kube_shaped(0, true, Some(Role::Primary))),
+            (1, kube_shaped(1, true, Some(Role::Replica))),
+        ]
+        .into(),
+        balancers: Default::default(),
+    };
+    assert!(!primary_down(&unseen, &Record::settled(0)));
+    unseen.instances.remove(&0);
+    assert!(primary_down(&unseen, &Record::settled(0)));
+}
+
+#[test]
+fn switchover_requests_are_checked() {
+    let observed = converged(2);
+    let record = Record::settled(0);
+    let p = plan(2);
+    assert_eq!(
+        switchover_target(&p, &observed, &record, Some("demo-2")),
+        Ok(2)
+    );
+    assert_eq!(switchover_target(&p, &observed, &record, Some("1")), Ok(1));
+    assert!(switchover_target(&p, &observed, &record, Some("demo-0"))
+        .unwrap_err()
+        .contains("already the primary"));
+    assert!(switchover_target(&p, &observed, &record, Some("demo-7"))
+        .unwrap_err()
+        .contains("no such instance"));
+    assert!(
+        switchover_target(&p, &observed, &moving(0, 1), Some("demo-2"))
+            .unwrap_err()
+            .contains("already in progress")
+    );
+    let mut lagging = converged(2);
+    lagging.instances.get_mut(&2).unwrap().lag_bytes = Some(MAX_SWITCHOVER_LAG + 1);
+    assert!(switchover_target(&p, &lagging, &record, Some("demo-2"))
+        .unwrap_err()
+        .contains("lags"));
+    // Without a name: the most caught-up ready replica.
+    lagging.instances.get_mut(&1).unwrap().received_lsn = Some(5);
+    assert_eq!(switchover_target(&p, &lagging, &record, None), Ok(1));
+}
