@@ -45,6 +45,18 @@ pub struct Record {
     pub current: Option<u32>,
     /// The instance that should be primary.
     pub target: u32,
+    /// Why the primary is changing (meaningful only while it changes; status reports it).
+    pub kind: ChangeKind,
+}
+
+/// Why a change of primary was started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// Asked for (`switchover`), with the old primary still serving.
+    #[default]
+    Switchover,
+    /// Started by the controller because the primary was lost.
+    Failover,
 }
 
 impl Record {
@@ -53,6 +65,7 @@ impl Record {
         Record {
             current: Some(ordinal),
             target: ordinal,
+            kind: ChangeKind::Switchover,
         }
     }
 
@@ -194,6 +207,7 @@ pub fn failover(
         .map(|(target, _)| Record {
             current: Some(current),
             target,
+            kind: ChangeKind::Failover,
         })
 }
 

@@ -9,7 +9,7 @@ use pgbalancer_crd::{BalancerStatus, InstanceStatus, PgBalancerClusterStatus};
 use crate::backend::Observed;
 use crate::labels;
 use crate::plan::{self, Plan, Role};
-use crate::reconcile::{conflict, instance_ready, pending, Record};
+use crate::reconcile::{conflict, instance_ready, pending, ChangeKind, Record};
 
 /// The phase of a cluster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -20,8 +20,10 @@ pub enum Phase {
     Running,
     /// Instances are being added or removed; the primary serves.
     Scaling,
-    /// The primary is moving to another instance.
+    /// The primary is moving to another instance, as asked.
     SwitchingOver,
+    /// The primary was lost and the controller is promoting another instance.
+    FailingOver,
     /// Something does not serve, or what runs contradicts the record of the primary.
     Degraded,
     /// The primary does not serve: writes fail.
@@ -36,6 +38,7 @@ impl Phase {
             Phase::Running => "Running",
             Phase::Scaling => "Scaling",
             Phase::SwitchingOver => "SwitchingOver",
+            Phase::FailingOver => "FailingOver",
             Phase::Degraded => "Degraded",
             Phase::Failed => "Failed",
         }
@@ -97,7 +100,10 @@ pub fn phase(plan: &Plan, observed: &Observed, record: &Record) -> Phase {
         return Phase::Degraded;
     }
     if record.changing() {
-        return Phase::SwitchingOver;
+        return match record.kind {
+            ChangeKind::Switchover => Phase::SwitchingOver,
+            ChangeKind::Failover => Phase::FailingOver,
+        };
     }
     if pending(plan, observed, record).is_empty() {
         return Phase::Running;
@@ -209,7 +215,7 @@ pub fn compute(
                 !ready && !degraded,
                 match phase {
                     Phase::Running => "Converged",
-                    Phase::SwitchingOver => "PrimaryMoving",
+                    Phase::SwitchingOver | Phase::FailingOver => "PrimaryMoving",
                     _ => "Converging",
                 },
                 if ready {

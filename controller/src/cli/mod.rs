@@ -1,5 +1,5 @@
 //! The `pgbalancer` command: local Docker mode (`up`, `status`, `scale`, `switchover`,
-//! `down`, `images build`) and `crd`.
+//! `down`, `images build`, `controller run`) and `crd`.
 
 mod output;
 pub mod seed;
@@ -15,6 +15,7 @@ use pgbalancer_crd::{parse_documents, PgBalancerCluster};
 
 use crate::backend::docker::images;
 use crate::local::ops::{Local, OpError};
+use crate::local::state::StateDir;
 
 pub use output::{status_document, status_table, StatusDocument};
 
@@ -85,10 +86,27 @@ enum Command {
         #[command(subcommand)]
         command: ImagesCommand,
     },
+    /// The local controller, which keeps clusters converged and fails them over with no
+    /// command running; `up` starts it in a container.
+    Controller {
+        #[command(subcommand)]
+        command: ControllerCommand,
+    },
     /// Print the PgBalancerCluster CustomResourceDefinition.
     Crd,
     /// Run the Kubernetes operator (in a pod, or against the current kubeconfig).
     Operator(crate::backend::kube::operator::OperatorConfig),
+}
+
+#[derive(Subcommand, Debug)]
+enum ControllerCommand {
+    /// Run the controller loop in the foreground until SIGTERM or SIGINT (what the
+    /// `pgbalancer-controller-*` container runs).
+    Run {
+        /// State directory whose clusters to keep (default: as for every command).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -153,6 +171,13 @@ async fn dispatch(cli: Cli) -> Result<(), OpError> {
         Command::Images {
             command: ImagesCommand::Build { versions },
         } => build_images(&versions).await,
+        Command::Controller {
+            command: ControllerCommand::Run { state_dir },
+        } => {
+            let state = state_dir.map_or_else(StateDir::from_env, StateDir::at);
+            let docker = crate::backend::docker::connect().await?;
+            crate::local::controller::run(docker, state).await
+        }
         Command::Crd => {
             print!("{}", crd_yaml());
             Ok(())
@@ -296,6 +321,9 @@ async fn down(names: &[String], keep_data: bool) -> Result<(), OpError> {
                 ""
             },
         );
+        if report.controller_removed {
+            println!("controller removed: no cluster left in this state directory");
+        }
     }
     Ok(())
 }

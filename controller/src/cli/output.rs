@@ -8,6 +8,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use serde::Serialize;
 
 use crate::local::ops::ClusterView;
+use crate::local::state::LastFailover;
 use crate::plan::{Role, SUPERUSER};
 use crate::status;
 
@@ -28,6 +29,8 @@ pub struct StatusDocument {
     /// What is not ready yet.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub pending: Vec<String>,
+    /// The controller that fails the cluster over, and its last failover.
+    pub controller: ControllerDoc,
     /// Passwords and URIs, with `--show-secrets` only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub secrets: Option<SecretsDoc>,
@@ -99,6 +102,18 @@ pub struct BalancerInstanceDoc {
     pub rest_port: Option<u16>,
 }
 
+/// The controller of the state directory, as seen by this command.
+#[derive(Debug, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ControllerDoc {
+    /// `running`, `missing`, `exited`…
+    pub state: String,
+    /// Container name.
+    pub name: String,
+    /// The last failover of this cluster: `at`, `from`, `to`, `reason`.
+    pub last_failover: Option<LastFailover>,
+}
+
 /// Credentials and URIs.
 #[derive(Debug, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -127,6 +142,7 @@ pub fn status_document(view: &ClusterView, show_secrets: bool) -> StatusDocument
         stored,
         plan,
         observed,
+        controller,
     } = view;
     let record = stored.record();
     let computed = status::compute(
@@ -226,6 +242,11 @@ pub fn status_document(view: &ClusterView, show_secrets: bool) -> StatusDocument
             instances: balancers,
         },
         pending: crate::reconcile::pending(plan, observed, &record),
+        controller: ControllerDoc {
+            state: controller.state.clone(),
+            name: controller.name.clone(),
+            last_failover: stored.last_failover.clone(),
+        },
         secrets,
     }
 }
@@ -289,6 +310,18 @@ pub fn status_table(doc: &StatusDocument) -> String {
     for p in &doc.pending {
         let _ = writeln!(out, "  waiting: {p}");
     }
+    let _ = writeln!(
+        out,
+        "  controller: {} ({})",
+        doc.controller.state, doc.controller.name
+    );
+    if let Some(f) = &doc.controller.last_failover {
+        let _ = writeln!(
+            out,
+            "  last failover: {} {} -> {}: {}",
+            f.at, f.from, f.to, f.reason
+        );
+    }
     if let Some(s) = &doc.secrets {
         let _ = writeln!(out, "  balancer URI: {}", dash(s.balancer_uri.as_ref()));
         let _ = writeln!(out, "  primary URI:  {}", dash(s.primary_uri.as_ref()));
@@ -328,5 +361,19 @@ pub fn ready_summary(view: &ClusterView, took: Duration) -> String {
     if view.stored.seed_file.is_none() {
         let _ = write!(out, "\n  status:   pgbalancer status {}", doc.name);
     }
+    let failover = &view.stored.cluster.spec.failover;
+    let _ = match (doc.controller.state.as_str(), failover.enabled) {
+        ("running", true) => write!(
+            out,
+            "\n  failover: automatic after {} s (controller {})",
+            failover.delay_seconds, doc.controller.name
+        ),
+        (_, true) => write!(
+            out,
+            "\n  failover: NOT automatic, controller {} is {}",
+            doc.controller.name, doc.controller.state
+        ),
+        (_, false) => write!(out, "\n  failover: off (spec.failover.enabled)"),
+    };
     out
 }

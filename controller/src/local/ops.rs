@@ -5,7 +5,7 @@
 //! the state directory exactly as they were.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bollard::query_parameters::{ListNetworksOptions, ListVolumesOptions, RemoveVolumeOptions};
@@ -15,13 +15,13 @@ use pgbalancer_crd::validate::validate_set;
 use pgbalancer_crd::PgBalancerCluster;
 use thiserror::Error;
 
-use crate::backend::docker::{self, list_owned, preflight, DockerBackend, DockerError};
+use crate::backend::docker::{self, controller, list_owned, preflight, DockerBackend, DockerError};
 use crate::backend::{Backend, Observed};
 use crate::credentials::Credentials;
 use crate::labels;
 use crate::local::state::{StateDir, StateError, StoredCluster};
 use crate::plan::Plan;
-use crate::reconcile::{converge, ConvergeError, Record};
+use crate::reconcile::{converge, ChangeKind, ConvergeError, Record};
 
 /// Why a local operation failed.
 #[derive(Debug, Error)]
@@ -42,6 +42,9 @@ pub enum OpError {
         #[source]
         source: Box<ConvergeError<DockerError>>,
     },
+    /// The controller could not listen for SIGTERM and SIGINT.
+    #[error("cannot install the signal handlers")]
+    Signal(#[source] std::io::Error),
 }
 
 /// A cluster as stored and as observed.
@@ -52,6 +55,17 @@ pub struct ClusterView {
     pub plan: Plan,
     /// What runs.
     pub observed: Observed,
+    /// The controller of the state directory.
+    pub controller: ControllerView,
+}
+
+/// The controller container of a state directory, as seen.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ControllerView {
+    /// Container name.
+    pub name: String,
+    /// `running`, `missing`, `exited`…
+    pub state: String,
 }
 
 /// What `down` removed.
@@ -65,7 +79,12 @@ pub struct DownReport {
     pub networks: Vec<String>,
     /// Networks kept because another cluster still uses them.
     pub kept_networks: Vec<String>,
+    /// The controller container was removed: no cluster of the state directory is left.
+    pub controller_removed: bool,
 }
+
+/// How long `down` waits for a command (or the controller's tick) holding the cluster.
+const DOWN_LOCK_WAIT: Duration = Duration::from_secs(120);
 
 /// Local mode bound to an engine and a state directory.
 pub struct Local {
@@ -113,6 +132,11 @@ impl Local {
         report: &(dyn Fn(&str, &str) + Sync),
     ) -> Result<Vec<ClusterView>, OpError> {
         validate_set(&clusters).map_err(|e| OpError::Input(e.to_string()))?;
+        let names: Vec<String> = clusters
+            .iter()
+            .map(|c| c.metadata.name.clone().unwrap_or_default())
+            .collect();
+        let _locks = self.state.lock_all(&names, timeout).await?;
         let mut prepared = Vec::new();
         for cluster in clusters {
             let name = cluster.metadata.name.clone().unwrap_or_default();
@@ -133,7 +157,12 @@ impl Local {
                 credentials,
                 current_primary: None,
                 target_primary: 0,
-                seed_file: seed_file.clone().or(previous.and_then(|p| p.seed_file)),
+                seed_file: seed_file
+                    .clone()
+                    .or(previous.as_ref().and_then(|p| p.seed_file.clone())),
+                failing_over: false,
+                last_failover: previous.and_then(|p| p.last_failover),
+                stopped: false,
             };
             stored.set_record(&record);
             let plan = stored.plan();
@@ -177,9 +206,71 @@ impl Local {
                 stored,
                 plan,
                 observed,
+                controller: ControllerView::default(),
             })
         });
-        join_all(runs).await.into_iter().collect()
+        let results: Vec<Result<ClusterView, OpError>> = join_all(runs).await;
+        // Whatever the outcome, the stored clusters are the controller's to keep converged.
+        let controller = self.ensure_controller().await;
+        results
+            .into_iter()
+            .map(|r| {
+                r.map(|mut view| {
+                    view.controller = controller.clone();
+                    view
+                })
+            })
+            .collect()
+    }
+
+    /// The state directory as an absolute path without symbolic links: what names the
+    /// controller and where it is mounted.
+    fn state_root(&self) -> PathBuf {
+        let root = self.state.root();
+        std::fs::canonicalize(root)
+            .or_else(|_| std::path::absolute(root))
+            .unwrap_or_else(|_| root.to_path_buf())
+    }
+
+    /// Makes the controller of the state directory run (see `backend::docker::controller`).
+    /// A controller that cannot be started is reported, not fatal: the clusters serve, they
+    /// only do not fail over by themselves.
+    pub async fn ensure_controller(&self) -> ControllerView {
+        let root = self.state_root();
+        let image = crate::plan::default_balancer_image();
+        let ensured = match controller::RunAs::of(&root) {
+            Ok(run_as) => controller::ensure(&self.docker, &image, &root, &run_as)
+                .await
+                .map_err(|e| crate::local::controller::error_chain(&e)),
+            Err(e) => Err(format!("{}: {e}", root.display())),
+        };
+        match ensured {
+            Ok(outcome) => tracing::info!(?outcome, "controller"),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "the controller is not running: clusters will not fail over by themselves \
+                 (`pgbalancer images build` puts it in the balancer image)"
+            ),
+        }
+        self.controller_view(&root).await
+    }
+
+    async fn controller_view(&self, root: &Path) -> ControllerView {
+        ControllerView {
+            name: controller::container_name(root),
+            state: controller::state(&self.docker, root).await,
+        }
+    }
+
+    /// Clusters the controller keeps: stored and not stopped with `down --keep-data`.
+    fn active_clusters(&self) -> Result<Vec<String>, OpError> {
+        let mut active = Vec::new();
+        for name in self.state.names()? {
+            if self.state.load(&name)?.is_some_and(|s| !s.stopped) {
+                active.push(name);
+            }
+        }
+        Ok(active)
     }
 
     /// Data volumes of `name` without stored credentials would be unusable: refuse instead of
@@ -231,6 +322,7 @@ impl Local {
         timeout: Duration,
         report: &(dyn Fn(&str, &str) + Sync),
     ) -> Result<ClusterView, OpError> {
+        let _lock = self.state.lock(name, timeout).await?;
         let view = self.view(name).await?;
         let mut stored = view.stored;
         let target =
@@ -239,6 +331,7 @@ impl Local {
         let record = Record {
             current: stored.record().current.or(Some(stored.target_primary)),
             target,
+            kind: ChangeKind::Switchover,
         };
         stored.set_record(&record);
         self.state.save(&stored)?;
@@ -268,6 +361,7 @@ impl Local {
             stored,
             plan,
             observed,
+            controller: view.controller,
         })
     }
 
@@ -281,11 +375,13 @@ impl Local {
             stored,
             plan,
             observed,
+            controller: self.controller_view(&self.state_root()).await,
         })
     }
 
     /// Removes everything cluster `name` owns; with `keep_data` its volumes and state stay.
     pub async fn down(&self, name: &str, keep_data: bool) -> Result<DownReport, OpError> {
+        let _lock = self.state.lock(name, DOWN_LOCK_WAIT).await?;
         let stored = self.state.load(name)?;
         let mut report = DownReport::default();
         let containers = list_owned(&self.docker, Some(name)).await?;
@@ -371,8 +467,18 @@ impl Local {
                 .err()
                 .unwrap_or_else(|| OpError::Input(format!("no cluster named `{name}`"))));
         }
-        if !keep_data {
-            self.state.remove(name)?;
+        match stored {
+            None => {}
+            Some(_) if !keep_data => self.state.remove(name)?,
+            // Kept for the next `up`, left alone by the controller meanwhile.
+            Some(mut stored) => {
+                stored.stopped = true;
+                self.state.save(&stored)?;
+            }
+        }
+        if self.active_clusters()?.is_empty() {
+            report.controller_removed =
+                controller::remove(&self.docker, &self.state_root()).await?;
         }
         Ok(report)
     }

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::credentials::Credentials;
-use crate::reconcile::Record;
+use crate::reconcile::{ChangeKind, Record};
 
 /// A state file that cannot be read or written.
 #[derive(Debug, Error)]
@@ -26,6 +26,9 @@ pub enum StateError {
     /// A file that is not a state file.
     #[error("{path}: not a pgbalancer state file: {message}")]
     Format { path: String, message: String },
+    /// Another command (or the controller) kept the cluster locked.
+    #[error("cluster {name} is busy: another pgbalancer command held it for {seconds} s")]
+    Busy { name: String, seconds: u64 },
 }
 
 /// What `up` stored about one cluster.
@@ -46,6 +49,30 @@ pub struct StoredCluster {
     /// Seed JSON file the cluster came from, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed_file: Option<PathBuf>,
+    /// The change of primary in progress was started by the controller because the primary
+    /// was lost (a failover), not asked for.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub failing_over: bool,
+    /// The last failover the controller started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failover: Option<LastFailover>,
+    /// Removed with `down --keep-data`: the controller leaves it alone until the next `up`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stopped: bool,
+}
+
+/// A failover the controller started: when, between which instances, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LastFailover {
+    /// When the new target was recorded (RFC 3339, UTC).
+    pub at: String,
+    /// The primary that was lost.
+    pub from: String,
+    /// The instance promoted in its place.
+    pub to: String,
+    /// What was seen, e.g. `primary demo-0 not running (exited) for 3.0 s`.
+    pub reason: String,
 }
 
 impl StoredCluster {
@@ -54,6 +81,11 @@ impl StoredCluster {
         Record {
             current: self.current_primary,
             target: self.target_primary,
+            kind: if self.failing_over {
+                ChangeKind::Failover
+            } else {
+                ChangeKind::Switchover
+            },
         }
     }
 
@@ -61,6 +93,7 @@ impl StoredCluster {
     pub fn set_record(&mut self, record: &Record) {
         self.current_primary = record.current;
         self.target_primary = record.target;
+        self.failing_over = record.changing() && record.kind == ChangeKind::Failover;
     }
 
     /// The plan of this cluster, with the target primary as primary.
@@ -215,6 +248,9 @@ mod tests {
             current_primary: None,
             target_primary: 0,
             seed_file: None,
+            failing_over: false,
+            last_failover: None,
+            stopped: false,
         };
         state.save(&stored).unwrap();
         let back = state.load("demo").unwrap().unwrap();
@@ -228,5 +264,57 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         state.remove("demo").unwrap();
         assert!(state.load("demo").unwrap().is_none());
+    }
+
+    const OLD_FILE: &str = "cluster:\n  apiVersion: pgbalancer.io/v1alpha1\n  kind: PgBalancerCluster\n  metadata: {name: demo}\n  spec: {}\ncredentials:\n  superuser-password: s\n  replication-password: r\n  app-password: a\n  monitor-password: m\n  pcp-password: p\n  api-token: t\nprimary: 1\n";
+
+    #[test]
+    fn state_files_of_earlier_versions_load_with_no_failover_and_not_stopped() {
+        let old: StoredCluster = serde_yaml::from_str(OLD_FILE).unwrap();
+        assert_eq!(old.last_failover, None);
+        assert!(!old.failing_over && !old.stopped);
+        assert_eq!(
+            old.record(),
+            Record {
+                current: None,
+                target: 1,
+                kind: ChangeKind::Switchover
+            }
+        );
+        assert_eq!(old.record().kind, ChangeKind::Switchover);
+        // Written back, nothing new appears until there is something to say.
+        let text = serde_yaml::to_string(&old).unwrap();
+        assert!(
+            !text.contains("lastFailover") && !text.contains("failingOver"),
+            "{text}"
+        );
+        assert!(!text.contains("stopped"), "{text}");
+    }
+
+    #[test]
+    fn a_failover_in_progress_and_the_last_one_round_trip() {
+        let mut stored: StoredCluster = serde_yaml::from_str(OLD_FILE).unwrap();
+        stored.set_record(&Record {
+            current: Some(1),
+            target: 2,
+            kind: ChangeKind::Failover,
+        });
+        stored.last_failover = Some(LastFailover {
+            at: "2026-11-29T16:00:00Z".into(),
+            from: "demo-1".into(),
+            to: "demo-2".into(),
+            reason: "primary demo-1 not running (exited) for 3.0 s".into(),
+        });
+        let text = serde_yaml::to_string(&stored).unwrap();
+        assert!(text.contains("failingOver: true"), "{text}");
+        assert!(text.contains("lastFailover:"), "{text}");
+        let back: StoredCluster = serde_yaml::from_str(&text).unwrap();
+        assert_eq!(back.record().kind, ChangeKind::Failover);
+        assert_eq!(back.last_failover, stored.last_failover);
+        // Once settled the kind is forgotten, the last failover kept.
+        let mut settled = back;
+        settled.set_record(&Record::settled(2));
+        assert!(!settled.failing_over);
+        assert!(settled.last_failover.is_some());
     }
 }

@@ -197,6 +197,15 @@ fn moving(from: u32, to: u32) -> Record {
     Record {
         current: Some(from),
         target: to,
+        kind: ChangeKind::Switchover,
+    }
+}
+
+/// A failover from `from` to `to`, as `failover` records it.
+fn failing(from: u32, to: u32) -> Record {
+    Record {
+        kind: ChangeKind::Failover,
+        ..moving(from, to)
     }
 }
 
@@ -425,7 +434,7 @@ fn failover_waits_for_the_delay_then_elects_the_highest_received_lsn() {
         Duration::from_secs(3),
         None,
     );
-    assert_eq!(late, Some(moving(0, 2)));
+    assert_eq!(late, Some(failing(0, 2)));
 }
 
 #[test]
@@ -439,7 +448,7 @@ fn failover_ties_go_to_the_lowest_ordinal() {
         Duration::from_secs(9),
         None,
     );
-    assert_eq!(chosen, Some(moving(0, 1)));
+    assert_eq!(chosen, Some(failing(0, 1)));
 }
 
 #[test]
@@ -455,7 +464,7 @@ fn failover_skips_candidates_too_far_behind_and_stopped_ones() {
     );
     assert_eq!(
         failover(&plan(2), &observed, &record, &policy(), wait, Some(900)),
-        Some(moving(0, 1))
+        Some(failing(0, 1))
     );
 }
 

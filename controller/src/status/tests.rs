@@ -150,6 +150,7 @@ fn a_moving_primary_is_switching_over_with_both_names() {
     let record = Record {
         current: Some(0),
         target: 1,
+        kind: ChangeKind::Switchover,
     };
     let text = "apiVersion: pgbalancer.io/v1alpha1\nkind: PgBalancerCluster\nmetadata: {name: demo}\nspec: {replicas: 2}\n";
     let plan = Plan::new(&parse_documents(text).unwrap()[0], 1);
@@ -166,6 +167,20 @@ fn a_moving_primary_is_switching_over_with_both_names() {
         (s.current_primary.as_deref(), s.target_primary.as_deref()),
         (Some("demo-0"), Some("demo-1"))
     );
+    let failing = Record {
+        kind: ChangeKind::Failover,
+        ..record
+    };
+    let s = compute(
+        &plan,
+        &observed(docker_instance),
+        &failing,
+        None,
+        None,
+        now(1),
+    );
+    assert_eq!(s.phase.as_deref(), Some("FailingOver"));
+    assert_eq!(s.conditions[1].reason, "PrimaryMoving");
 }
 
 #[test]

@@ -59,9 +59,36 @@ impl Scenario {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
-    /// Removes anything labelled with this scenario's cluster name, whatever state says.
+    /// Removes anything labelled with this scenario's cluster name, whatever state says,
+    /// and the controller `up` started for this scenario's state directory.
     pub fn force_cleanup(&self) {
         remove_labelled(&self.name);
+        for id in self.controllers() {
+            docker(&["rm", "-f", &id]);
+        }
+    }
+
+    /// The state directory as the controller container's label names it.
+    pub fn state_label(&self) -> String {
+        let state = self.state();
+        std::fs::canonicalize(&state)
+            .unwrap_or(state)
+            .display()
+            .to_string()
+    }
+
+    /// IDs of the controller containers of this scenario's state directory (all states).
+    pub fn controllers(&self) -> Vec<String> {
+        docker(&[
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=pgbalancer.io/state-dir={}", self.state_label()),
+        ])
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect()
     }
 }
 
@@ -99,7 +126,8 @@ pub fn cluster_yaml(name: &str, spec: &str) -> String {
     format!("apiVersion: pgbalancer.io/v1alpha1\nkind: PgBalancerCluster\nmetadata:\n  name: {name}\nspec:\n{spec}")
 }
 
-fn docker(args: &[&str]) -> String {
+/// Runs the docker CLI; its trimmed standard output.
+pub fn docker(args: &[&str]) -> String {
     let out = Command::new("docker")
         .args(args)
         .output()

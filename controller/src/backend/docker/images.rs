@@ -100,6 +100,8 @@ pub async fn build(
     report(&format!("building {tag}"));
     let agent = sibling_binary("pgbalancer-agent")?;
     let bctl = sibling_binary("bctl")?;
+    // The local controller container runs this very binary from the balancer image.
+    let pgbalancer = sibling_binary("pgbalancer")?;
     build_one(
         docker,
         &tag,
@@ -107,6 +109,7 @@ pub async fn build(
             ("Dockerfile", BALANCER_DOCKERFILE.as_bytes(), 0o644),
             ("pgbalancer-agent", &agent, 0o755),
             ("bctl", &bctl, 0o755),
+            ("pgbalancer", &pgbalancer, 0o755),
         ],
         &[("BASE_IMAGE", base_tag("trixie"))],
     )

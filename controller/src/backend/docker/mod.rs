@@ -4,6 +4,7 @@
 //! Ownership is by label (`app.kubernetes.io/instance=<cluster>` and friends), never by name,
 //! so renamed or orphaned objects are still found and removed.
 
+pub mod controller;
 mod error;
 mod exec;
 pub mod images;
@@ -11,6 +12,7 @@ pub mod objects;
 pub mod preflight;
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use bollard::models::{
     ContainerSummary, Ipam, IpamConfig, NetworkConnectRequest, NetworkCreateRequest,
@@ -58,16 +60,34 @@ pub async fn connect() -> Result<Docker, DockerError> {
     Ok(docker)
 }
 
+/// Longest a balancer's SQL probe (connect, `SHOW POOL_NODES`, a query) may take by default.
+const BALANCER_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Docker backend for one cluster's credentials.
 pub struct DockerBackend {
     docker: Docker,
     creds: Credentials,
+    /// Bound of a balancer's SQL probe; `None`: balancers are not probed.
+    balancer_probe: Option<Duration>,
 }
 
 impl DockerBackend {
     /// A backend using `docker` with the cluster's credentials.
     pub fn new(docker: Docker, creds: Credentials) -> Self {
-        Self { docker, creds }
+        Self {
+            docker,
+            creds,
+            balancer_probe: Some(BALANCER_PROBE_TIMEOUT),
+        }
+    }
+
+    /// The same, giving up on a balancer's SQL probe after `timeout`, or not probing
+    /// balancers at all with `None`; either way the balancer then counts as not routing, its
+    /// nodes unseen. While the primary is lost pgpool holds new sessions for seconds, and a
+    /// loop that must keep observing the instances cannot wait for it.
+    pub fn with_balancer_probe(mut self, timeout: Option<Duration>) -> Self {
+        self.balancer_probe = timeout;
+        self
     }
 
     /// The engine client.
@@ -192,20 +212,23 @@ impl DockerBackend {
             host_port,
             ..Default::default()
         };
-        if let (true, Some(port)) = (running, host_port) {
-            let client = pg::connect(
-                plan.connect_address(),
-                port,
-                &plan.postgres.user,
-                &self.creds.app_password,
-                &plan.postgres.database,
-            )
-            .await;
-            if let Ok(client) = client {
-                if let Ok(nodes) = pg::pool_nodes(&client).await {
-                    seen.routing = client.simple_query("SELECT 1").await.is_ok();
-                    seen.nodes = nodes;
-                }
+        if let (true, Some(port), Some(bound)) = (running, host_port, self.balancer_probe) {
+            let probe = async {
+                let client = pg::connect(
+                    plan.connect_address(),
+                    port,
+                    &plan.postgres.user,
+                    &self.creds.app_password,
+                    &plan.postgres.database,
+                )
+                .await
+                .ok()?;
+                let nodes = pg::pool_nodes(&client).await.ok()?;
+                Some((client.simple_query("SELECT 1").await.is_ok(), nodes))
+            };
+            if let Ok(Some((routing, nodes))) = tokio::time::timeout(bound, probe).await {
+                seen.routing = routing;
+                seen.nodes = nodes;
             }
         }
         seen

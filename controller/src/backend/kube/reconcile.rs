@@ -476,6 +476,7 @@ fn record_of(cluster: &str, status: Option<&PgBalancerClusterStatus>) -> Record 
         target: ordinal(status.and_then(|s| s.target_primary.as_deref()))
             .or(current)
             .unwrap_or(0),
+        ..Record::default()
     }
 }
 

@@ -1,0 +1,120 @@
+//! What the controller remembers about one cluster between ticks, and the small decisions
+//! around the reconcile core that only a long-running loop needs. Pure: the caller passes the
+//! time; nothing here reads a clock, the engine or the state directory.
+//!
+//! - how long the recorded primary has been down (reset as soon as it answers) and the WAL
+//!   position it last wrote, which `reconcile::failover` needs;
+//! - the reason a failover is recorded with;
+//! - which of `decide`'s actions the loop holds back.
+
+use std::time::{Duration, Instant};
+
+use crate::backend::{Action, Observed};
+use crate::plan::{instance_name, Plan};
+use crate::reconcile::{primary_down, FailoverPolicy, Record};
+
+use super::state::LastFailover;
+
+/// What the controller remembers about one cluster's primary.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Watch {
+    /// The recorded primary these measurements are about.
+    primary: Option<u32>,
+    /// Since when it has been seen down, continuously.
+    down_since: Option<Instant>,
+    /// WAL it had written when it last answered, bytes from `0/0`.
+    last_primary_lsn: Option<u64>,
+}
+
+impl Watch {
+    /// Takes one observation made at `now` and returns how long the recorded primary has been
+    /// down without interruption (zero while it answers). A new recorded primary starts a
+    /// fresh watch.
+    pub fn observe(&mut self, observed: &Observed, record: &Record, now: Instant) -> Duration {
+        if self.primary != record.current {
+            *self = Watch {
+                primary: record.current,
+                ..Watch::default()
+            };
+        }
+        if !primary_down(observed, record) {
+            self.down_since = None;
+            if let Some(lsn) = record
+                .current
+                .and_then(|c| observed.instances.get(&c))
+                .filter(|seen| seen.in_recovery == Some(false))
+                .and_then(|seen| seen.received_lsn)
+            {
+                self.last_primary_lsn = Some(lsn);
+            }
+            return Duration::ZERO;
+        }
+        now.saturating_duration_since(*self.down_since.get_or_insert(now))
+    }
+
+    /// WAL the recorded primary had written when it last answered.
+    pub fn last_primary_lsn(&self) -> Option<u64> {
+        self.last_primary_lsn
+    }
+}
+
+/// Why the recorded primary counts as down, for the log and `lastFailover.reason`, e.g.
+/// `primary demo-0 not running (exited) for 3.0 s`.
+pub fn down_reason(
+    plan: &Plan,
+    observed: &Observed,
+    record: &Record,
+    down_for: Duration,
+) -> String {
+    let ordinal = record.current.unwrap_or(record.target);
+    let name = instance_name(&plan.cluster, ordinal);
+    let what = match observed.instances.get(&ordinal) {
+        None => "gone (no container)".to_owned(),
+        Some(seen) if !seen.running => format!("not running ({})", seen.state),
+        Some(_) => "not accepting connections".to_owned(),
+    };
+    format!("primary {name} {what} for {:.1} s", down_for.as_secs_f64())
+}
+
+/// The record of the failover the controller starts, as stored and shown by `status`.
+pub fn last_failover(plan: &Plan, record: &Record, reason: String, at: String) -> LastFailover {
+    LastFailover {
+        at,
+        from: instance_name(&plan.cluster, record.current.unwrap_or(record.target)),
+        to: instance_name(&plan.cluster, record.target),
+        reason,
+    }
+}
+
+/// The actions of `decide` the loop applies. Held back:
+/// - attaching balancer nodes: each balancer's agent re-attaches what answers again and,
+///   unlike `decide`, leaves alone a node someone detached on purpose;
+/// - starting, creating or replacing a lost primary while a failover may still start (enabled,
+///   and the primary down for less than the delay): that would race the failover. Once the
+///   delay has passed with no candidate to promote, the primary is started again.
+pub fn held_back(
+    actions: Vec<Action>,
+    observed: &Observed,
+    record: &Record,
+    policy: &FailoverPolicy,
+    down_for: Duration,
+) -> Vec<Action> {
+    let waiting_for_failover = policy.enabled
+        && !record.changing()
+        && primary_down(observed, record)
+        && down_for < policy.delay;
+    let primary = record.current;
+    actions
+        .into_iter()
+        .filter(|action| match *action {
+            Action::AttachBackend { .. } => false,
+            Action::StartInstance(o) | Action::CreateInstance(o) | Action::ReplaceInstance(o) => {
+                !(waiting_for_failover && Some(o) == primary)
+            }
+            _ => true,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

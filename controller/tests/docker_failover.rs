@@ -1,0 +1,476 @@
+//! Automated failover on the real Docker engine with no command running: `up` leaves a
+//! controller container; the primary container is stopped with `docker stop`; the controller
+//! fences it, promotes the most advanced replica, moves `<name>-rw`, and the balancer sends
+//! writes to the new primary without a restart. A writer through the balancer (one
+//! connection per write, every acknowledged id checked afterwards) and a watcher sampling
+//! every instance every 100 ms (failing if two ever accept writes) run throughout. The old
+//! primary comes back as a streaming replica. A second scenario kills the controller right
+//! after it recorded the failover and checks that the restarted controller finishes it.
+//!
+//! Times are bounds, never what is tested; the measured write gap is printed.
+
+mod common;
+
+use std::fs::File;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+use tokio_postgres::NoTls;
+
+/// The scenarios share the machine's two cores: one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Connects with a short timeout; `None` when the server does not answer.
+async fn try_connect(
+    port: u16,
+    user: &str,
+    password: &str,
+    db: &str,
+) -> Option<tokio_postgres::Client> {
+    let (client, conn) = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio_postgres::Config::new()
+            .host("127.0.0.1")
+            .port(port)
+            .user(user)
+            .password(password)
+            .dbname(db)
+            .connect_timeout(Duration::from_millis(800))
+            .connect(NoTls),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    tokio::spawn(conn);
+    Some(client)
+}
+
+/// One write through the balancer on a fresh connection; whether it was acknowledged.
+async fn write(balancer: u16, password: &str, id: i32) -> bool {
+    let attempt = async {
+        let c = try_connect(balancer, "app", password, "app").await?;
+        c.execute("INSERT INTO ledger VALUES ($1)", &[&id])
+            .await
+            .ok()
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(3), attempt).await,
+        Ok(Some(1))
+    )
+}
+
+/// Host ports of the cluster's PostgreSQL containers that run now (they change when a
+/// stopped container starts again).
+fn instance_ports(name: &str) -> Vec<u16> {
+    docker(&[
+        "ps",
+        "--filter",
+        &format!("label=app.kubernetes.io/instance={name}"),
+        "--filter",
+        "label=app.kubernetes.io/component=postgres",
+        "--format",
+        "{{.Ports}}",
+    ])
+    .lines()
+    .filter_map(|ports| {
+        ports
+            .split(", ")
+            .find(|p| p.ends_with("->5432/tcp"))
+            .and_then(|p| p.split("->").next())
+            .and_then(|host| host.rsplit(':').next())
+            .and_then(|port| port.parse().ok())
+    })
+    .collect()
+}
+
+/// Samples every instance every 100 ms until `stop`; the most that accepted writes at once.
+fn watch_writable(
+    name: &'static str,
+    superuser: String,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<usize> {
+    let most = Arc::new(AtomicUsize::new(0));
+    tokio::spawn(async move {
+        let mut ports = instance_ports(name);
+        for round in 0..6000 {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            if round % 10 == 9 {
+                ports = instance_ports(name);
+            }
+            let mut writable = 0;
+            for &port in &ports {
+                if let Some(c) = try_connect(port, "postgres", &superuser, "postgres").await {
+                    if let Ok(row) = c.query_one("SELECT pg_is_in_recovery()", &[]).await {
+                        if !row.get::<_, bool>(0) {
+                            writable += 1;
+                        }
+                    }
+                }
+            }
+            most.fetch_max(writable, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        most.load(Ordering::Relaxed)
+    })
+}
+
+/// Every write attempted: id, when it started, and whether it was acknowledged.
+type Ledger = Vec<(i32, Instant, bool)>;
+
+/// Writes ids 1, 2, … through the balancer every 50 ms until `stop`, into `ledger`.
+fn writer(
+    balancer: u16,
+    password: String,
+    stop: Arc<AtomicBool>,
+    ledger: Arc<Mutex<Ledger>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        for id in 1..=4000 {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let at = Instant::now();
+            let ok = write(balancer, &password, id).await;
+            ledger.lock().unwrap().push((id, at, ok));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+}
+
+/// Acknowledged writes started after `since`.
+fn acked_since(ledger: &Mutex<Ledger>, since: Instant) -> usize {
+    ledger
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|w| w.2 && w.1 >= since)
+        .count()
+}
+
+/// The longest time writes failed: from the last acknowledged write before a failure to the
+/// next acknowledged one.
+fn write_gap(ledger: &Ledger) -> Duration {
+    let mut gap = Duration::ZERO;
+    let mut last_ok: Option<Instant> = None;
+    let mut failing = false;
+    for &(_, at, ok) in ledger {
+        match (ok, failing, last_ok) {
+            (true, true, Some(before)) => {
+                gap = gap.max(at - before);
+                failing = false;
+                last_ok = Some(at);
+            }
+            (true, _, _) => {
+                failing = false;
+                last_ok = Some(at);
+            }
+            (false, _, _) => failing = true,
+        }
+    }
+    gap
+}
+
+/// Every acknowledged write is on the primary (read there directly: through the balancer the
+/// read may go to a replica still replaying).
+async fn acknowledged_writes_present(primary_port: u64, password: &str, ledger: &Ledger) {
+    let acked: Vec<i32> = ledger.iter().filter(|w| w.2).map(|w| w.0).collect();
+    let present: Vec<i32> = connect(primary_port, "app", password, "app")
+        .await
+        .query("SELECT id FROM ledger ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let missing: Vec<&i32> = acked.iter().filter(|id| !present.contains(id)).collect();
+    assert!(missing.is_empty(), "acknowledged writes lost: {missing:?}");
+}
+
+/// The primary's name in a status document, if any.
+fn primary(doc: &Value) -> Option<String> {
+    doc["primary"]["name"].as_str().map(str::to_owned)
+}
+
+/// Waits up to `secs` for `check` on the status document; the last document seen.
+async fn status_until(
+    s: &Scenario,
+    name: &str,
+    secs: u64,
+    check: impl Fn(&Value) -> bool,
+) -> (bool, Value) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        // The command blocks; the writer and the watcher keep running on other threads.
+        let out = tokio::task::block_in_place(|| s.pgbalancer(&["status", name, "-o", "json"]));
+        let doc: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        if check(&doc) {
+            return (true, doc);
+        }
+        if Instant::now() > deadline {
+            return (false, doc);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Brings up `name` with two replicas and a ledger table; the status document with secrets.
+async fn up_with_ledger(s: &Scenario, name: &str) -> Value {
+    let file = s.file("c.yaml", &cluster_yaml(name, "  replicas: 2\n"));
+    let out = s.pgbalancer(&["up", "-f", file.to_str().unwrap()]);
+    assert_success(&out);
+    assert!(text(&out).contains("failover: automatic"), "{}", text(&out));
+    let doc = s.status(name);
+    assert_eq!(doc["controller"]["state"], "running", "{doc}");
+    assert_eq!(primary(&doc).as_deref(), Some(format!("{name}-0").as_str()));
+    let password = doc["secrets"]["password"].as_str().unwrap();
+    connect(
+        doc["balancer"]["port"].as_u64().unwrap(),
+        "app",
+        password,
+        "app",
+    )
+    .await
+    .batch_execute("CREATE TABLE ledger (id int PRIMARY KEY)")
+    .await
+    .unwrap();
+    doc
+}
+
+async fn in_recovery(port: u64, superuser: &str) -> Option<bool> {
+    try_connect(port as u16, "postgres", superuser, "postgres")
+        .await?
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .ok()
+        .map(|r| r.get(0))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_primary_fails_over_with_no_command_running_and_rejoins_as_a_replica() {
+    const NAME: &str = "it-fail";
+    let _serial = SERIAL.lock().await;
+    let s = Scenario::new(NAME);
+    let doc = up_with_ledger(&s, NAME).await;
+    let password = doc["secrets"]["password"].as_str().unwrap().to_owned();
+    let superuser = doc["secrets"]["superuserPassword"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let balancer = doc["balancer"]["port"].as_u64().unwrap() as u16;
+    let ids_before = container_ids(NAME);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = watch_writable(NAME, superuser.clone(), stop.clone());
+    let ledger = Arc::new(Mutex::new(Ledger::new()));
+    let writes = writer(balancer, password.clone(), stop.clone(), ledger.clone());
+    let started = Instant::now();
+    let before = eventually(30, || async { acked_since(&ledger, started) >= 10 }).await;
+    assert!(before, "writes through the balancer do not go through");
+
+    // The primary goes away; no pgbalancer command runs from here on.
+    let stopped_at = Instant::now();
+    assert!(!docker(&["stop", &format!("{NAME}-0")]).is_empty());
+    let (moved, doc) = status_until(&s, NAME, 60, |d| {
+        primary(d).is_some_and(|p| p != format!("{NAME}-0"))
+    })
+    .await;
+    assert!(
+        moved,
+        "no new primary 60 s after the old one stopped: {doc}"
+    );
+    let new_primary = primary(&doc).unwrap();
+    let moved_in = stopped_at.elapsed();
+    // The writer gets through again, several times.
+    let after = eventually(60, || async { acked_since(&ledger, stopped_at) >= 10 }).await;
+    assert!(
+        after,
+        "writes through the balancer did not resume after the failover"
+    );
+    stop.store(true, Ordering::Relaxed);
+    writes.await.unwrap();
+    let ledger = std::mem::take(&mut *ledger.lock().unwrap());
+    let most_writable = watcher.await.unwrap();
+
+    let gap = write_gap(&ledger);
+    eprintln!(
+        "MEASURED failover: status named the new primary {:.1} s after `docker stop`; writes through the balancer failed for {:.1} s",
+        moved_in.as_secs_f64(),
+        gap.as_secs_f64(),
+    );
+    assert!(most_writable <= 1, "two instances accepted writes at once");
+    let primary_port = s.status(NAME)["primary"]["port"].as_u64().unwrap();
+    acknowledged_writes_present(primary_port, &password, &ledger).await;
+    assert_eq!(
+        container_ids(NAME),
+        ids_before,
+        "a failover recreated containers"
+    );
+
+    // The old primary, started again (the controller may have done it already), follows the
+    // new one as a streaming replica.
+    docker(&["start", &format!("{NAME}-0")]);
+    let (rejoined, doc) = status_until(&s, NAME, 90, |d| {
+        d["phase"] == "Running"
+            && d["replicas"].as_array().is_some_and(|r| {
+                r.iter()
+                    .any(|i| i["name"] == format!("{NAME}-0") && i["ready"] == true)
+            })
+    })
+    .await;
+    assert!(
+        rejoined,
+        "old primary did not rejoin as a streaming replica: {doc}"
+    );
+    eprintln!(
+        "MEASURED old primary streaming as a replica {:.1} s after `docker stop`",
+        stopped_at.elapsed().as_secs_f64()
+    );
+    let old = doc["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == format!("{NAME}-0"))
+        .unwrap();
+    assert_eq!(in_recovery(port(old), &superuser).await, Some(true));
+    assert_eq!(primary(&doc), Some(new_primary.clone()));
+    let last = &doc["controller"]["lastFailover"];
+    assert_eq!(last["from"], format!("{NAME}-0"), "{doc}");
+    assert_eq!(last["to"], new_primary.as_str(), "{doc}");
+    assert!(
+        last["reason"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("primary {NAME}-0")),
+        "{doc}"
+    );
+    assert!(last["at"].as_str().unwrap().ends_with('Z'), "{doc}");
+    let table = text(&s.pgbalancer(&["status", NAME]));
+    assert!(table.contains("controller: running"), "{table}");
+    assert!(table.contains("last failover:"), "{table}");
+    assert_eq!(container_ids(NAME), ids_before);
+    let log = std::process::Command::new("docker")
+        .args(["logs", doc["controller"]["name"].as_str().unwrap()])
+        .output()
+        .unwrap();
+    eprintln!("controller log:\n{}", text(&log));
+
+    // `down` of the last cluster removes the controller too.
+    assert_success(&s.pgbalancer(&["down", NAME]));
+    assert!(s.controllers().is_empty(), "controller left behind");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_controller_killed_after_recording_the_failover_is_finished_by_the_restarted_one() {
+    const NAME: &str = "it-fail-kill";
+    let _serial = SERIAL.lock().await;
+    let s = Scenario::new(NAME);
+    let doc = up_with_ledger(&s, NAME).await;
+    let password = doc["secrets"]["password"].as_str().unwrap().to_owned();
+    let superuser = doc["secrets"]["superuserPassword"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let balancer = doc["balancer"]["port"].as_u64().unwrap() as u16;
+    let controller = doc["controller"]["name"].as_str().unwrap().to_owned();
+    let state_file = s.state().join("clusters").join(format!("{NAME}.yaml"));
+    let target_of = || -> Option<(Option<u64>, u64, bool)> {
+        let text = std::fs::read_to_string(&state_file).ok()?;
+        let v: serde_yaml::Value = serde_yaml::from_str(&text).ok()?;
+        Some((
+            v["currentPrimary"].as_u64(),
+            v["targetPrimary"].as_u64()?,
+            v["failingOver"].as_bool().unwrap_or(false),
+        ))
+    };
+    assert_eq!(target_of(), Some((Some(0), 0, false)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = watch_writable(NAME, superuser.clone(), stop.clone());
+
+    docker(&["stop", &format!("{NAME}-0")]);
+    // The controller records the new target first; right then, take the cluster's lock as
+    // a command would (the controller only holds it during a tick) and kill the controller.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while target_of().is_none_or(|(_, target, _)| target == 0) {
+        assert!(Instant::now() < deadline, "no failover recorded in 60 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let lock = File::create(s.state().join("locks").join(format!("{NAME}.lock"))).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while lock.try_lock().is_err() {
+        assert!(Instant::now() < deadline, "cluster lock not free in 30 s");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    docker(&["kill", &controller]);
+    let (current, target, failing_over) = target_of().unwrap();
+    assert_eq!((current, failing_over), (Some(0), true), "already finished");
+    let target_name = format!("{NAME}-{target}");
+    let (seen, doc) = status_until(&s, NAME, 10, |d| d["phase"] == "FailingOver").await;
+    assert!(
+        seen,
+        "phase is not FailingOver while the record moves: {doc}"
+    );
+    let target_port = |doc: &Value| {
+        doc["replicas"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .chain(std::iter::once(&doc["primary"]))
+            .find(|i| i["name"] == target_name.as_str())
+            .and_then(|i| i["port"].as_u64())
+    };
+    let port = target_port(&doc).expect("target has a port");
+    assert_eq!(
+        in_recovery(port, &superuser).await,
+        Some(true),
+        "the target was promoted before the controller was killed"
+    );
+    drop(lock);
+    // Nothing moves while no controller runs.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(in_recovery(port, &superuser).await, Some(true));
+    assert_ne!(
+        docker(&["inspect", "-f", "{{.State.Running}}", &controller]),
+        "true"
+    );
+
+    docker(&["start", &controller]);
+    let (done, doc) = status_until(&s, NAME, 60, |d| {
+        d["phase"] == "Running" && primary(d).as_deref() == Some(target_name.as_str())
+    })
+    .await;
+    assert!(
+        done,
+        "the restarted controller did not finish the failover: {doc}"
+    );
+    assert!(
+        writes_again(balancer, &password, 30).await,
+        "no write through the balancer after the failover"
+    );
+    assert_eq!(target_of(), Some((Some(target), target, false)));
+    assert_eq!(
+        doc["controller"]["lastFailover"]["to"],
+        target_name.as_str()
+    );
+    stop.store(true, Ordering::Relaxed);
+    assert!(
+        watcher.await.unwrap() <= 1,
+        "two instances accepted writes at once"
+    );
+    assert_success(&s.pgbalancer(&["down", NAME]));
+    assert!(s.controllers().is_empty(), "controller left behind");
+}
+
+/// Whether a write through the balancer is acknowledged within `secs` (ids no writer uses,
+/// a new one per attempt: an attempt that timed out may still have committed).
+async fn writes_again(balancer: u16, password: &str, secs: u64) -> bool {
+    let next = std::sync::atomic::AtomicI32::new(1_000_000);
+    eventually(secs, || {
+        write(balancer, password, next.fetch_add(1, Ordering::Relaxed))
+    })
+    .await
+}
