@@ -19,6 +19,10 @@ pub const ORDINAL: &str = "pgbalancer.io/ordinal";
 /// `pgbalancer.io/config-hash`: hash of what a change of requires a new container or pod.
 pub const CONFIG_HASH: &str = "pgbalancer.io/config-hash";
 
+/// `pgbalancer.io/switchover` on a `PgBalancerCluster`: asks the operator to move the primary
+/// to the instance it names (the most caught-up replica when empty); removed once handled.
+pub const SWITCHOVER_ANNOTATION: &str = "pgbalancer.io/switchover";
+
 /// Value of `app.kubernetes.io/name`.
 pub const APP: &str = "pgbalancer";
 /// Value of `app.kubernetes.io/managed-by`, also the server-side-apply field manager.

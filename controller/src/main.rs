@@ -14,5 +14,11 @@ async fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    if pgbalancer_controller::cli::kubectl::invoked_as_plugin() {
+        return pgbalancer_controller::cli::kubectl::run(
+            pgbalancer_controller::cli::kubectl::Plugin::parse(),
+        )
+        .await;
+    }
     run(Cli::parse()).await
 }

@@ -181,6 +181,26 @@ pub async fn drop_slot(client: &Client, slot: &str) -> Result<bool, PgError> {
     Ok(rows.iter().all(|r| !r.get::<_, bool>(0)))
 }
 
+/// Makes the physical slots on the instance `client` is connected to what its role needs:
+/// on the primary `wanted` (created when missing), and no other `instance_*` slot that is not
+/// in use (dropped). A slot in use is never dropped: its standby has not disconnected yet.
+pub async fn reconcile_slots(client: &Client, wanted: &[&str]) -> Result<(), PgError> {
+    let existing = slots(client).await?;
+    for slot in wanted {
+        if !existing.contains_key(*slot) {
+            create_slot(client, slot).await?;
+            tracing::info!(%slot, "created replication slot");
+        }
+    }
+    for (slot, active) in existing {
+        if !active && crate::plan::is_instance_slot(&slot) && !wanted.contains(&slot.as_str()) {
+            drop_slot(client, &slot).await?;
+            tracing::info!(%slot, "dropped replication slot");
+        }
+    }
+    Ok(())
+}
+
 /// Promotes the standby `client` is connected to and waits (up to 30 s) until it accepts
 /// writes. True when it is a primary now.
 pub async fn promote(client: &Client) -> Result<bool, PgError> {

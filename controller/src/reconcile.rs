@@ -351,16 +351,10 @@ fn runtime_state(plan: &Plan, observed: &Observed) -> Vec<Action> {
             actions.push(Action::MarkRole(inst.ordinal));
         }
         if let Some(slots) = &seen.slots {
-            let wanted: Vec<&str> = match inst.role {
-                Role::Primary if seen.in_recovery == Some(false) => plan
-                    .instances
-                    .iter()
-                    .filter(|i| i.ordinal != inst.ordinal)
-                    .map(|i| i.slot.as_str())
-                    .collect(),
-                Role::Primary => continue,
-                Role::Replica => Vec::new(),
-            };
+            if inst.role == Role::Primary && seen.in_recovery != Some(false) {
+                continue;
+            }
+            let wanted = plan.slots_on(inst.ordinal, seen.in_recovery == Some(false));
             let missing = wanted.iter().any(|w| !slots.contains_key(*w));
             let stale = slots.iter().any(|(name, active)| {
                 !active && crate::plan::is_instance_slot(name) && !wanted.contains(&name.as_str())
@@ -428,7 +422,7 @@ pub fn decide(plan: &Plan, observed: &Observed, record: &Record) -> Vec<Action> 
             Some(seen) if !seen.running && seen.state != "restarting" => {
                 actions.push(Action::StartBalancer(b.index))
             }
-            Some(seen) if seen.routing => {
+            Some(seen) if seen.routing && !seen.nodes.is_empty() => {
                 let missing = plan
                     .instances
                     .iter()
@@ -493,6 +487,9 @@ pub fn pending(plan: &Plan, observed: &Observed, record: &Record) -> Vec<String>
         match observed.balancers.get(&b.index) {
             None => out.push(format!("{} not created", b.container)),
             Some(seen) if !seen.routing => out.push(format!("{} not routing queries", b.container)),
+            // A routing pgpool always lists its nodes: none means they could not be seen
+            // (an operator outside the cluster network), which is unknown, not pending.
+            Some(seen) if seen.nodes.is_empty() => {}
             Some(seen) => {
                 let primary = plan.primary();
                 let writes_to = seen.nodes.iter().find(|n| n.role == "primary");

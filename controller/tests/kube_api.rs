@@ -10,10 +10,12 @@ use std::time::Duration;
 
 use common::{eventually, kubectl};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, PersistentVolumeClaim, Secret, Service};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Namespace, PersistentVolumeClaim, Pod, Secret, Service,
+};
 use kube::api::{Api, ListParams, PostParams};
 use kube::{Client, ResourceExt};
-use pgbalancer_controller::backend::kube::operator::{run_with, OperatorConfig};
+use pgbalancer_controller::backend::kube::operator::{run_with, OperatorConfig, Probe};
 use pgbalancer_crd::PgBalancerCluster;
 
 fn free_port() -> u16 {
@@ -49,6 +51,8 @@ fn start_operator(
         listen: format!("127.0.0.1:{port}"),
         identity: Some(identity.to_owned()),
         leader_elect: true,
+        // From the host: no SQL to pod addresses; roles and readiness come from the pods.
+        probe: Probe::Off,
     };
     let client = client.clone();
     tokio::spawn(async move {
@@ -115,14 +119,23 @@ async fn operator_against_a_real_api_server() {
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns);
     let sel = "app.kubernetes.io/instance=demo";
 
-    // Apply the example: every child, owned and labelled.
-    let (ok, out) = kubectl(&[
-        "-n",
-        &ns,
-        "apply",
-        "-f",
-        root.join("examples/cluster.yaml").to_str().unwrap(),
-    ]);
+    // Apply the example: every child, owned and labelled. The test node's host-path volumes
+    // belong to root: the opt-in init container hands them to the PostgreSQL user.
+    let dir = tempfile::tempdir().unwrap();
+    let example = dir.path().join("cluster.yaml");
+    std::fs::write(
+        &example,
+        std::fs::read_to_string(root.join("examples/cluster.yaml"))
+            .unwrap()
+            .replace(
+                "      size: 1Gi\n",
+                "      size: 1Gi\n      fixPermissions: true\n",
+            )
+            .replace("numInitChildren: 32", "numInitChildren: 8")
+            .replace("maxPool: 4", "maxPool: 2"),
+    )
+    .unwrap();
+    let (ok, out) = kubectl(&["-n", &ns, "apply", "-f", example.to_str().unwrap()]);
     assert!(ok, "{out}");
     assert!(
         eventually(30, || async { names(&sets, sel).await.len() == 3 }).await,
@@ -151,7 +164,52 @@ async fn operator_against_a_real_api_server() {
         names(&secrets, sel).await,
         ["demo-balancer", "demo-credentials", "demo-postgres"]
     );
+    // Each instance's PVC is created by the operator, owned by the cluster from the start.
+    for claim in claims
+        .list(&ListParams::default().labels(sel))
+        .await
+        .unwrap()
+    {
+        assert_eq!(claim.owner_references()[0].uid, uid, "{}", claim.name_any());
+    }
+    // The balancer comes once every instance serves: the primary pod is labelled primary at
+    // runtime (no role in any template), the replicas clone through demo-rw and stream.
+    assert!(
+        eventually(180, || async {
+            clusters
+                .get_status("demo")
+                .await
+                .ok()
+                .and_then(|c| c.status)
+                .and_then(|s| s.phase)
+                .as_deref()
+                == Some("Running")
+        })
+        .await,
+        "not Running: {:?}",
+        clusters
+            .get_status("demo")
+            .await
+            .ok()
+            .and_then(|c| c.status)
+    );
     assert_eq!(names(&deployments, sel).await, ["demo-balancer"]);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let roles: Vec<(String, String)> = pods
+        .list(&ListParams::default().labels(&format!("{sel},app.kubernetes.io/component=postgres")))
+        .await
+        .unwrap()
+        .iter()
+        .map(|p| (p.name_any(), p.labels()["pgbalancer.io/role"].clone()))
+        .collect();
+    assert_eq!(
+        roles,
+        [
+            ("demo-0-0".to_owned(), "primary".to_owned()),
+            ("demo-1-0".to_owned(), "replica".to_owned()),
+            ("demo-2-0".to_owned(), "replica".to_owned())
+        ]
+    );
     let password =
         secrets.get("demo-credentials").await.unwrap().data.unwrap()["superuser-password"].clone();
 
@@ -169,7 +227,8 @@ async fn operator_against_a_real_api_server() {
     );
     let status = clusters.get_status("demo").await.unwrap().status.unwrap();
     assert_eq!(status.current_primary.as_deref(), Some("demo-0"));
-    assert_eq!(status.phase.as_deref(), Some("Creating"));
+    assert_eq!(status.target_primary.as_deref(), Some("demo-0"));
+    assert_eq!(status.ready_replicas, 2);
     assert!(status
         .selector
         .unwrap()
@@ -365,24 +424,39 @@ async fn operator_against_a_real_api_server() {
     assert_eq!(metric(port3, "pgbalancer_operator_reconciles_total"), 0);
     standby.abort();
 
-    // Delete: garbage collection removes every child, PVCs included.
-    let (ok, out) = kubectl(&["-n", &ns, "delete", "pgbc", "demo", "--wait=true"]);
-    assert!(ok, "{out}");
-    assert!(
-        eventually(60, || async {
-            names(&sets, sel).await.is_empty()
-                && names(&services, sel).await.is_empty()
-                && names(&maps, sel).await.is_empty()
-                && names(&secrets, sel).await.is_empty()
-                && names(&deployments, sel).await.is_empty()
-                && names(&claims, sel).await.is_empty()
-        })
-        .await,
-        "children left after delete: {:?} {:?} {:?}",
-        names(&sets, sel).await,
-        names(&secrets, sel).await,
-        names(&claims, sel).await
-    );
+    // Delete: garbage collection removes every child, PVCs included, every time.
+    for round in 0..5 {
+        if round > 0 {
+            let (ok, out) = kubectl(&["-n", &ns, "apply", "-f", example.to_str().unwrap()]);
+            assert!(ok, "{out}");
+            assert!(
+                eventually(60, || async {
+                    names(&sets, sel).await.len() == 3 && names(&claims, sel).await.len() == 3
+                })
+                .await,
+                "round {round}: not created: {:?} {:?}",
+                names(&sets, sel).await,
+                names(&claims, sel).await
+            );
+        }
+        let (ok, out) = kubectl(&["-n", &ns, "delete", "pgbc", "demo", "--wait=true"]);
+        assert!(ok, "{out}");
+        assert!(
+            eventually(90, || async {
+                names(&sets, sel).await.is_empty()
+                    && names(&services, sel).await.is_empty()
+                    && names(&maps, sel).await.is_empty()
+                    && names(&secrets, sel).await.is_empty()
+                    && names(&deployments, sel).await.is_empty()
+                    && names(&claims, sel).await.is_empty()
+            })
+            .await,
+            "round {round}: children left after delete: {:?} {:?} {:?}",
+            names(&sets, sel).await,
+            names(&secrets, sel).await,
+            names(&claims, sel).await
+        );
+    }
     operator.abort();
     let _ = kubectl(&["delete", "namespace", &ns, "--wait=false"]);
 }

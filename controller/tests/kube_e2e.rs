@@ -325,6 +325,141 @@ async fn operator_in_cluster_runs_a_real_cluster() {
     .await;
     assert!(dropped, "slots on the primary: {:?}", slots_left().await);
 
+    // The primary moved by hand (the record's target changed): the operator fences demo-0,
+    // promotes demo-1 in place and demo-0 rejoins as its replica. No StatefulSet template
+    // changes, demo-1's pod is the same pod, writes through the balancer go on.
+    let generations = || {
+        let mut g: Vec<(String, i64)> = get_json(&["-n", ns, "get", "statefulsets", "-l", sel])
+            ["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                (
+                    s["metadata"]["name"].as_str().unwrap().to_owned(),
+                    s["metadata"]["generation"].as_i64().unwrap(),
+                )
+            })
+            .collect();
+        g.sort();
+        g
+    };
+    let pod_uid = |pod: &str| {
+        get_json(&["-n", ns, "get", "pod", pod])["metadata"]["uid"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let (before, replica_uid) = (generations(), pod_uid("demo-1-0"));
+    let client = kube::Client::try_default().await.unwrap();
+    let clusters: kube::Api<pgbalancer_crd::PgBalancerCluster> = kube::Api::namespaced(client, ns);
+    clusters
+        .patch_status(
+            "demo",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"status": {"targetPrimary": "demo-1"}})),
+        )
+        .await
+        .unwrap();
+    let moved = eventually(180, || async {
+        let status = &get_json(&["-n", ns, "get", "pgbc", "demo"])["status"];
+        status["currentPrimary"] == "demo-1" && status["phase"] == "Running"
+    })
+    .await;
+    assert!(
+        moved,
+        "primary not moved: {}",
+        get_json(&["-n", ns, "get", "pgbc", "demo"])["status"]
+    );
+    assert_eq!(
+        generations(),
+        before,
+        "a change of primary changed a StatefulSet"
+    );
+    assert_eq!(
+        pod_uid("demo-1-0"),
+        replica_uid,
+        "the promoted pod was recreated"
+    );
+    let labels = get_json(&["-n", ns, "get", "pods", "-l", sel])["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["metadata"]["name"].as_str().unwrap().to_owned(),
+                p["metadata"]["labels"]["pgbalancer.io/role"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            )
+        })
+        .collect::<Vec<_>>();
+    assert_eq!(
+        labels,
+        [
+            ("demo-0-0".to_owned(), "replica".to_owned()),
+            ("demo-1-0".to_owned(), "primary".to_owned())
+        ]
+    );
+    let wrote = eventually(60, || async {
+        let Ok((c, conn)) = tokio_postgres::Config::new()
+            .host(&balancer_ip)
+            .port(9999)
+            .user("app")
+            .password(&password)
+            .dbname("app")
+            .connect_timeout(std::time::Duration::from_secs(2))
+            .connect(tokio_postgres::NoTls)
+            .await
+        else {
+            return false;
+        };
+        tokio::spawn(conn);
+        c.execute("INSERT INTO marks VALUES (4)", &[]).await.is_ok()
+    })
+    .await;
+    assert!(wrote, "no write through the balancer after the move");
+    let old_ip = pod_ips(ns, sel)
+        .into_iter()
+        .find(|(p, _)| p == "demo-0-0")
+        .expect("old primary pod")
+        .1;
+    assert!(
+        eventually(60, || async {
+            rows_on(&old_ip, &password).await == Some(4)
+        })
+        .await,
+        "the old primary does not stream from the new one"
+    );
+
+    // `kubectl pgbalancer switchover`: refused for the current primary (nothing touched), then
+    // back to demo-0, the annotation handled by the operator.
+    let plugin_dir = tempfile::tempdir().unwrap();
+    let plugin = plugin_dir.path().join("kubectl-pgbalancer");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_pgbalancer"), &plugin).unwrap();
+    let run_plugin = |args: &[&str]| {
+        let out = Command::new(&plugin).args(args).output().unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (ok, out) = run_plugin(&["-n", ns, "switchover", "demo", "--to", "demo-1"]);
+    assert!(!ok && out.contains("already the primary"), "{out}");
+    assert_eq!(
+        get_json(&["-n", ns, "get", "pgbc", "demo"])["status"]["currentPrimary"],
+        "demo-1"
+    );
+    let (ok, out) = run_plugin(&["-n", ns, "switchover", "demo", "--to", "demo-0"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("primary is demo-0"), "{out}");
+    assert_eq!(generations(), before, "a switchover changed a StatefulSet");
+
     // kubectl delete: no pod, PVC or PV left.
     let (ok, out) = kubectl(&["-n", ns, "delete", "pgbc", "demo"]);
     assert!(ok, "{out}");

@@ -248,6 +248,7 @@ fn private_pcppass(config: &AgentConfig) -> std::path::PathBuf {
     }
     let copy = std::env::temp_dir().join("pgbalancer-pcppass");
     let written = std::fs::read(&source).and_then(|bytes| {
+        // A copy left by an earlier run is replaced; none at all is the usual case.
         let _ = std::fs::remove_file(&copy);
         let mut f = std::fs::OpenOptions::new()
             .write(true)

@@ -77,6 +77,8 @@ impl Supervisor {
     /// Stops pgpool (fast shutdown) and waits up to 10 s for it.
     pub async fn stop(&self, config: &AgentConfig) {
         self.stopping.store(true, Ordering::SeqCst);
+        // Whether the stop command itself succeeded matters less than whether pgpool is gone,
+        // which the loop below checks.
         let _ = tokio::process::Command::new(&config.pgpool)
             .args(["-f"])
             .arg(config.path("pgpool.conf"))

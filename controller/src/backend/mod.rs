@@ -23,6 +23,24 @@ pub struct Observed {
     pub balancers: BTreeMap<u32, ObservedBalancer>,
 }
 
+impl Observed {
+    /// Takes the primary's view of its standbys (`application_name` → (state, replay lag in
+    /// bytes), see `pg::standbys`) into each instance's `streaming` and `lag_bytes`.
+    pub fn set_replication(
+        &mut self,
+        plan: &Plan,
+        standbys: &std::collections::HashMap<String, (String, i64)>,
+    ) {
+        for (ordinal, seen) in self.instances.iter_mut() {
+            let name = crate::plan::instance_name(&plan.cluster, *ordinal);
+            if let Some((state, lag)) = standbys.get(&name) {
+                seen.streaming = state == "streaming";
+                seen.lag_bytes = Some(*lag);
+            }
+        }
+    }
+}
+
 /// One PostgreSQL instance as seen.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ObservedInstance {

@@ -1,6 +1,7 @@
 //! The `pgbalancer` command: local Docker mode (`up`, `status`, `scale`, `switchover`,
 //! `down`, `images build`, `controller run`) and `crd`.
 
+pub mod kubectl;
 mod output;
 pub mod seed;
 

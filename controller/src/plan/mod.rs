@@ -56,6 +56,12 @@ pub fn instance_name(cluster: &str, ordinal: u32) -> String {
     format!("{cluster}-{ordinal}")
 }
 
+/// Name of the balancer Service and Deployment (Kubernetes) and of the first balancer
+/// container (Docker).
+pub fn balancer_name(cluster: &str) -> String {
+    format!("{cluster}-balancer")
+}
+
 /// The name that always reaches the current primary: the Docker network alias the primary
 /// holds, and the Kubernetes Service that selects the pod labelled primary.
 pub fn rw_host(cluster: &str) -> String {
@@ -239,9 +245,9 @@ impl Plan {
         let balancers = (0..u32::try_from(spec.balancer.instances.max(1)).unwrap_or(1))
             .map(|index| {
                 let default_name = if index == 0 {
-                    format!("{name}-balancer")
+                    balancer_name(&name)
                 } else {
-                    format!("{name}-balancer-{index}")
+                    format!("{}-{index}", balancer_name(&name))
                 };
                 let explicit = local.balancer.as_ref().filter(|_| index == 0);
                 BalancerInstancePlan {
@@ -325,6 +331,19 @@ impl Plan {
             .iter()
             .find(|i| i.role == Role::Primary)
             .unwrap_or(&self.instances[0])
+    }
+
+    /// The slots instance `ordinal` should hold: one per other planned instance when it is
+    /// the planned primary and `writable` (it answered as a primary), none otherwise.
+    pub fn slots_on(&self, ordinal: u32, writable: bool) -> Vec<&str> {
+        if !writable || self.primary().ordinal != ordinal {
+            return Vec::new();
+        }
+        self.instances
+            .iter()
+            .filter(|i| i.ordinal != ordinal)
+            .map(|i| i.slot.as_str())
+            .collect()
     }
 
     /// The instance with `ordinal`, if planned.

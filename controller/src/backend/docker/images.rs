@@ -228,20 +228,26 @@ async fn debootstrap(suite: &str, tarball: &Path) -> Result<(), DockerError> {
     Ok(())
 }
 
+/// The files of an image build as a tar; fails only on a path tar cannot hold.
+fn build_context(files: &[(&str, &[u8], u32)]) -> std::io::Result<Vec<u8>> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for (name, contents, mode) in files {
+        let mut header = tar::Header::new_gnu();
+        header.set_mode(*mode);
+        header.set_size(contents.len() as u64);
+        builder.append_data(&mut header, name, *contents)?;
+    }
+    builder.into_inner()
+}
+
 async fn build_one(
     docker: &Docker,
     tag: &str,
     files: &[(&str, &[u8], u32)],
     args: &[(&str, String)],
 ) -> Result<(), DockerError> {
-    let mut builder = tar::Builder::new(Vec::new());
-    for (name, contents, mode) in files {
-        let mut header = tar::Header::new_gnu();
-        header.set_mode(*mode);
-        header.set_size(contents.len() as u64);
-        let _ = builder.append_data(&mut header, name, *contents);
-    }
-    let context = builder.into_inner().unwrap_or_default();
+    let context = build_context(files)
+        .map_err(|e| DockerError::Conflict(format!("build context of {tag}: {e}")))?;
     let options = BuildImageOptions {
         t: Some(tag.to_owned()),
         rm: true,

@@ -444,28 +444,8 @@ impl DockerBackend {
     async fn ensure_slots(&self, plan: &Plan, ordinal: u32) -> Result<(), DockerError> {
         let port = self.instance_port(plan, ordinal).await?;
         let client = self.superuser(plan, port).await?;
-        let position = pg::position(&client).await?;
-        let primary = !position.in_recovery && plan.primary().ordinal == ordinal;
-        let wanted: Vec<&str> = plan
-            .instances
-            .iter()
-            .filter(|i| primary && i.ordinal != ordinal)
-            .map(|i| i.slot.as_str())
-            .collect();
-        let existing = pg::slots(&client).await?;
-        for slot in &wanted {
-            if !existing.contains_key(*slot) {
-                pg::create_slot(&client, slot).await?;
-                tracing::info!(%slot, instance = ordinal, "created replication slot");
-            }
-        }
-        for (slot, active) in existing {
-            if !active && plan::is_instance_slot(&slot) && !wanted.contains(&slot.as_str()) {
-                pg::drop_slot(&client, &slot).await?;
-                tracing::info!(%slot, instance = ordinal, "dropped replication slot");
-            }
-        }
-        Ok(())
+        let writable = !pg::position(&client).await?.in_recovery;
+        Ok(pg::reconcile_slots(&client, &plan.slots_on(ordinal, writable)).await?)
     }
 
     async fn promote(&self, plan: &Plan, ordinal: u32) -> Result<(), DockerError> {
@@ -613,13 +593,7 @@ impl Backend for DockerBackend {
         if let Some(port) = primary_port {
             if let Ok(client) = self.superuser(plan, port).await {
                 if let Ok(standbys) = pg::standbys(&client).await {
-                    for (ordinal, seen) in observed.instances.iter_mut() {
-                        let name = plan::instance_name(&plan.cluster, *ordinal);
-                        if let Some((state, lag)) = standbys.get(&name) {
-                            seen.streaming = state == "streaming";
-                            seen.lag_bytes = Some(*lag);
-                        }
-                    }
+                    observed.set_replication(plan, &standbys);
                 }
             }
         }

@@ -1,19 +1,18 @@
-//! Keeping the balancer pods in step with the backend list (IO): nudge the kubelet to refresh
-//! their projected configuration now rather than at its next periodic sync, and ask their
-//! agents whether a slot is still attached before its instance is deleted, so pgpool stops
-//! routing to a replica before the replica goes away.
+//! The balancer pods (IO): listed in a stable order (the backend's balancer indexes), and
+//! nudged so the kubelet refreshes their projected configuration now rather than at its next
+//! periodic sync when the backend list changes.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 
-use super::reconcile::{Context, Error};
-use crate::backend::PoolNode;
+use super::metrics::Metrics;
+use super::objects;
+use super::reconcile::Error;
 use crate::labels;
-use crate::plan::{Plan, REST_PORT};
+use crate::plan::Plan;
 
 /// Annotation on balancer pods carrying the hash of the backend list they should have.
 pub const BACKENDS_ANNOTATION: &str = "pgbalancer.io/backends-hash";
@@ -28,20 +27,38 @@ fn selector(plan: &Plan) -> String {
     )
 }
 
+/// Hash of the backend list in the balancer ConfigMap.
+pub fn backends_hash(config: &ConfigMap) -> String {
+    config
+        .data
+        .as_ref()
+        .and_then(|d| d.get("pgpool.conf"))
+        .map(objects::content_hash)
+        .unwrap_or_default()
+}
+
+/// The cluster's balancer pods, sorted by name.
+pub async fn pods(client: &Client, namespace: &str, plan: &Plan) -> Result<Vec<Pod>, Error> {
+    let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let mut pods = api
+        .list(&ListParams::default().labels(&selector(plan)))
+        .await?
+        .items;
+    pods.sort_by_key(|p| p.name_any());
+    Ok(pods)
+}
+
 /// Annotates balancer pods whose backend hash differs; the kubelet resyncs an updated pod and
 /// refreshes its ConfigMap volume, so the agent sees the new `pgpool.conf` within seconds.
 pub async fn nudge(
     client: &Client,
-    ctx: &Context,
+    metrics: &Metrics,
     namespace: &str,
     plan: &Plan,
     hash: &str,
 ) -> Result<(), Error> {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    for pod in pods
-        .list(&ListParams::default().labels(&selector(plan)))
-        .await?
-    {
+    let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    for pod in pods(client, namespace, plan).await? {
         if pod
             .annotations()
             .get(BACKENDS_ANNOTATION)
@@ -51,8 +68,8 @@ pub async fn nudge(
             continue;
         }
         let patch = serde_json::json!({ "metadata": { "annotations": BTreeMap::from([(BACKENDS_ANNOTATION, hash)]) } });
-        ctx.metrics.wrote();
-        pods.patch(
+        metrics.wrote();
+        api.patch(
             &pod.name_any(),
             &PatchParams::default(),
             &Patch::Merge(&patch),
@@ -60,74 +77,4 @@ pub async fn nudge(
         .await?;
     }
     Ok(())
-}
-
-async fn balancer_ips(client: &Client, namespace: &str, plan: &Plan) -> Result<Vec<String>, Error> {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    Ok(pods
-        .list(&ListParams::default().labels(&selector(plan)))
-        .await?
-        .into_iter()
-        .filter_map(|p| p.status.and_then(|s| s.pod_ip))
-        .collect())
-}
-
-async fn get_json(url: String) -> Option<serde_json::Value> {
-    tokio::task::spawn_blocking(move || {
-        ureq::AgentBuilder::new()
-            .timeout(Duration::from_secs(1))
-            .build()
-            .get(&url)
-            .call()
-            .ok()
-            .and_then(|r| r.into_json::<serde_json::Value>().ok())
-    })
-    .await
-    .ok()
-    .flatten()
-}
-
-/// The first reachable agent's nodes (`/api/v1/nodes`). Empty when no agent answers (not
-/// running yet, or an operator outside the cluster network).
-pub async fn nodes(client: &Client, namespace: &str, plan: &Plan) -> Result<Vec<PoolNode>, Error> {
-    for ip in balancer_ips(client, namespace, plan).await? {
-        if let Some(v) = get_json(format!("http://{ip}:{REST_PORT}/api/v1/nodes")).await {
-            return Ok(v["nodes"]
-                .as_array()
-                .map(|nodes| nodes.iter().filter_map(pool_node).collect())
-                .unwrap_or_default());
-        }
-    }
-    Ok(Vec::new())
-}
-
-/// One node of the agent's REST answer.
-fn pool_node(n: &serde_json::Value) -> Option<PoolNode> {
-    Some(PoolNode {
-        slot: u32::try_from(n["id"].as_u64()?).ok()?,
-        host: n["host"].as_str().unwrap_or_default().to_owned(),
-        status: n["status"].as_str()?.to_owned(),
-        role: n["role"].as_str().unwrap_or_default().to_owned(),
-        select_count: n["select_count"].as_i64().unwrap_or(0),
-        replication_delay: n["replication_lag"].as_i64().unwrap_or(0),
-    })
-}
-
-/// Whether any reachable balancer agent still routes to node `slot`. Unreachable agents
-/// (not running yet, or an operator outside the cluster network) do not hold removal up.
-pub async fn still_routes(
-    client: &Client,
-    namespace: &str,
-    plan: &Plan,
-    slot: u32,
-) -> Result<bool, Error> {
-    for ip in balancer_ips(client, namespace, plan).await? {
-        if get_json(format!("http://{ip}:{REST_PORT}/api/v1/nodes/{slot}"))
-            .await
-            .is_some_and(|n| n["status"] == "up")
-        {
-            return Ok(true);
-        }
-    }
-    Ok(false)
 }

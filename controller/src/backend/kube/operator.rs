@@ -11,7 +11,7 @@ use axum::Router;
 use clap::Args;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret, Service};
 use kube::api::Api;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
@@ -57,6 +57,22 @@ pub struct OperatorConfig {
         action = clap::ArgAction::Set
     )]
     pub leader_elect: bool,
+    /// Probe PostgreSQL and the balancer agents at pod addresses (needed for failover):
+    /// `auto` does when the operator runs in a pod.
+    #[arg(long, value_enum, default_value_t = Probe::Auto, env = "PGBALANCER_PROBE")]
+    pub probe: Probe,
+}
+
+/// Whether the operator reaches pod addresses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Probe {
+    /// In a pod: yes; against a kubeconfig from outside: no.
+    #[default]
+    Auto,
+    /// Always.
+    On,
+    /// Never: roles from pod labels, readiness from pods, no automated failover.
+    Off,
 }
 
 /// Why the operator stopped.
@@ -121,8 +137,24 @@ pub async fn run_with(client: Client, config: OperatorConfig) -> Result<(), Oper
             "policy/v1 PodDisruptionBudgets are not served here; balancer PDBs are skipped"
         );
     }
+    let in_cluster = match config.probe {
+        Probe::Auto => std::env::var_os("KUBERNETES_SERVICE_HOST").is_some(),
+        Probe::On => true,
+        Probe::Off => false,
+    };
+    tracing::info!(
+        in_cluster,
+        "SQL and balancer-agent probes are {}",
+        if in_cluster {
+            "on"
+        } else {
+            "off (roles from pod labels, readiness from pods; no failover)"
+        }
+    );
     let ctx = Arc::new(Context {
         pdb_supported,
+        in_cluster,
+        watches: Default::default(),
         client: client.clone(),
         metrics: Metrics::default(),
         recorder: Recorder::new(
@@ -161,7 +193,9 @@ pub async fn run_with(client: Client, config: OperatorConfig) -> Result<(), Oper
             }),
         );
     tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "the metrics and health server stopped");
+        }
     });
 
     // As PID 1 in a container, SIGTERM is ignored unless handled: a standby waiting for the
@@ -208,16 +242,19 @@ pub async fn run_with(client: Client, config: OperatorConfig) -> Result<(), Oper
     let secrets: Api<Secret> = scoped(&client, ns);
     let deployments: Api<Deployment> = scoped(&client, ns);
     let claims: Api<PersistentVolumeClaim> = scoped(&client, ns);
+    let pods: Api<Pod> = scoped(&client, ns);
     Controller::new(clusters, watcher::Config::default())
         .owns(sets, owned.clone())
         .owns(services, owned.clone())
         .owns(maps, owned.clone())
         .owns(secrets, owned.clone())
         .owns(deployments, owned.clone())
-        // PVCs of StatefulSets carry no owner until adopted: map them by label.
-        .watches(claims, owned, |pvc| {
-            let cluster = pvc.labels().get(labels::INSTANCE).cloned()?;
-            Some(ObjectRef::new(&cluster).within(&pvc.namespace()?))
+        .owns(claims, owned.clone())
+        // Pods belong to StatefulSets and the Deployment: map them to their cluster by label,
+        // so a new pod gets its role and a lost primary is seen at once.
+        .watches(pods, owned, |pod| {
+            let cluster = pod.labels().get(labels::INSTANCE).cloned()?;
+            Some(ObjectRef::new(&cluster).within(&pod.namespace()?))
         })
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)

@@ -1,31 +1,30 @@
-//! One reconcile of a `PgBalancerCluster` (IO): validate, make sure the credentials exist,
-//! apply the children that differ from the plan, remove scaled-down instances with their
-//! PVCs, and write status when it changed. Errors are classified for `error_policy`.
+//! One reconcile of a `PgBalancerCluster` (IO), as a table of contents: validate, make sure
+//! the credentials exist, observe through the Kubernetes backend, check the record of the
+//! primary (conflict, failover), `decide` (the same pure core as Docker), apply, write status
+//! when it changed, requeue. Errors are classified for `error_policy`.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret};
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use k8s_openapi::NamespaceResourceScope;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::runtime::controller::Action;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action as Requeue;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Client, Resource, ResourceExt};
 use pgbalancer_crd::{PgBalancerCluster, PgBalancerClusterStatus};
-use serde::de::DeserializeOwned;
-use serde::Serialize;
 use thiserror::Error;
 
+use super::backend::KubeBackend;
 use super::metrics::Metrics;
 use super::objects::{self, Owner};
-use crate::backend::{Observed, ObservedBalancer, ObservedInstance, PoolNode};
+use crate::backend::{Action, Backend, BackendError, Observed};
 use crate::credentials::Credentials;
 use crate::labels;
-use crate::plan::{Plan, Role};
-use crate::reconcile::Record;
-use crate::status;
+use crate::plan::Plan;
+use crate::reconcile::{self as core, ChangeKind, FailoverPolicy, Record};
+use crate::status::{self, Phase};
 
 /// Why a reconcile failed.
 #[derive(Debug, Error)]
@@ -36,6 +35,12 @@ pub enum Error {
     /// The API server refused or failed a request.
     #[error("kubernetes API")]
     Kube(#[from] kube::Error),
+    /// A PostgreSQL instance refused or failed a statement.
+    #[error(transparent)]
+    Sql(#[from] crate::pg::PgError),
+    /// A balancer agent could not be reached or refused a call.
+    #[error("balancer agent: {0}")]
+    Agent(String),
 }
 
 impl Error {
@@ -44,8 +49,24 @@ impl Error {
         match self {
             Error::Invalid(_) => "invalid_spec",
             Error::Kube(_) => "kube_api",
+            Error::Sql(_) => "postgres",
+            Error::Agent(_) => "agent",
         }
     }
+}
+
+impl BackendError for Error {
+    fn is_transient(&self) -> bool {
+        matches!(self, Error::Sql(_) | Error::Agent(_))
+    }
+}
+
+/// How long the recorded primary of each cluster has been down, and what it last wrote: the
+/// inputs of the failover decision that only a running controller can measure.
+#[derive(Debug, Default)]
+pub struct Watch {
+    down_since: Option<Instant>,
+    last_primary_lsn: Option<u64>,
 }
 
 /// What every reconcile shares.
@@ -58,13 +79,17 @@ pub struct Context {
     pub recorder: Recorder,
     /// The API server serves `policy/v1` PodDisruptionBudgets (absent before Kubernetes 1.21).
     pub pdb_supported: bool,
+    /// The operator runs inside the cluster network: SQL and the agents are reachable.
+    pub in_cluster: bool,
+    /// Failover watches by `namespace/name`.
+    pub watches: Mutex<HashMap<String, Watch>>,
 }
 
 /// Reconciles one cluster.
 pub async fn reconcile(
     cluster: Arc<PgBalancerCluster>,
     ctx: Arc<Context>,
-) -> Result<Action, Error> {
+) -> Result<Requeue, Error> {
     let started = Instant::now();
     let name = cluster.name_any();
     let namespace = cluster.namespace().unwrap_or_else(|| "default".into());
@@ -80,10 +105,14 @@ pub async fn reconcile(
 }
 
 /// What to do after a failed reconcile: wait for an edit of an invalid spec, retry others.
-pub fn error_policy(_cluster: Arc<PgBalancerCluster>, error: &Error, _ctx: Arc<Context>) -> Action {
+pub fn error_policy(
+    _cluster: Arc<PgBalancerCluster>,
+    error: &Error,
+    _ctx: Arc<Context>,
+) -> Requeue {
     match error {
-        Error::Invalid(_) => Action::await_change(),
-        Error::Kube(_) => Action::requeue(Duration::from_secs(5)),
+        Error::Invalid(_) => Requeue::await_change(),
+        _ => Requeue::requeue(Duration::from_secs(5)),
     }
 }
 
@@ -91,21 +120,11 @@ async fn reconcile_inner(
     cluster: &PgBalancerCluster,
     ctx: &Context,
     namespace: &str,
-) -> Result<Action, Error> {
-    let client = &ctx.client;
+) -> Result<Requeue, Error> {
     let name = cluster.name_any();
-    let clusters: Api<PgBalancerCluster> = Api::namespaced(client.clone(), namespace);
     let previous = cluster.status.clone();
-    let generation = cluster.metadata.generation;
-    if let Err(e) = pgbalancer_crd::validate(cluster) {
-        let message = e.to_string().replace('\n', "; ");
-        let new = status::invalid(previous.as_ref(), &message, generation, now());
-        if previous.as_ref().is_none_or(|p| !status::same(p, &new)) {
-            write_status(&clusters, &name, &new, ctx).await?;
-            event(ctx, cluster, EventType::Warning, "InvalidSpec", &message).await;
-        }
-        return Err(Error::Invalid(message));
-    }
+    let clusters: Api<PgBalancerCluster> = Api::namespaced(ctx.client.clone(), namespace);
+    validated(cluster, ctx, &clusters, previous.as_ref()).await?;
     let owner = Owner {
         namespace: namespace.to_owned(),
         reference: cluster
@@ -114,139 +133,258 @@ async fn reconcile_inner(
     };
     let record = record_of(&name, previous.as_ref());
     let plan = Plan::kubernetes(cluster, record.target);
-    let creds = credentials(cluster, &plan, &owner, ctx).await?;
-
-    let backends = objects::balancer_config(&plan, &owner, &creds);
-    for config in [
-        objects::postgres_config(&plan, &owner, &creds),
-        backends.clone(),
-    ] {
-        apply(client, ctx, namespace, config).await?;
+    let backend = KubeBackend {
+        client: ctx.client.clone(),
+        metrics: &ctx.metrics,
+        creds: credentials(cluster, &plan, &owner, ctx).await?,
+        owner,
+        in_cluster: ctx.in_cluster,
+        pdb_supported: ctx.pdb_supported,
+    };
+    let observed = backend.observe(&plan).await?;
+    let record = record.advance(&observed);
+    let key = format!("{namespace}/{name}");
+    if let Some(next) = failover_due(ctx, &key, cluster, &plan, &observed, &record) {
+        // The record moves first and durably; the next reconcile acts on it.
+        let reason = format!(
+            "primary {} unreachable; promoting {}",
+            crate::plan::instance_name(&name, record.current.unwrap_or(record.target)),
+            crate::plan::instance_name(&name, next.target)
+        );
+        let target_plan = Plan::kubernetes(cluster, next.target);
+        let new = status::compute(
+            &target_plan,
+            &observed,
+            &next,
+            previous.as_ref(),
+            cluster.metadata.generation,
+            now(),
+        );
+        write_status(&clusters, &name, &new, ctx).await?;
+        event(ctx, cluster, EventType::Warning, "FailoverStarted", &reason).await;
+        ctx.metrics.failover("failover");
+        return Ok(Requeue::requeue(Duration::from_millis(200)));
     }
-    for secret in [
-        objects::postgres_secret(&plan, &owner, &creds),
-        objects::balancer_secret(&plan, &owner, &creds),
-    ] {
-        apply(client, ctx, namespace, secret).await?;
-    }
-    for service in [
-        objects::headless_service(&plan, &owner),
-        objects::rw_service(&plan, &owner),
-        objects::ro_service(&plan, &owner),
-        objects::balancer_service(&plan, &owner),
-    ] {
-        apply(client, ctx, namespace, service).await?;
-    }
-    for inst in &plan.instances {
-        apply(
-            client,
-            ctx,
-            namespace,
-            objects::statefulset(&plan, &owner, inst, &creds),
-        )
-        .await?;
-    }
-    apply(
-        client,
-        ctx,
-        namespace,
-        objects::balancer_deployment(&plan, &owner, &creds),
-    )
-    .await?;
-    if ctx.pdb_supported && plan.balancer.instances.len() > 1 {
-        apply(client, ctx, namespace, objects::balancer_pdb(&plan, &owner)).await?;
-    }
-    let backends_hash = backends
-        .data
-        .as_ref()
-        .and_then(|d| d.get("pgpool.conf"))
-        .map(objects::content_hash)
-        .unwrap_or_default();
-    super::balancer::nudge(client, ctx, namespace, &plan, &backends_hash).await?;
-    let sets = instance_sets(client, namespace, &plan).await?;
-    let (removed, draining) = remove_unplanned(client, ctx, namespace, &plan, &sets).await?;
-    adopt_claims(client, ctx, namespace, &plan, &owner).await?;
-    if !removed.is_empty() {
-        event(
-            ctx,
-            cluster,
-            EventType::Normal,
-            "ScaledDown",
-            &format!("removed {}", removed.join(", ")),
+    if let Some(requested) = cluster.annotations().get(labels::SWITCHOVER_ANNOTATION) {
+        return switchover_requested(
+            ctx, cluster, &clusters, &plan, &observed, &record, requested,
         )
         .await;
     }
+    let actions = core::decide(&plan, &observed, &record);
+    apply(&backend, &plan, &actions, ctx, cluster).await?;
+    let new = write_observed_status(ctx, cluster, &clusters, &plan, &observed, &record).await?;
+    let phase = new.phase.as_deref();
+    Ok(Requeue::requeue(
+        if !actions.is_empty() || phase != Some(Phase::Running.as_str()) {
+            Duration::from_secs(2)
+        } else if ctx.in_cluster {
+            // Silent failures (a hung server) show only to SQL: look again regularly.
+            Duration::from_secs(10)
+        } else {
+            Duration::from_secs(300)
+        },
+    ))
+}
 
-    let kept: Vec<(u32, StatefulSet)> = sets
-        .into_iter()
-        .filter(|(_, sts)| !removed.contains(&sts.name_any()))
-        .collect();
-    let seen = observe(client, namespace, &plan, &kept).await?;
-    let record = record.advance(&seen);
-    let mut new = status::compute(&plan, &seen, &record, previous.as_ref(), generation, now());
-    if let Some(b) = new.balancer.as_mut() {
-        b.endpoint = Some(format!(
-            "{}-balancer:{}",
-            plan.cluster,
-            crate::plan::BALANCER_PORT
-        ));
+/// A switchover asked for with the `pgbalancer.io/switchover` annotation (`kubectl pgbalancer
+/// switchover`): checked against what is observed; accepted, the record's target moves (in
+/// status, durably) and the next reconciles carry it out; refused, an Event says why. Either
+/// way the annotation is removed, so it acts once.
+async fn switchover_requested(
+    ctx: &Context,
+    cluster: &PgBalancerCluster,
+    clusters: &Api<PgBalancerCluster>,
+    plan: &Plan,
+    observed: &Observed,
+    record: &Record,
+    requested: &str,
+) -> Result<Requeue, Error> {
+    let to = Some(requested).filter(|r| !r.is_empty());
+    let outcome = core::switchover_target(plan, observed, record, to);
+    if let Ok(target) = outcome {
+        let next = Record {
+            current: record.current.or(Some(record.target)),
+            target,
+            kind: ChangeKind::Switchover,
+        };
+        let target_plan = Plan::kubernetes(cluster, target);
+        let new = status::compute(
+            &target_plan,
+            observed,
+            &next,
+            cluster.status.as_ref(),
+            cluster.metadata.generation,
+            now(),
+        );
+        write_status(clusters, &cluster.name_any(), &new, ctx).await?;
     }
-    if let Some(conflict) = status::conflict_message(&new) {
-        if previous.as_ref().and_then(|p| p.phase.as_deref()) != new.phase.as_deref() {
-            event(
-                ctx,
-                cluster,
-                EventType::Warning,
-                "PrimaryConflict",
-                &conflict,
-            )
-            .await;
-        }
-    }
-    if previous.as_ref().is_none_or(|p| !status::same(p, &new)) {
-        if previous.as_ref().and_then(|p| p.phase.clone()) != new.phase {
-            let phase = new.phase.clone().unwrap_or_default();
+    let patch = serde_json::json!({ "metadata": { "annotations": { labels::SWITCHOVER_ANNOTATION: null } } });
+    ctx.metrics.wrote();
+    clusters
+        .patch(
+            &cluster.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+    match outcome {
+        Ok(target) => {
+            ctx.metrics.failover("switchover");
+            let to = crate::plan::instance_name(&plan.cluster, target);
             event(
                 ctx,
                 cluster,
                 EventType::Normal,
-                &phase,
-                &format!("cluster is {phase}"),
+                "SwitchoverStarted",
+                &format!("moving the primary to {to}"),
             )
             .await;
         }
-        write_status(&clusters, &name, &new, ctx).await?;
-    }
-    let balancers_ready = seen.balancers.values().filter(|b| b.routing).count();
-    let settling = balancers_ready > 0
-        && new
-            .instances
-            .iter()
-            .any(|i| i.balancer_node.as_deref() != Some("up"));
-    let primary_ready = crate::reconcile::instance_ready(&plan, &seen, plan.primary().ordinal);
-    let slots_busy = if primary_ready {
-        let services: Api<k8s_openapi::api::core::v1::Service> =
-            Api::namespaced(client.clone(), namespace);
-        match services
-            .get_opt(&format!("{}-rw", plan.cluster))
-            .await?
-            .and_then(|s| s.spec?.cluster_ip)
-        {
-            Some(ip) => super::slots::drop_stale(&plan, &ip, &creds).await,
-            None => false,
+        Err(why) => {
+            event(ctx, cluster, EventType::Warning, "SwitchoverRefused", &why).await;
         }
-    } else {
-        false
-    };
-    if draining || settling || slots_busy {
-        // A removed replica is still attached, or a kept one not attached yet: look again shortly.
-        return Ok(Action::requeue(Duration::from_secs(2)));
     }
-    Ok(if new.phase.as_deref() == Some("Running") {
-        Action::requeue(Duration::from_secs(600))
-    } else {
-        Action::requeue(Duration::from_secs(60))
-    })
+    Ok(Requeue::requeue(Duration::from_millis(200)))
+}
+
+/// Refuses an invalid spec: Degraded with the field named, an Event, nothing touched.
+async fn validated(
+    cluster: &PgBalancerCluster,
+    ctx: &Context,
+    clusters: &Api<PgBalancerCluster>,
+    previous: Option<&PgBalancerClusterStatus>,
+) -> Result<(), Error> {
+    let Err(e) = pgbalancer_crd::validate(cluster) else {
+        return Ok(());
+    };
+    let message = e.to_string().replace('\n', "; ");
+    let new = status::invalid(previous, &message, cluster.metadata.generation, now());
+    if previous.is_none_or(|p| !status::same(p, &new)) {
+        write_status(clusters, &cluster.name_any(), &new, ctx).await?;
+        event(ctx, cluster, EventType::Warning, "InvalidSpec", &message).await;
+    }
+    Err(Error::Invalid(message))
+}
+
+/// The failover to start now, measured against this cluster's watch.
+fn failover_due(
+    ctx: &Context,
+    key: &str,
+    cluster: &PgBalancerCluster,
+    plan: &Plan,
+    observed: &Observed,
+    record: &Record,
+) -> Option<Record> {
+    let mut watches = ctx.watches.lock().unwrap_or_else(|e| e.into_inner());
+    let watch = watches.entry(key.to_owned()).or_default();
+    if let Some(lsn) = record
+        .current
+        .and_then(|c| observed.instances.get(&c))
+        .filter(|s| s.in_recovery == Some(false))
+        .and_then(|s| s.received_lsn)
+    {
+        watch.last_primary_lsn = Some(lsn);
+    }
+    if !core::primary_down(observed, record) {
+        watch.down_since = None;
+        return None;
+    }
+    let since = *watch.down_since.get_or_insert_with(Instant::now);
+    core::failover(
+        plan,
+        observed,
+        record,
+        &FailoverPolicy::of(&cluster.spec.failover),
+        since.elapsed(),
+        watch.last_primary_lsn,
+    )
+}
+
+/// Applies one decision; steps that may succeed later are logged and retried next time.
+async fn apply(
+    backend: &KubeBackend<'_>,
+    plan: &Plan,
+    actions: &[Action],
+    ctx: &Context,
+    cluster: &PgBalancerCluster,
+) -> Result<(), Error> {
+    for &action in actions {
+        tracing::info!(%action, "applying");
+        match backend.apply(plan, action).await {
+            Ok(()) => {}
+            Err(e) if e.is_transient() => {
+                tracing::info!(%action, error = %e, "will retry");
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+        let (type_, reason) = match action {
+            Action::RemoveInstance(_) => (EventType::Normal, "ScaledDown"),
+            Action::Fence(_) => (EventType::Warning, "Fenced"),
+            Action::Promote(_) => (EventType::Normal, "Promoted"),
+            _ => continue,
+        };
+        event(ctx, cluster, type_, reason, &action.to_string()).await;
+    }
+    Ok(())
+}
+
+/// Computes status from the observation and writes it when it changed.
+async fn write_observed_status(
+    ctx: &Context,
+    cluster: &PgBalancerCluster,
+    clusters: &Api<PgBalancerCluster>,
+    plan: &Plan,
+    observed: &Observed,
+    record: &Record,
+) -> Result<PgBalancerClusterStatus, Error> {
+    let previous = cluster.status.as_ref();
+    let mut new = status::compute(
+        plan,
+        observed,
+        record,
+        previous,
+        cluster.metadata.generation,
+        now(),
+    );
+    if let Some(b) = new.balancer.as_mut() {
+        b.endpoint = Some(format!(
+            "{}:{}",
+            crate::plan::balancer_name(&plan.cluster),
+            crate::plan::BALANCER_PORT
+        ));
+    }
+    if previous.is_some_and(|p| status::same(p, &new)) {
+        return Ok(new);
+    }
+    if previous.and_then(|p| p.phase.as_deref()) != new.phase.as_deref() {
+        let phase = new.phase.clone().unwrap_or_default();
+        match status::conflict_message(&new) {
+            Some(conflict) => {
+                event(
+                    ctx,
+                    cluster,
+                    EventType::Warning,
+                    "PrimaryConflict",
+                    &conflict,
+                )
+                .await
+            }
+            None => {
+                event(
+                    ctx,
+                    cluster,
+                    EventType::Normal,
+                    &phase,
+                    &format!("cluster is {phase}"),
+                )
+                .await
+            }
+        }
+    }
+    write_status(clusters, &cluster.name_any(), &new, ctx).await?;
+    Ok(new)
 }
 
 fn now() -> Time {
@@ -339,224 +477,23 @@ async fn credentials(
     }
 }
 
-/// Server-side applies `desired` unless the live object already carries its hash.
-async fn apply<K>(client: &Client, ctx: &Context, namespace: &str, desired: K) -> Result<(), Error>
-where
-    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
-        + Clone
-        + Serialize
-        + DeserializeOwned
-        + std::fmt::Debug,
-{
-    let api: Api<K> = Api::namespaced(client.clone(), namespace);
-    let name = desired.meta().name.clone().unwrap_or_default();
-    let hash = |o: &K| {
-        o.meta()
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(labels::CONFIG_HASH))
-            .cloned()
-    };
-    if let Some(live) = api.get_opt(&name).await? {
-        if hash(&live) == hash(&desired) {
-            return Ok(());
-        }
-    }
-    ctx.metrics.wrote();
-    api.patch(
-        &name,
-        &PatchParams::apply(labels::MANAGER).force(),
-        &Patch::Apply(&desired),
-    )
-    .await?;
-    tracing::info!(kind = %K::kind(&()), object = %name, "applied");
-    Ok(())
-}
-
-/// Deletes the StatefulSets (and their PVCs) of instances no longer planned, once no balancer
-/// routes to them any more; also returns whether some are still draining. The plan always
-/// holds the primary, so it is never among them.
-async fn remove_unplanned(
-    client: &Client,
-    ctx: &Context,
-    namespace: &str,
-    plan: &Plan,
-    sets: &[(u32, StatefulSet)],
-) -> Result<(Vec<String>, bool), Error> {
-    let mut draining = false;
-    let api: Api<StatefulSet> = Api::namespaced(client.clone(), namespace);
-    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
-    let mut removed = Vec::new();
-    for (ordinal, sts) in sets {
-        if plan.instance(*ordinal).is_some() {
-            continue;
-        }
-        if super::balancer::still_routes(client, namespace, plan, *ordinal).await? {
-            draining = true;
-            continue;
-        }
-        let name = sts.name_any();
-        ctx.metrics.wrote();
-        match api.delete(&name, &DeleteParams::background()).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(e) => return Err(e.into()),
-        }
-        let claim = objects::data_pvc_name(&plan.cluster, *ordinal);
-        ctx.metrics.wrote();
-        match claims.delete(&claim, &DeleteParams::background()).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(e) => return Err(e.into()),
-        }
-        tracing::info!(statefulset = %name, pvc = %claim, "removed scaled-down instance");
-        removed.push(name);
-    }
-    Ok((removed, draining))
-}
-
-/// PVCs made from volumeClaimTemplates have no owner; giving them the cluster as owner makes
-/// `kubectl delete pgbc` remove them (and, with a Delete reclaim policy, their volumes).
-async fn adopt_claims(
-    client: &Client,
-    ctx: &Context,
-    namespace: &str,
-    plan: &Plan,
-    owner: &Owner,
-) -> Result<(), Error> {
-    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
-    for claim in claims
-        .list(&ListParams::default().labels(&labels::postgres_selector(&plan.cluster)))
-        .await?
-    {
-        let refs = claim.metadata.owner_references.clone().unwrap_or_default();
-        if refs.iter().any(|r| r.uid == owner.reference.uid) {
-            continue;
-        }
-        let mut reference = owner.reference.clone();
-        reference.controller = Some(false);
-        let mut all = refs;
-        all.push(reference);
-        let patch = serde_json::json!({ "metadata": { "ownerReferences": all } });
-        ctx.metrics.wrote();
-        claims
-            .patch(
-                &claim.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(&patch),
-            )
-            .await?;
-    }
-    Ok(())
-}
-
-/// The cluster's instance StatefulSets with their ordinals, listed once per reconcile.
-async fn instance_sets(
-    client: &Client,
-    namespace: &str,
-    plan: &Plan,
-) -> Result<Vec<(u32, StatefulSet)>, Error> {
-    let api: Api<StatefulSet> = Api::namespaced(client.clone(), namespace);
-    Ok(api
-        .list(&ListParams::default().labels(&labels::postgres_selector(&plan.cluster)))
-        .await?
-        .into_iter()
-        .filter_map(|sts| Some((sts.labels().get(labels::ORDINAL)?.parse::<u32>().ok()?, sts)))
-        .collect())
-}
-
 /// The record of the primary kept in the cluster's status; instance 0 before any.
 fn record_of(cluster: &str, status: Option<&PgBalancerClusterStatus>) -> Record {
     let ordinal = |name: Option<&str>| -> Option<u32> {
         name?.strip_prefix(cluster)?.strip_prefix('-')?.parse().ok()
     };
     let current = ordinal(status.and_then(|s| s.current_primary.as_deref()));
+    // The phase says why a change in progress started.
+    let kind = if status.and_then(|s| s.phase.as_deref()) == Some("FailingOver") {
+        ChangeKind::Failover
+    } else {
+        ChangeKind::Switchover
+    };
     Record {
         current,
         target: ordinal(status.and_then(|s| s.target_primary.as_deref()))
             .or(current)
             .unwrap_or(0),
-        ..Record::default()
+        kind,
     }
-}
-
-/// What the workloads report, in the engine-neutral shape; `sets` are the StatefulSets left
-/// after scale-down. From outside the cluster network SQL is not attempted: roles come from
-/// the pods' role marks and readiness from the pods' Ready condition (whose probe checks
-/// streaming on standbys); what cannot be seen stays unknown.
-async fn observe(
-    client: &Client,
-    namespace: &str,
-    plan: &Plan,
-    sets: &[(u32, StatefulSet)],
-) -> Result<Observed, Error> {
-    let mut seen = Observed {
-        network: true,
-        ..Observed::default()
-    };
-    for (ordinal, sts) in sets {
-        let ready = sts
-            .status
-            .as_ref()
-            .and_then(|s| s.ready_replicas)
-            .unwrap_or(0)
-            >= 1;
-        let role = sts
-            .spec
-            .as_ref()
-            .and_then(|s| s.template.metadata.as_ref())
-            .and_then(|m| m.labels.as_ref())
-            .and_then(|l| l.get(labels::ROLE))
-            .map(|r| {
-                if r == "primary" {
-                    Role::Primary
-                } else {
-                    Role::Replica
-                }
-            });
-        seen.instances.insert(
-            *ordinal,
-            ObservedInstance {
-                name: format!("{}-0", sts.name_any()),
-                state: if ready { "running" } else { "restarting" }.into(),
-                running: true,
-                up_to_date: true,
-                engine_ready: Some(ready),
-                marked: role,
-                ..ObservedInstance::default()
-            },
-        );
-    }
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
-    let ready_balancers = match deployments
-        .get_opt(&format!("{}-balancer", plan.cluster))
-        .await?
-    {
-        Some(d) => d.status.and_then(|s| s.ready_replicas).unwrap_or(0),
-        None => 0,
-    };
-    let nodes: Vec<PoolNode> = if ready_balancers > 0 {
-        super::balancer::nodes(client, namespace, plan).await?
-    } else {
-        Vec::new()
-    };
-    for index in 0..u32::try_from(ready_balancers).unwrap_or(0) {
-        seen.balancers.insert(
-            index,
-            ObservedBalancer {
-                name: format!("{}-balancer", plan.cluster),
-                state: "running".into(),
-                running: true,
-                up_to_date: true,
-                routing: true,
-                nodes: if index == 0 {
-                    nodes.clone()
-                } else {
-                    Vec::new()
-                },
-                ..ObservedBalancer::default()
-            },
-        );
-    }
-    Ok(seen)
 }

@@ -18,6 +18,7 @@ pub fn credentials_name(cluster: &str) -> String {
 
 /// The credentials Secret, created once and never overwritten.
 pub fn credentials_secret(plan: &Plan, owner: &Owner, creds: &Credentials) -> Secret {
+    // A struct of strings always serialises.
     let value = serde_json::to_value(creds).unwrap_or_default();
     let data = value
         .as_object()
@@ -79,7 +80,7 @@ pub fn postgres_config_name(cluster: &str) -> String {
 
 /// Name of the balancer ConfigMap.
 pub fn balancer_config_name(cluster: &str) -> String {
-    format!("{cluster}-balancer")
+    crate::plan::balancer_name(cluster)
 }
 
 /// `postgresql.conf` and `pg_hba.conf`.

@@ -19,7 +19,7 @@ pub use config::{
 };
 pub use services::{balancer_service, headless_service, ro_service, rw_service};
 pub use workloads::{
-    balancer_deployment, balancer_pdb, data_pvc_name, statefulset, statefulset_name,
+    balancer_deployment, balancer_pdb, data_pvc, data_pvc_name, statefulset, statefulset_name,
 };
 
 use crate::labels;
@@ -57,6 +57,8 @@ pub fn with_hash<T: Serialize>(mut object: T, metadata: impl Fn(&mut T) -> &mut 
 
 /// Short hash of a serialisable value.
 pub fn content_hash<T: Serialize>(value: &T) -> String {
+    // Serialising our own objects cannot fail (string-keyed maps, derived serializers); were
+    // it to, the hash of nothing would only make reconcile apply the object again.
     let bytes = serde_json::to_vec(value).unwrap_or_default();
     hex::encode(&Sha256::digest(bytes)[..12])
 }

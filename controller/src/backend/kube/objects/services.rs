@@ -65,7 +65,7 @@ pub fn rw_service(plan: &Plan, owner: &Owner) -> Service {
     service(
         plan,
         owner,
-        &format!("{}-rw", plan.cluster),
+        &plan::rw_host(&plan.cluster),
         labels::POSTGRES,
         ServiceSpec {
             selector: Some(postgres_selector(plan, Some("primary"))),
@@ -95,7 +95,7 @@ pub fn balancer_service(plan: &Plan, owner: &Owner) -> Service {
     service(
         plan,
         owner,
-        &format!("{}-balancer", plan.cluster),
+        &plan::balancer_name(&plan.cluster),
         labels::BALANCER,
         ServiceSpec {
             selector: Some(BTreeMap::from([

@@ -178,6 +178,46 @@ fn fix_permissions(plan: &Plan) -> Container {
     }
 }
 
+/// The claim template of an instance's data (the StatefulSet names it `data-<sts>-0`).
+fn claim_template(plan: &Plan, inst: &InstancePlan) -> PersistentVolumeClaim {
+    let requests = BTreeMap::from([(
+        "storage".to_owned(),
+        Quantity(plan.postgres.storage_size.clone()),
+    )]);
+    PersistentVolumeClaim {
+        metadata: ObjectMeta {
+            name: Some("data".into()),
+            labels: Some(instance_labels(plan, inst)),
+            ..Default::default()
+        },
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".into()]),
+            storage_class_name: plan.postgres.storage_class.clone(),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(requests),
+                limits: None,
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The data PVC of instance `inst`, created by the operator before its StatefulSet (which
+/// adopts it by name) with the cluster as owner, so deleting the cluster deletes it.
+pub fn data_pvc(plan: &Plan, owner: &Owner, inst: &InstancePlan) -> PersistentVolumeClaim {
+    let template = claim_template(plan, inst);
+    PersistentVolumeClaim {
+        metadata: meta(
+            owner,
+            &data_pvc_name(&plan.cluster, inst.ordinal),
+            instance_labels(plan, inst),
+        ),
+        spec: template.spec,
+        ..Default::default()
+    }
+}
+
 /// The StatefulSet of instance `inst`. Replicas clone from `<cluster>-rw`.
 pub fn statefulset(
     plan: &Plan,
@@ -186,8 +226,9 @@ pub fn statefulset(
     creds: &crate::credentials::Credentials,
 ) -> StatefulSet {
     let selector = labels::component(&plan.cluster, labels::POSTGRES, &inst.name);
-    let mut pod_labels = instance_labels(plan, inst);
-    pod_labels.insert(labels::ROLE.to_owned(), inst.role.as_str().to_owned());
+    // No role label here: the operator patches it onto the pod at runtime, so a change of
+    // primary changes no template.
+    let pod_labels = instance_labels(plan, inst);
     let config_hash = content_hash(&render::postgres_files(plan, creds));
     let limits_requests = plan.postgres.resources.clone();
     let container = Container {
@@ -236,11 +277,6 @@ pub fn statefulset(
         security_context: Some(container_security()),
         ..Default::default()
     };
-    let mut requests = BTreeMap::new();
-    requests.insert(
-        "storage".to_owned(),
-        Quantity(plan.postgres.storage_size.clone()),
-    );
     let name = statefulset_name(inst);
     with_hash(
         StatefulSet {
@@ -290,23 +326,7 @@ pub fn statefulset(
                         ..Default::default()
                     }),
                 },
-                volume_claim_templates: Some(vec![PersistentVolumeClaim {
-                    metadata: ObjectMeta {
-                        name: Some("data".into()),
-                        labels: Some(instance_labels(plan, inst)),
-                        ..Default::default()
-                    },
-                    spec: Some(PersistentVolumeClaimSpec {
-                        access_modes: Some(vec!["ReadWriteOnce".into()]),
-                        storage_class_name: plan.postgres.storage_class.clone(),
-                        resources: Some(VolumeResourceRequirements {
-                            requests: Some(requests),
-                            limits: None,
-                        }),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }]),
+                volume_claim_templates: Some(vec![claim_template(plan, inst)]),
                 ..Default::default()
             }),
             ..Default::default()
@@ -329,7 +349,7 @@ pub fn balancer_deployment(
     let selector = pod_labels.clone();
     pod_labels.insert(
         labels::POD_INSTANCE.to_owned(),
-        format!("{}-balancer", plan.cluster),
+        plan::balancer_name(&plan.cluster),
     );
     let container = Container {
         name: "balancer".into(),
@@ -371,7 +391,7 @@ pub fn balancer_deployment(
         Deployment {
             metadata: meta(
                 owner,
-                &format!("{}-balancer", plan.cluster),
+                &plan::balancer_name(&plan.cluster),
                 cluster_labels(plan, labels::BALANCER),
             ),
             spec: Some(DeploymentSpec {
@@ -422,7 +442,7 @@ pub fn balancer_pdb(
         PodDisruptionBudget {
             metadata: meta(
                 owner,
-                &format!("{}-balancer", plan.cluster),
+                &plan::balancer_name(&plan.cluster),
                 cluster_labels(plan, labels::BALANCER),
             ),
             spec: Some(PodDisruptionBudgetSpec {
