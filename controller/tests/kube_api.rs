@@ -290,8 +290,9 @@ async fn operator_against_a_real_api_server() {
         "{:?}",
         names(&sets, sel).await
     );
+    // PVCs go once their pods have stopped (pvc-protection); bounded generously.
     assert!(
-        eventually(30, || async {
+        eventually(120, || async {
             names(&claims, sel)
                 .await
                 .iter()

@@ -6,10 +6,11 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapProjection, Container, ContainerPort, DownwardAPIVolumeFile,
-    DownwardAPIVolumeSource, EnvVar, ExecAction, HTTPGetAction, KeyToPath, ObjectFieldSelector,
-    PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec,
-    Probe, ProjectedVolumeSource, SeccompProfile, SecretProjection, SecurityContext,
-    TCPSocketAction, Volume, VolumeMount, VolumeProjection, VolumeResourceRequirements,
+    DownwardAPIVolumeSource, EnvVar, ExecAction, HTTPGetAction, KeyToPath, Lifecycle,
+    LifecycleHandler, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, SeccompProfile,
+    SecretProjection, SecurityContext, TCPSocketAction, Volume, VolumeMount, VolumeProjection,
+    VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -245,6 +246,26 @@ pub fn statefulset(
             env("PGB_CONFIG_FROM", "/config"),
         ]),
         ports: Some(vec![tcp_port("postgres", POSTGRES_PORT)]),
+        // Kubernetes stops with SIGTERM, which PostgreSQL takes as a "smart" shutdown that waits
+        // for every client (the balancer's pooled connections) until the grace period ends. A
+        // fast shutdown first: sessions end at once, the standbys get all WAL, the pod goes.
+        lifecycle: Some(Lifecycle {
+            pre_stop: Some(LifecycleHandler {
+                exec: Some(ExecAction {
+                    command: Some(vec![
+                        "pg_ctl".into(),
+                        "stop".into(),
+                        "-D".into(),
+                        render::PGDATA.into(),
+                        "-m".into(),
+                        "fast".into(),
+                        "-w".into(),
+                    ]),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
         readiness_probe: Some(Probe {
             exec: Some(ExecAction {
                 command: Some(vec!["/usr/local/bin/pgbalancer-ready".into()]),
