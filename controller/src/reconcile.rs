@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use futures::future::join_all;
 use thiserror::Error;
 
-use crate::backend::{Action, Backend, BackendError, Observed};
+use crate::backend::{Action, Backend, BackendError, Observed, ObservedBalancer};
 use crate::plan::{Plan, Role};
 
 /// Why a cluster did not converge.
@@ -431,6 +431,13 @@ pub fn decide(plan: &Plan, observed: &Observed, record: &Record) -> Vec<Action> 
                     actions.push(Action::UpdateBackends(b.index));
                     continue;
                 }
+                if let Some(slot) = stale_primary_node(plan, observed, seen) {
+                    actions.push(Action::DetachBackend {
+                        balancer: b.index,
+                        slot,
+                    });
+                    continue;
+                }
                 for inst in &plan.instances {
                     let down = seen
                         .nodes
@@ -456,6 +463,23 @@ pub fn decide(plan: &Plan, observed: &Observed, record: &Record) -> Vec<Action> 
         actions.push(Action::RemoveBalancer(index));
     }
     actions
+}
+
+/// The node a balancer still takes for the primary although SQL shows it is a standby and
+/// the planned primary writes. pgpool searches for the primary only when a node fails; an old
+/// primary that was back before its health checks failed (a quick switchover) leaves it
+/// stale. Detaching that node makes pgpool search again; it is attached back once ready.
+fn stale_primary_node(plan: &Plan, observed: &Observed, seen: &ObservedBalancer) -> Option<u32> {
+    let primary = plan.primary().ordinal;
+    let writes = |o: u32| observed.instances.get(&o).map(|s| s.in_recovery);
+    if writes(primary) != Some(Some(false)) {
+        return None;
+    }
+    seen.nodes
+        .iter()
+        .find(|n| n.role == "primary" && n.is_up() && n.slot != primary)
+        .map(|n| n.slot)
+        .filter(|slot| writes(*slot) == Some(Some(true)))
 }
 
 /// What is still missing, for progress and timeout messages. Empty when converged.

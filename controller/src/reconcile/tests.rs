@@ -540,3 +540,35 @@ fn switchover_requests_are_checked() {
     lagging.instances.get_mut(&1).unwrap().received_lsn = Some(5);
     assert_eq!(switchover_target(&p, &lagging, &record, None), Ok(1));
 }
+
+#[test]
+fn a_balancer_that_still_takes_the_old_primary_for_primary_detaches_it_then_reattaches() {
+    // Switched over to 1; the old primary 0 came back as a standby before pgpool noticed.
+    let plan = plan_with_primary(2, 1);
+    let mut observed = converged(2);
+    observed.instances.get_mut(&0).unwrap().in_recovery = Some(true);
+    observed.instances.get_mut(&0).unwrap().streaming = true;
+    observed.instances.get_mut(&1).unwrap().in_recovery = Some(false);
+    observed.instances.get_mut(&1).unwrap().marked = Some(Role::Primary);
+    observed.instances.get_mut(&0).unwrap().marked = Some(Role::Replica);
+    let record = Record::settled(1);
+    assert_eq!(
+        decide(&plan, &observed, &record),
+        [Action::DetachBackend {
+            balancer: 0,
+            slot: 0
+        }]
+    );
+    // pgpool searched and found 1; node 0 is down until attached back.
+    let nodes = &mut observed.balancers.get_mut(&0).unwrap().nodes;
+    nodes[0].status = "down".into();
+    nodes[0].role = "standby".into();
+    nodes[1].role = "primary".into();
+    assert_eq!(
+        decide(&plan, &observed, &record),
+        [Action::AttachBackend {
+            balancer: 0,
+            slot: 0
+        }]
+    );
+}
