@@ -121,6 +121,23 @@ pub async fn position(client: &Client) -> Result<Position, PgError> {
     })
 }
 
+/// Fills what SQL shows of the instance `client` answers for: it accepts connections, and,
+/// when the queries answer, its role, timeline, LSNs, WAL receiver and slots. The same for
+/// every backend.
+pub async fn observe_instance(client: &Client, seen: &mut crate::backend::ObservedInstance) {
+    seen.accepting = true;
+    if let Ok(position) = position(client).await {
+        seen.in_recovery = Some(position.in_recovery);
+        seen.timeline = position.timeline;
+        seen.received_lsn = position.received_lsn;
+        seen.replayed_lsn = position.replayed_lsn;
+        seen.receiver = position.receiver;
+    }
+    if let Ok(slots) = slots(client).await {
+        seen.slots = Some(slots.into_iter().collect());
+    }
+}
+
 /// The primary's view of its standbys: `application_name` → (state, replay lag in bytes).
 pub async fn standbys(client: &Client) -> Result<HashMap<String, (String, i64)>, PgError> {
     let rows = client

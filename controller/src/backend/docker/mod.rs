@@ -139,17 +139,7 @@ impl DockerBackend {
         };
         if let (true, Some(port)) = (running, host_port) {
             if let Ok(client) = self.superuser(plan, port).await {
-                seen.accepting = true;
-                if let Ok(position) = pg::position(&client).await {
-                    seen.in_recovery = Some(position.in_recovery);
-                    seen.timeline = position.timeline;
-                    seen.received_lsn = position.received_lsn;
-                    seen.replayed_lsn = position.replayed_lsn;
-                    seen.receiver = position.receiver;
-                }
-                if let Ok(slots) = pg::slots(&client).await {
-                    seen.slots = Some(slots.into_iter().collect());
-                }
+                pg::observe_instance(&client, &mut seen).await;
             }
         }
         seen
