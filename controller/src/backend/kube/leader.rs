@@ -176,9 +176,10 @@ impl Quiet {
     }
 }
 
-/// Blocks until this process holds the lease, then keeps renewing it in the background; if
-/// renewal fails for longer than the lease lasts, the process exits so a standby takes over.
-pub async fn hold(client: Client, namespace: &str, name: &str, me: String) {
+/// Blocks until this process holds the lease, then keeps renewing it in the background for as
+/// long as the returned [`Leadership`] is kept; if renewal fails for longer than the lease
+/// lasts, or another operator holds it, the process exits so that one standby leads.
+pub async fn hold(client: Client, namespace: &str, name: &str, me: String) -> Leadership {
     let api: Api<Lease> = Api::namespaced(client, namespace);
     let mut quiet = Quiet::default();
     loop {
@@ -208,16 +209,27 @@ pub async fn hold(client: Client, namespace: &str, name: &str, me: String) {
     }
     tracing::info!(lease = name, namespace, identity = %me, "leading");
     let name = name.to_owned();
-    tokio::spawn(async move {
+    Leadership(tokio::spawn(async move {
         let mut last_renewal = std::time::Instant::now();
         loop {
             tokio::time::sleep(RENEW_EVERY).await;
             match try_acquire(&api, &name, &me).await {
                 Ok(true) => last_renewal = std::time::Instant::now(),
-                Ok(false) => {
-                    tracing::error!("lost the lease to another operator; exiting");
-                    std::process::exit(1);
-                }
+                // A refusal is a loss only when someone else holds the lease now; a conflicting
+                // write (409) that left it with us is retried at the next renewal.
+                Ok(false) => match holder(&api, &name).await {
+                    Ok(Some(h)) if h == me => {
+                        tracing::debug!(lease = %name, "lease renewal raced; still held")
+                    }
+                    Ok(other) => {
+                        tracing::error!(
+                            holder = other.as_deref().unwrap_or("nobody"),
+                            "lost the lease to another operator; exiting"
+                        );
+                        std::process::exit(1);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "lease renewal failed"),
+                },
                 Err(e) => tracing::warn!(error = %e, "lease renewal failed"),
             }
             if last_renewal.elapsed() > Duration::from_secs(LEASE_SECONDS as u64) {
@@ -225,7 +237,27 @@ pub async fn hold(client: Client, namespace: &str, name: &str, me: String) {
                 std::process::exit(1);
             }
         }
-    });
+    }))
+}
+
+/// The renewal of a lease this process took; dropping it stops renewing (the lease then
+/// expires after [`LEASE_SECONDS`] and a standby takes over).
+#[must_use = "the lease is renewed only while this is kept"]
+pub struct Leadership(tokio::task::JoinHandle<()>);
+
+impl Drop for Leadership {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Who holds the lease now, as the API server says.
+async fn holder(api: &Api<Lease>, name: &str) -> Result<Option<String>, kube::Error> {
+    Ok(api
+        .get_opt(name)
+        .await?
+        .and_then(|l| l.spec)
+        .and_then(|s| s.holder_identity))
 }
 
 /// Where the lease namespace came from, for the operator's first log line.

@@ -213,7 +213,7 @@ pub async fn run_with(client: Client, config: OperatorConfig) -> Result<(), Oper
         }
         std::process::exit(0);
     });
-    if config.leader_elect {
+    let _leadership = if config.leader_elect {
         let (lease_namespace, source) = leader::lease_namespace(
             config.lease_namespace.as_deref(),
             client.default_namespace(),
@@ -224,13 +224,14 @@ pub async fn run_with(client: Client, config: OperatorConfig) -> Result<(), Oper
             from = source.describe(),
             "electing a leader"
         );
-        leader::hold(client.clone(), &lease_namespace, labels::MANAGER, identity).await;
+        Some(leader::hold(client.clone(), &lease_namespace, labels::MANAGER, identity).await)
     } else {
         tracing::warn!(
             "leader election is off (--leader-elect=false): reconciling without a Lease; \
              run no other operator against this cluster"
         );
-    }
+        None
+    };
     ready.store(true, Ordering::SeqCst);
 
     let owned =
