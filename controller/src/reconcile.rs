@@ -173,10 +173,10 @@ pub fn primary_down(observed: &Observed, record: &Record) -> bool {
 }
 
 /// The failover to start, as the record to write: `None` unless failover is enabled, no
-/// change is in progress, and the recorded primary has been down for the policy's delay
-/// (`down_for`). The new target is the running standby with the highest received LSN that
-/// had received at least `last_primary_lsn - max_lag_bytes` (ties to the lowest ordinal).
-/// Pure: the caller measures `down_for` and remembers the primary's last written LSN.
+/// change is in progress, the recorded primary has been down for the policy's delay
+/// (`down_for`), and [`failover_candidates`] finds one. The new target is the candidate with
+/// the highest received LSN (ties to the lowest ordinal). Pure: the caller measures `down_for`
+/// and remembers the primary's last written LSN.
 pub fn failover(
     plan: &Plan,
     observed: &Observed,
@@ -193,22 +193,67 @@ pub fn failover(
     {
         return None;
     }
-    let floor = last_primary_lsn.map_or(0, |lsn| {
-        lsn.saturating_sub(u64::try_from(policy.max_lag_bytes).unwrap_or(0))
-    });
-    plan.instances
-        .iter()
-        .filter(|i| i.ordinal != current)
-        .filter_map(|i| Some((i.ordinal, observed.instances.get(&i.ordinal)?)))
-        .filter(|(_, s)| s.running && s.in_recovery == Some(true))
-        .filter_map(|(o, s)| Some((o, s.received_lsn?)))
-        .filter(|(_, received)| *received >= floor)
+    failover_candidates(plan, observed, current, policy, last_primary_lsn)
+        .ok()?
+        .into_iter()
         .max_by(|(a, ra), (b, rb)| ra.cmp(rb).then_with(|| b.cmp(a)))
         .map(|(target, _)| Record {
             current: Some(current),
             target,
             kind: ChangeKind::Failover,
         })
+}
+
+/// The replicas that may replace the lost primary `current`, with their received LSN, or why
+/// none may. A candidate runs, is in recovery, and reports what it received.
+/// - Asynchronous: it had received at least `last_primary_lsn - max_lag_bytes`.
+/// - Synchronous (`ANY n` of the `m` planned replicas): a commit was acknowledged by `n` of
+///   them, so any `m - n + 1` hold every acknowledged commit between them; failover waits
+///   until that many report, and then the highest received LSN has them all. The lag bound
+///   does not apply (what the primary wrote past the quorum was never acknowledged).
+pub fn failover_candidates(
+    plan: &Plan,
+    observed: &Observed,
+    current: u32,
+    policy: &FailoverPolicy,
+    last_primary_lsn: Option<u64>,
+) -> Result<Vec<(u32, u64)>, String> {
+    let seen: Vec<(u32, u64)> = plan
+        .instances
+        .iter()
+        .filter(|i| i.ordinal != current)
+        .filter_map(|i| Some((i.ordinal, observed.instances.get(&i.ordinal)?)))
+        .filter(|(_, s)| s.running && s.in_recovery == Some(true))
+        .filter_map(|(o, s)| Some((o, s.received_lsn?)))
+        .collect();
+    if let Some(number) = plan.postgres.synchronous {
+        let standbys = plan.instances.len().saturating_sub(1);
+        let needed = standbys.saturating_sub(number as usize) + 1;
+        if seen.len() < needed {
+            return Err(format!(
+                "synchronous replication (ANY {number} of {standbys}): {} of the {needed} \
+                 replicas needed to be sure of every acknowledged commit report their WAL",
+                seen.len()
+            ));
+        }
+        return Ok(seen);
+    }
+    let floor = last_primary_lsn.map_or(0, |lsn| {
+        lsn.saturating_sub(u64::try_from(policy.max_lag_bytes).unwrap_or(0))
+    });
+    let near: Vec<(u32, u64)> = seen.iter().copied().filter(|(_, r)| *r >= floor).collect();
+    if near.is_empty() {
+        return Err(if seen.is_empty() {
+            "no replica is running and reporting its WAL".to_owned()
+        } else {
+            format!(
+                "no replica received WAL within spec.failover.maxLagBytes ({}) of the lost \
+                 primary",
+                policy.max_lag_bytes
+            )
+        });
+    }
+    Ok(near)
 }
 
 /// Checks a requested switchover to `to` (an instance name or ordinal; the best replica when

@@ -129,6 +129,25 @@ pub struct PostgresSpec {
     /// Application role created at bootstrap, owner of `database`.
     #[serde(default = "default_user")]
     pub user: String,
+    /// Synchronous replication: a commit returns only once `number` replicas (any of them, a
+    /// quorum) have flushed it, and failover promotes only a replica known to hold every
+    /// acknowledged commit. Absent: asynchronous replication.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub synchronous: Option<SynchronousSpec>,
+}
+
+/// Quorum-based synchronous replication (`synchronous_standby_names = 'ANY number (...)'`).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SynchronousSpec {
+    /// Replicas that must confirm each commit, 1 to `replicas`. Commits wait while fewer are
+    /// streaming, so keep `replicas` above `number` to stay writable when a replica is lost.
+    #[serde(default = "default_sync_number")]
+    pub number: u32,
+}
+
+fn default_sync_number() -> u32 {
+    1
 }
 
 fn default_version() -> u32 {
@@ -151,6 +170,7 @@ impl Default for PostgresSpec {
             resources: None,
             database: default_database(),
             user: default_user(),
+            synchronous: None,
         }
     }
 }

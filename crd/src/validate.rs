@@ -42,7 +42,7 @@ impl std::error::Error for ValidationErrors {}
 
 /// `postgresql.conf` parameters the planner owns; a user value would break replication,
 /// the images' paths or the balancer.
-pub const MANAGED_PARAMETERS: [&str; 14] = [
+pub const MANAGED_PARAMETERS: [&str; 15] = [
     "listen_addresses",
     "port",
     "data_directory",
@@ -57,6 +57,7 @@ pub const MANAGED_PARAMETERS: [&str; 14] = [
     "password_encryption",
     "cluster_name",
     "external_pid_file",
+    "synchronous_standby_names",
 ];
 
 /// Roles created by the images; the application user cannot take these names.
@@ -168,6 +169,23 @@ fn check_cluster(cluster: &PgBalancerCluster, c: &mut Collector) {
         );
     }
     check_postgres(&spec.postgres, c);
+    if let Some(sync) = &spec.postgres.synchronous {
+        let replicas = u32::try_from(spec.replicas).unwrap_or(0);
+        if sync.number == 0 {
+            c.err(
+                "spec.postgres.synchronous.number",
+                "must be at least 1 (remove `synchronous` for asynchronous replication)",
+            );
+        } else if sync.number > replicas {
+            c.err(
+                "spec.postgres.synchronous.number",
+                format!(
+                    "{} exceeds spec.replicas ({}): every commit would wait forever",
+                    sync.number, spec.replicas
+                ),
+            );
+        }
+    }
     check_balancer(spec, c);
     if !(1..=300).contains(&spec.failover.delay_seconds) {
         c.err(
@@ -227,6 +245,11 @@ fn check_postgres(pg: &PostgresSpec, c: &mut Collector) {
             || key.is_empty()
         {
             c.err(field, "is not a valid parameter name");
+        } else if key == "synchronous_standby_names" {
+            c.err(
+                field,
+                "is managed by pgbalancer; use spec.postgres.synchronous",
+            );
         } else if MANAGED_PARAMETERS.contains(&key.as_str()) {
             c.err(field, "is managed by pgbalancer and cannot be set");
         } else if value

@@ -131,6 +131,9 @@ pub struct PostgresPlan {
     pub storage_class: Option<String>,
     /// Chown the data volume in a root init container (Kubernetes).
     pub fix_permissions: bool,
+    /// Replicas that must confirm each commit (`spec.postgres.synchronous.number`); `None`
+    /// for asynchronous replication.
+    pub synchronous: Option<u32>,
 }
 
 /// One PostgreSQL instance.
@@ -283,6 +286,7 @@ impl Plan {
                 storage_size: spec.postgres.storage.size.clone(),
                 storage_class: spec.postgres.storage.storage_class_name.clone(),
                 fix_permissions: spec.postgres.storage.fix_permissions,
+                synchronous: spec.postgres.synchronous.as_ref().map(|s| s.number),
             },
             instances,
             balancer: BalancerPlan {

@@ -572,3 +572,58 @@ fn a_balancer_that_still_takes_the_old_primary_for_primary_detaches_it_then_reat
         }]
     );
 }
+
+fn synchronous(replicas: i32, number: u32) -> Plan {
+    let mut plan = plan(replicas);
+    plan.postgres.synchronous = Some(number);
+    plan
+}
+
+#[test]
+fn synchronous_failover_waits_for_enough_replicas_to_cover_the_quorum() {
+    let record = Record::settled(0);
+    let wait = Duration::from_secs(9);
+    // ANY 1 of 2: a commit may sit on either replica alone, so both must report.
+    let mut observed = primary_lost(&[(1, 900), (2, 1000)]);
+    observed.instances.get_mut(&2).unwrap().running = false;
+    let plan = synchronous(2, 1);
+    assert_eq!(
+        failover(&plan, &observed, &record, &policy(), wait, None),
+        None
+    );
+    let why = failover_candidates(&plan, &observed, 0, &policy(), None).unwrap_err();
+    assert!(
+        why.contains("ANY 1 of 2") && why.contains("1 of the 2"),
+        "{why}"
+    );
+    // ANY 2 of 2: every commit is on both, either one will do.
+    assert_eq!(
+        failover(
+            &synchronous(2, 2),
+            &observed,
+            &record,
+            &policy(),
+            wait,
+            None
+        ),
+        Some(failing(0, 1))
+    );
+}
+
+#[test]
+fn synchronous_failover_ignores_the_lag_bound_and_takes_the_most_wal() {
+    // The primary's last LSN was far ahead, but nothing past the quorum was acknowledged.
+    let observed = primary_lost(&[(1, 10), (2, 20)]);
+    let chosen = failover(
+        &synchronous(2, 1),
+        &observed,
+        &Record::settled(0),
+        &policy(),
+        Duration::from_secs(9),
+        Some(1_000_000),
+    );
+    assert_eq!(chosen, Some(failing(0, 2)));
+    // Asynchronous, the same replicas are too far behind.
+    let why = failover_candidates(&plan(2), &observed, 0, &policy(), Some(1_000_000));
+    assert!(why.unwrap_err().contains("maxLagBytes"));
+}

@@ -43,6 +43,15 @@ pub fn postgresql_conf(plan: &Plan) -> String {
         senders = MAX_WAL_SENDERS,
         max_connections = plan.postgres.max_connections,
     );
+    if let Some(number) = plan.postgres.synchronous {
+        let _ = writeln!(
+            out,
+            "# Synchronous replication: a commit waits for {number} replica(s), any of them.\n\
+             synchronous_commit = on\n\
+             synchronous_standby_names = {}",
+            conf_quote(&synchronous_standby_names(&plan.cluster, number))
+        );
+    }
     if !plan.postgres.parameters.is_empty() {
         out.push_str("# From spec.postgres.parameters.\n");
     }
@@ -50,6 +59,16 @@ pub fn postgresql_conf(plan: &Plan) -> String {
         let _ = writeln!(out, "{key} = {}", conf_quote(value));
     }
     out
+}
+
+/// `ANY number (...)` over every name an instance of `cluster` can have (ordinals up to the
+/// most replicas), so that scaling changes neither the file nor any instance; a standby's
+/// `application_name` is its instance name.
+pub fn synchronous_standby_names(cluster: &str, number: u32) -> String {
+    let names: Vec<String> = (0..=pgbalancer_crd::MAX_REPLICAS)
+        .map(|o| format!("\"{}\"", crate::plan::instance_name(cluster, o as u32)))
+        .collect();
+    format!("ANY {number} ({})", names.join(", "))
 }
 
 /// SCRAM for every network connection; peer for the local socket (healthchecks, exec).

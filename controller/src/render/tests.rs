@@ -144,3 +144,20 @@ fn explicit_max_connections_is_rendered_last_and_wins() {
         );
     }
 }
+
+#[test]
+fn synchronous_replication_names_every_possible_instance_so_scaling_changes_nothing() {
+    let (two, _) = plan_with("  replicas: 2\n  postgres: {synchronous: {number: 1}}");
+    let (five, _) = plan_with("  replicas: 5\n  postgres: {synchronous: {number: 1}}");
+    let conf = postgresql_conf(&two);
+    let line = conf
+        .lines()
+        .find(|l| l.starts_with("synchronous_standby_names"))
+        .expect("synchronous_standby_names rendered");
+    assert!(line.contains("'ANY 1 (\"demo-0\", \"demo-1\""), "{line}");
+    assert!(line.contains(&format!("\"demo-{}\")", pgbalancer_crd::MAX_REPLICAS)));
+    assert!(conf.contains("synchronous_commit = on"));
+    assert_eq!(conf, postgresql_conf(&five));
+    let (async_plan, _) = plan_with("  replicas: 2");
+    assert!(!postgresql_conf(&async_plan).contains("synchronous_standby_names"));
+}

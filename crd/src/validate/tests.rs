@@ -215,3 +215,22 @@ fn bootstrap_fields_cannot_change_on_existing_data() {
         Ok(())
     );
 }
+
+#[test]
+fn synchronous_number_must_fit_the_replicas() {
+    let sync = |replicas: i32, number: u32| {
+        fields(validate(&cluster(&format!(
+            "  replicas: {replicas}\n  postgres: {{synchronous: {{number: {number}}}}}\n"
+        ))))
+    };
+    assert!(sync(2, 1).is_empty());
+    assert!(sync(2, 2).is_empty());
+    assert_eq!(sync(1, 2), ["spec.postgres.synchronous.number"]);
+    assert_eq!(sync(2, 0), ["spec.postgres.synchronous.number"]);
+    assert_eq!(
+        fields(validate(&cluster(
+            "  postgres: {parameters: {synchronous_standby_names: '*'}}\n"
+        ))),
+        ["spec.postgres.parameters.synchronous_standby_names"]
+    );
+}
