@@ -351,7 +351,17 @@ fn change_primary(observed: &Observed, record: &Record) -> Option<Vec<Action>> {
     let target = record.target;
     if let Some(seen) = observed.instances.get(&old) {
         if seen.running || seen.marked == Some(Role::Primary) {
-            return Some(vec![Action::Fence(old)]);
+            // Balancers let go of the old primary first: pgpool then holds new sessions while
+            // it searches for the new primary, instead of failing them on a stopped server
+            // until its health checks give up.
+            let mut steps: Vec<Action> = observed
+                .balancers
+                .iter()
+                .filter(|(_, b)| b.running && b.nodes.iter().any(|n| n.slot == old && n.is_up()))
+                .map(|(&balancer, _)| Action::DetachBackend { balancer, slot: old })
+                .collect();
+            steps.push(Action::Fence(old));
+            return Some(steps);
         }
     }
     let seen = observed.instances.get(&target)?;
@@ -361,19 +371,20 @@ fn change_primary(observed: &Observed, record: &Record) -> Option<Vec<Action>> {
     if !seen.running {
         return Some(vec![Action::StartInstance(target)]);
     }
-    if seen.marked != Some(Role::Primary) {
-        return Some(vec![Action::MarkRole(target)]);
-    }
     let caught_up = match (seen.received_lsn, seen.replayed_lsn) {
         (Some(received), Some(replayed)) => replayed >= received,
         (None, Some(_)) => true,
         _ => false,
     };
-    Some(if seen.in_recovery == Some(true) && caught_up {
-        vec![Action::Promote(target)]
-    } else {
-        Vec::new()
-    })
+    let mut steps = Vec::new();
+    if seen.marked != Some(Role::Primary) {
+        steps.push(Action::MarkRole(target));
+    }
+    // Applied in order: promoted only once marked (see `apply_all`).
+    if seen.in_recovery == Some(true) && caught_up {
+        steps.push(Action::Promote(target));
+    }
+    Some(steps)
 }
 
 /// Role marks and replication slots that differ from the plan, for instances that answer.
@@ -593,6 +604,38 @@ pub fn pending(plan: &Plan, observed: &Observed, record: &Record) -> Vec<String>
     out
 }
 
+/// Applies one decision. The steps of a change of primary (balancers let go of the old
+/// primary, it is fenced, the target marked, then promoted) and role marks run one at a time
+/// in the decision's order, and stop at the first failure: a later step is never taken without
+/// the earlier one. The rest is independent and runs concurrently. The results of the actions
+/// attempted.
+pub async fn apply_all<B: Backend>(
+    backend: &B,
+    plan: &Plan,
+    actions: &[Action],
+) -> Vec<(Action, Result<(), B::Error>)> {
+    let (ordered, rest): (Vec<Action>, Vec<Action>) =
+        actions.iter().partition(|a| a.is_ordered());
+    let timed = |action: Action| async move {
+        let started = Instant::now();
+        let result = backend.apply(plan, action).await;
+        let ms = started.elapsed().as_millis() as u64;
+        tracing::debug!(%action, ms, ok = result.is_ok(), "applied");
+        (action, result)
+    };
+    let mut results = Vec::with_capacity(actions.len());
+    for action in ordered {
+        let (action, result) = timed(action).await;
+        let failed = result.is_err();
+        results.push((action, result));
+        if failed {
+            break;
+        }
+    }
+    results.extend(join_all(rest.into_iter().map(timed)).await);
+    results
+}
+
 /// Drives `backend` until the cluster matches `plan`, reporting each action through `report`.
 /// `record` is the durable record of the primary (`plan` is planned with its target); each
 /// time it advances it is handed to `save` before anything else is done.
@@ -608,10 +651,12 @@ pub async fn converge<B: Backend>(
     let mut last_pending = String::new();
     let mut last_actions = Vec::new();
     loop {
+        let observing = Instant::now();
         let observed = backend
             .observe(plan)
             .await
             .map_err(ConvergeError::Observe)?;
+        tracing::debug!(ms = observing.elapsed().as_millis() as u64, "observed");
         if let Some(conflict) = conflict(plan, &observed, &record) {
             return Err(ConvergeError::Conflict(conflict));
         }
@@ -631,17 +676,10 @@ pub async fn converge<B: Backend>(
                 pending: waiting.join("; "),
             });
         }
-        // The network must exist before anything joins it; everything else in one decision
-        // is independent and runs concurrently.
         if actions != last_actions {
             actions.iter().for_each(|a| report(&a.to_string()));
         }
-        let results = join_all(
-            actions
-                .iter()
-                .map(|&action| async move { (action, backend.apply(plan, action).await) }),
-        )
-        .await;
+        let results = apply_all(backend, plan, &actions).await;
         for (action, result) in results {
             match result {
                 Ok(()) => {}

@@ -5,7 +5,9 @@
 //! connection per write, every acknowledged id checked afterwards) and a watcher sampling
 //! every instance every 100 ms (failing if two ever accept writes) run throughout. The old
 //! primary comes back as a streaming replica. A second scenario kills the controller right
-//! after it recorded the failover and checks that the restarted controller finishes it.
+//! after it recorded the failover and checks that the restarted controller finishes it. A
+//! third runs with synchronous replication (ANY 1 of the replicas): commits wait for a replica,
+//! and after the failover every acknowledged commit is on the new primary.
 //!
 //! Times are bounds, never what is tested; the measured write gap is printed.
 
@@ -220,7 +222,12 @@ async fn status_until(
 
 /// Brings up `name` with two replicas and a ledger table; the status document with secrets.
 async fn up_with_ledger(s: &Scenario, name: &str) -> Value {
-    let file = s.file("c.yaml", &cluster_yaml(name, "  replicas: 2\n"));
+    up_with_ledger_spec(s, name, "  replicas: 2\n").await
+}
+
+/// [`up_with_ledger`] with the given spec lines.
+async fn up_with_ledger_spec(s: &Scenario, name: &str, spec: &str) -> Value {
+    let file = s.file("c.yaml", &cluster_yaml(name, spec));
     let out = s.pgbalancer(&["up", "-f", file.to_str().unwrap()]);
     assert_success(&out);
     assert!(text(&out).contains("failover: automatic"), "{}", text(&out));
@@ -473,4 +480,81 @@ async fn writes_again(balancer: u16, password: &str, secs: u64) -> bool {
         write(balancer, password, next.fetch_add(1, Ordering::Relaxed))
     })
     .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_synchronous_replication_a_failover_keeps_every_acknowledged_commit() {
+    const NAME: &str = "it-fail-sync";
+    let _serial = SERIAL.lock().await;
+    let s = Scenario::new(NAME);
+    let doc = up_with_ledger_spec(
+        &s,
+        NAME,
+        "  replicas: 2\n  postgres: {synchronous: {number: 1}}\n",
+    )
+    .await;
+    let password = doc["secrets"]["password"].as_str().unwrap().to_owned();
+    let superuser = doc["secrets"]["superuserPassword"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let balancer = doc["balancer"]["port"].as_u64().unwrap() as u16;
+    let primary_port = doc["primary"]["port"].as_u64().unwrap();
+
+    // The primary runs a quorum of one over its replicas, both candidates.
+    let admin = connect(primary_port, "postgres", &superuser, "postgres").await;
+    let names: String = admin
+        .query_one("SHOW synchronous_standby_names", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        names.starts_with(&format!("ANY 1 (\"{NAME}-0\", \"{NAME}-1\"")),
+        "{names}"
+    );
+    let quorum = eventually(30, || async {
+        admin
+            .query(
+                "SELECT application_name FROM pg_stat_replication WHERE sync_state = 'quorum'",
+                &[],
+            )
+            .await
+            .is_ok_and(|rows| rows.len() == 2)
+    })
+    .await;
+    assert!(quorum, "the replicas are not quorum standbys");
+    drop(admin);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = watch_writable(NAME, superuser.clone(), stop.clone());
+    let ledger = Arc::new(Mutex::new(Ledger::new()));
+    let writes = writer(balancer, password.clone(), stop.clone(), ledger.clone());
+    let started = Instant::now();
+    let before = eventually(30, || async { acked_since(&ledger, started) >= 10 }).await;
+    assert!(before, "writes through the balancer do not go through");
+
+    let stopped_at = Instant::now();
+    assert!(!docker(&["stop", &format!("{NAME}-0")]).is_empty());
+    let (moved, doc) = status_until(&s, NAME, 60, |d| {
+        primary(d).is_some_and(|p| p != format!("{NAME}-0"))
+    })
+    .await;
+    assert!(moved, "no new primary 60 s after the old one stopped: {doc}");
+    // With the old primary stopped, the other replica is the quorum: commits go on.
+    let after = eventually(60, || async { acked_since(&ledger, stopped_at) >= 10 }).await;
+    assert!(after, "writes did not resume after the synchronous failover");
+    stop.store(true, Ordering::Relaxed);
+    writes.await.unwrap();
+    let ledger = std::mem::take(&mut *ledger.lock().unwrap());
+    assert!(
+        watcher.await.unwrap() <= 1,
+        "two instances accepted writes at once"
+    );
+    eprintln!(
+        "MEASURED synchronous failover: writes through the balancer failed for {:.1} s",
+        write_gap(&ledger).as_secs_f64()
+    );
+    let new_port = s.status(NAME)["primary"]["port"].as_u64().unwrap();
+    acknowledged_writes_present(new_port, &password, &ledger).await;
+    assert_success(&s.pgbalancer(&["down", NAME]));
 }

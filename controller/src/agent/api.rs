@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -226,7 +226,20 @@ async fn attach(State(agent): Shared, headers: HeaderMap, Path(id): Path<String>
     }
 }
 
-async fn detach(State(agent): Shared, headers: HeaderMap, Path(id): Path<String>) -> Response {
+/// `?force=true` on a detach: the operator moving the primary detaches the old one first, so
+/// that pgpool searches for the new primary instead of failing sessions on the old one.
+#[derive(serde::Deserialize, Default)]
+struct DetachOptions {
+    #[serde(default)]
+    force: bool,
+}
+
+async fn detach(
+    State(agent): Shared,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(options): Query<DetachOptions>,
+) -> Response {
     let (id, nodes) = match change_target(&agent, &headers, &id).await {
         Ok(target) => target,
         Err(r) => return r,
@@ -234,16 +247,20 @@ async fn detach(State(agent): Shared, headers: HeaderMap, Path(id): Path<String>
     let Some(node) = nodes.iter().find(|n| n.id == id) else {
         return error(StatusCode::NOT_FOUND, format!("node {id} not found"));
     };
-    if node.role == "primary" {
-        return error(
-            StatusCode::CONFLICT,
-            format!("node {id} is the primary; writes would stop (switch over first)"),
-        );
-    }
+    let force = options.force;
     if !node.is_up() {
         return error(
             StatusCode::CONFLICT,
             format!("node {id} is already detached"),
+        );
+    }
+    if force {
+        return detach_now(&agent, id).await;
+    }
+    if node.role == "primary" {
+        return error(
+            StatusCode::CONFLICT,
+            format!("node {id} is the primary; writes would stop (switch over first)"),
         );
     }
     if nodes.iter().filter(|n| n.is_up()).count() <= 1 {
@@ -252,9 +269,13 @@ async fn detach(State(agent): Shared, headers: HeaderMap, Path(id): Path<String>
             format!("node {id} is the last node up"),
         );
     }
+    detach_now(&agent, id).await
+}
+
+async fn detach_now(agent: &Agent, id: u32) -> Response {
     agent.manually_detached.lock().await.insert(id);
     match pgpool::pcp(&agent.config, "pcp_detach_node", Some(id)).await {
-        Ok(_) => settled(&agent, id, false, "detached").await,
+        Ok(_) => settled(agent, id, false, "detached").await,
         Err(e) => {
             agent.manually_detached.lock().await.remove(&id);
             error(StatusCode::BAD_GATEWAY, e.to_string())

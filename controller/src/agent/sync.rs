@@ -1,6 +1,9 @@
 //! Keeps pgpool's backends in line with `pgpool.conf` without restarting it: a changed file is
-//! reloaded (new slots appear `down`), configured slots whose server answers are attached, and
-//! slots no longer configured are detached. Nodes detached through the API stay detached.
+//! reloaded (new slots appear `down`), configured slots whose server answers as a standby are
+//! attached, and slots no longer configured are detached. Nodes detached through the API stay
+//! detached. A writable server is attached only when no node is up at all: otherwise it may be
+//! an old primary the operator detached before fencing it, and the operator attaches the
+//! primary it promoted itself.
 //!
 //! The file is written by the Docker backend (upload) or projected from a ConfigMap
 //! (Kubernetes), so both backends get live scaling from the same loop.
@@ -46,12 +49,15 @@ async fn step(agent: &Agent, applied: &mut Option<String>) -> Result<(), pgpool:
         Err(_) => pgpool::nodes_via_pcp(&agent.config).await?,
     };
     let detached = agent.manually_detached.lock().await.clone();
+    let none_up = !nodes.iter().any(|n| n.is_up());
     for node in &nodes {
         let configured = wanted.iter().any(|(slot, _)| *slot == node.id);
         if configured
             && !node.is_up()
             && !detached.contains(&node.id)
-            && answers(agent, &node.host).await
+            && answers(agent, &node.host)
+                .await
+                .is_some_and(|standby| standby || none_up)
         {
             match pgpool::pcp(&agent.config, "pcp_attach_node", Some(node.id)).await {
                 Ok(_) => tracing::info!(node = node.id, host = %node.host, "attached"),
@@ -68,8 +74,9 @@ async fn step(agent: &Agent, applied: &mut Option<String>) -> Result<(), pgpool:
     Ok(())
 }
 
-/// The backend accepts a monitoring connection (so pgpool can use it).
-async fn answers(agent: &Agent, host: &str) -> bool {
+/// Whether the backend is a standby, when it accepts a monitoring connection (so pgpool can
+/// use it); `None` when it does not answer.
+async fn answers(agent: &Agent, host: &str) -> Option<bool> {
     let connect = tokio_postgres::Config::new()
         .host(host)
         .port(POSTGRES_PORT)
@@ -82,8 +89,12 @@ async fn answers(agent: &Agent, host: &str) -> bool {
     match connect {
         Ok((client, conn)) => {
             tokio::spawn(conn);
-            client.simple_query("SELECT 1").await.is_ok()
+            let row = client
+                .query_one("SELECT pg_is_in_recovery()", &[])
+                .await
+                .ok()?;
+            row.try_get(0).ok()
         }
-        Err(_) => false,
+        Err(_) => None,
     }
 }

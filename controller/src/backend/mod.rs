@@ -178,6 +178,18 @@ pub enum Action {
     Promote(u32),
 }
 
+impl Action {
+    /// A step that must not be taken unless the ones before it in its decision succeeded: the
+    /// steps of a change of primary (detach, fence, mark, promote). See
+    /// [`crate::reconcile::apply_all`].
+    pub fn is_ordered(&self) -> bool {
+        matches!(
+            self,
+            Action::DetachBackend { .. } | Action::Fence(_) | Action::MarkRole(_) | Action::Promote(_)
+        )
+    }
+}
+
 impl std::fmt::Display for Action {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

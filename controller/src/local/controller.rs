@@ -23,7 +23,7 @@ use super::state::StateDir;
 use super::watch::{down_reason, held_back, last_failover, Watch};
 use crate::backend::docker::DockerBackend;
 use crate::backend::{Action, Backend, BackendError};
-use crate::reconcile::{conflict, decide, failover, FailoverPolicy};
+use crate::reconcile::{apply_all, conflict, decide, failover, FailoverPolicy};
 
 /// Pause between two ticks.
 pub const TICK: Duration = Duration::from_millis(500);
@@ -199,13 +199,7 @@ async fn tick_cluster(
             tracing::info!(cluster = %name, %action, "applying");
         }
     }
-    let (backend, plan) = (&backend, &plan);
-    let results = join_all(
-        actions
-            .iter()
-            .map(|&action| async move { (action, backend.apply(plan, action).await) }),
-    )
-    .await;
+    let results = apply_all(&backend, &plan, &actions).await;
     tracing::debug!(
         cluster = %name,
         observe_ms = observed_in.as_millis() as u64,

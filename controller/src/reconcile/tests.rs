@@ -210,12 +210,23 @@ fn failing(from: u32, to: u32) -> Record {
 }
 
 #[test]
-fn a_change_of_primary_fences_the_old_one_first() {
+fn a_change_of_primary_detaches_then_fences_the_old_one_first() {
     let plan = plan_with_primary(2, 1);
     assert_eq!(
         decide(&plan, &converged(2), &moving(0, 1)),
-        [Action::Fence(0)]
+        [
+            Action::DetachBackend {
+                balancer: 0,
+                slot: 0
+            },
+            Action::Fence(0)
+        ]
     );
+    // A balancer that already let go of it (its health check did) is left alone.
+    let mut observed = converged(2);
+    let nodes = &mut observed.balancers.get_mut(&0).unwrap().nodes;
+    nodes.iter_mut().find(|n| n.slot == 0).unwrap().status = "down".into();
+    assert_eq!(decide(&plan, &observed, &moving(0, 1)), [Action::Fence(0)]);
 }
 
 #[test]
@@ -227,14 +238,19 @@ fn the_target_is_marked_then_promoted_once_it_replayed_everything() {
     old.accepting = false;
     old.in_recovery = None;
     old.marked = Some(Role::Replica);
+    // Caught up: marked and promoted in one decision, applied in that order.
+    assert_eq!(
+        decide(&plan, &observed, &moving(0, 1)),
+        [Action::MarkRole(1), Action::Promote(1)]
+    );
+    let target = observed.instances.get_mut(&1).unwrap();
+    target.received_lsn = Some(2000);
+    target.replayed_lsn = Some(1500);
     assert_eq!(
         decide(&plan, &observed, &moving(0, 1)),
         [Action::MarkRole(1)]
     );
-    let target = observed.instances.get_mut(&1).unwrap();
-    target.marked = Some(Role::Primary);
-    target.received_lsn = Some(2000);
-    target.replayed_lsn = Some(1500);
+    observed.instances.get_mut(&1).unwrap().marked = Some(Role::Primary);
     assert_eq!(decide(&plan, &observed, &moving(0, 1)), []);
     observed.instances.get_mut(&1).unwrap().replayed_lsn = Some(2000);
     assert_eq!(

@@ -61,7 +61,9 @@ pub async fn connect() -> Result<Docker, DockerError> {
 }
 
 /// Longest a balancer's SQL probe (connect, `SHOW POOL_NODES`, a query) may take by default.
-const BALANCER_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// pgpool holds new sessions while it searches for a new primary: a longer bound would slow
+/// every step of a change of primary by as much.
+const BALANCER_PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// Docker backend for one cluster's credentials.
 pub struct DockerBackend {
@@ -184,6 +186,7 @@ impl DockerBackend {
         plan: &Plan,
         c: &ContainerSummary,
         index: u32,
+        mut cutoff: tokio::sync::watch::Receiver<bool>,
     ) -> ObservedBalancer {
         let (state, health) = state_and_health(c);
         let running = state == "running";
@@ -216,9 +219,20 @@ impl DockerBackend {
                 let nodes = pg::pool_nodes(&client).await.ok()?;
                 Some((client.simple_query("SELECT 1").await.is_ok(), nodes))
             };
-            if let Ok(Some((routing, nodes))) = tokio::time::timeout(bound, probe).await {
-                seen.routing = routing;
-                seen.nodes = nodes;
+            let cut = async {
+                // A dropped sender (never cut) waits for the bound instead.
+                if cutoff.wait_for(|cut| *cut).await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            };
+            tokio::select! {
+                probed = tokio::time::timeout(bound, probe) => {
+                    if let Ok(Some((routing, nodes))) = probed {
+                        seen.routing = routing;
+                        seen.nodes = nodes;
+                    }
+                }
+                () = cut => tracing::debug!(balancer = index, "probe cut short: no primary up"),
             }
         }
         seen
@@ -422,12 +436,14 @@ impl DockerBackend {
             .map_err(DockerError::api(format!("connect {}", inst.container)))
     }
 
-    /// Fences the old primary `ordinal`: marked a replica first (so that no later start makes
-    /// it writable), then stopped cleanly.
+    /// Fences the old primary `ordinal`: stopped cleanly (a fast shutdown), then marked a
+    /// replica so that no later start makes it writable. Marking a stopped container is quick
+    /// (no live network endpoint to move); a controller stopped in between finds the instance
+    /// still marked primary and fences it again.
     async fn fence(&self, plan: &Plan, ordinal: u32) -> Result<(), DockerError> {
-        self.mark(plan, ordinal, Role::Replica).await?;
         let id = self.container_of(plan, labels::POSTGRES, ordinal).await?;
-        self.stop(&id).await
+        self.stop(&id).await?;
+        self.mark(plan, ordinal, Role::Replica).await
     }
 
     /// Makes the slots on instance `ordinal` match its role (see [`Action::EnsureSlots`]).
@@ -562,13 +578,26 @@ impl Backend for DockerBackend {
             .filter(|c| label(c, labels::COMPONENT) == Some(labels::POSTGRES))
             .filter_map(|c| ordinal_of(c).map(|o| (c, o)))
             .map(|(c, o)| async move { (o, self.observe_instance(plan, c, o).await) });
+        // pgpool holds new sessions while no primary is up (it searches for one): once the
+        // instances show no writable one, the balancers' SQL probes are cut short instead of
+        // slowing every step of a change of primary by their bound.
+        let (cut, cutoff) = tokio::sync::watch::channel(false);
         let balancer_probes = containers
             .iter()
             .filter(|c| label(c, labels::COMPONENT) == Some(labels::BALANCER))
             .filter_map(|c| ordinal_of(c).map(|o| (c, o)))
-            .map(|(c, o)| async move { (o, self.observe_balancer(plan, c, o).await) });
-        let (instances, balancers) =
-            futures::join!(join_all(instance_probes), join_all(balancer_probes));
+            .map(|(c, o)| {
+                let cutoff = cutoff.clone();
+                async move { (o, self.observe_balancer(plan, c, o, cutoff).await) }
+            });
+        let instances = async {
+            let instances = join_all(instance_probes).await;
+            if !instances.iter().any(|(_, i)| i.in_recovery == Some(false)) {
+                let _ = cut.send(true); // no receiver left: the probes are done already
+            }
+            instances
+        };
+        let (instances, balancers) = futures::join!(instances, join_all(balancer_probes));
         let mut observed = Observed {
             network,
             instances: instances.into_iter().collect(),
@@ -610,18 +639,31 @@ impl Backend for DockerBackend {
                     .await
             }
             Action::DetachBackend { balancer, slot } => {
-                // The new file first, so the balancer's agent does not re-attach the slot.
-                self.update_backends(plan, balancer).await?;
+                // A slot leaving the plan: the new file first, so the balancer's agent does not
+                // re-attach it. A planned one (the old primary, detached before it is fenced)
+                // is re-attached by the agent only once it answers as a standby.
+                if plan.instance(slot).is_none() {
+                    self.update_backends(plan, balancer).await?;
+                }
                 self.pcp(plan, balancer, "pcp_detach_node", Some(slot))
                     .await
             }
             Action::MarkRole(o) => {
                 let role = plan.instance(o).map_or(Role::Replica, |i| i.role);
                 if role == Role::Primary {
-                    // The alias moves: nobody else may hold it.
-                    for other in plan.instances.iter().filter(|i| i.ordinal != o) {
-                        if let Err(e) = self.mark(plan, other.ordinal, Role::Replica).await {
-                            tracing::debug!(instance = other.ordinal, error = %e, "not unmarked");
+                    // The alias moves: nobody else may hold it. Only holders are touched (a
+                    // network reconnect each).
+                    for c in self.containers(&plan.cluster).await? {
+                        if label(&c, labels::COMPONENT) != Some(labels::POSTGRES) {
+                            continue;
+                        }
+                        let Some(other) = ordinal_of(&c).filter(|other| *other != o) else {
+                            continue;
+                        };
+                        if self.holds_rw_alias(plan, &c).await == Some(Role::Primary) {
+                            if let Err(e) = self.mark(plan, other, Role::Replica).await {
+                                tracing::debug!(instance = other, error = %e, "not unmarked");
+                            }
                         }
                     }
                 }

@@ -460,7 +460,8 @@ impl Backend for KubeBackend<'_> {
             Action::DetachBackend { balancer, slot } => {
                 // The new list first, so the agent does not re-attach the slot.
                 self.update_backends(plan).await?;
-                self.agent_call(plan, balancer, slot, "detach").await
+                // Forced: the old primary is detached before it is fenced.
+                self.agent_call(plan, balancer, slot, "detach?force=true").await
             }
             Action::MarkRole(ordinal) => {
                 let role = self.instance(plan, ordinal)?.role;

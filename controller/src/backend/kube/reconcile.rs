@@ -301,7 +301,9 @@ fn failover_due(
     )
 }
 
-/// Applies one decision; steps that may succeed later are logged and retried next time.
+/// Applies one decision in order; steps that may succeed later are logged and retried next
+/// time. A step of a change of primary that did not succeed ends the decision: the next one is
+/// never taken without it.
 async fn apply(
     backend: &KubeBackend<'_>,
     plan: &Plan,
@@ -315,6 +317,9 @@ async fn apply(
             Ok(()) => {}
             Err(e) if e.is_transient() => {
                 tracing::info!(%action, error = %e, "will retry");
+                if action.is_ordered() {
+                    break;
+                }
                 continue;
             }
             Err(e) => return Err(e),
