@@ -349,34 +349,43 @@ pub fn instance_ready(plan: &Plan, observed: &Observed, ordinal: u32) -> bool {
 fn change_primary(observed: &Observed, record: &Record) -> Option<Vec<Action>> {
     let old = record.current.filter(|_| record.changing())?;
     let target = record.target;
+    let mut steps = Vec::new();
     if let Some(seen) = observed.instances.get(&old) {
         if seen.running || seen.marked == Some(Role::Primary) {
             // Balancers let go of the old primary first: pgpool then holds new sessions while
             // it searches for the new primary, instead of failing them on a stopped server
             // until its health checks give up.
-            let mut steps: Vec<Action> = observed
-                .balancers
-                .iter()
-                .filter(|(_, b)| b.running && b.nodes.iter().any(|n| n.slot == old && n.is_up()))
-                .map(|(&balancer, _)| Action::DetachBackend { balancer, slot: old })
-                .collect();
+            steps.extend(
+                observed
+                    .balancers
+                    .iter()
+                    .filter(|(_, b)| {
+                        b.running && b.nodes.iter().any(|n| n.slot == old && n.is_up())
+                    })
+                    .map(|(&balancer, _)| Action::DetachBackend { balancer, slot: old }),
+            );
             steps.push(Action::Fence(old));
-            return Some(steps);
+            if seen.running {
+                // The next steps wait until it is seen stopped (a pod takes its time).
+                return Some(steps);
+            }
+            // Already down (a failover): fencing only marks it, and the target goes on in the
+            // same decision, step by step (see `apply_all`).
         }
     }
     let seen = observed.instances.get(&target)?;
     if seen.in_recovery == Some(false) {
-        return None;
+        return (!steps.is_empty()).then_some(steps);
     }
     if !seen.running {
-        return Some(vec![Action::StartInstance(target)]);
+        steps.push(Action::StartInstance(target));
+        return Some(steps);
     }
     let caught_up = match (seen.received_lsn, seen.replayed_lsn) {
         (Some(received), Some(replayed)) => replayed >= received,
         (None, Some(_)) => true,
         _ => false,
     };
-    let mut steps = Vec::new();
     if seen.marked != Some(Role::Primary) {
         steps.push(Action::MarkRole(target));
     }

@@ -99,6 +99,13 @@ CONF
 rejoin() {
   wait_for_primary
   log "rejoining as a replica of $src"
+  # The server always runs as PID 1 of its container (exec below). After a crash its
+  # postmaster.pid names PID 1, which is this script now: pg_rewind's single-user recovery
+  # would take it for a live postmaster. Only a file naming PID 1 is removed.
+  if [ -f "$PGDATA/postmaster.pid" ] && [ "$(head -n 1 "$PGDATA/postmaster.pid")" = 1 ]; then
+    log "removing the crashed server's postmaster.pid"
+    rm -f "$PGDATA/postmaster.pid"
+  fi
   # The password goes through the environment, never the command line (`ps` shows that).
   if PGPASSWORD="$(secret superuser-password)" pg_rewind --target-pgdata="$PGDATA" \
     --source-server="host=$(quote "$src") port=5432 user=postgres dbname=postgres" --progress >&2; then

@@ -643,3 +643,39 @@ fn synchronous_failover_ignores_the_lag_bound_and_takes_the_most_wal() {
     let why = failover_candidates(&plan(2), &observed, 0, &policy(), Some(1_000_000));
     assert!(why.unwrap_err().contains("maxLagBytes"));
 }
+
+#[test]
+fn a_lost_primary_is_fenced_and_the_target_promoted_in_one_decision() {
+    let plan = plan_with_primary(2, 1);
+    let mut observed = converged(2);
+    let old = observed.instances.get_mut(&0).unwrap();
+    old.running = false;
+    old.accepting = false;
+    old.in_recovery = None;
+    old.marked = Some(Role::Primary);
+    // pgpool has not noticed yet: it lets go of the node first.
+    assert_eq!(
+        decide(&plan, &observed, &failing(0, 1)),
+        [
+            Action::DetachBackend {
+                balancer: 0,
+                slot: 0
+            },
+            Action::Fence(0),
+            Action::MarkRole(1),
+            Action::Promote(1)
+        ]
+    );
+    // Still running: the next steps wait until it is seen stopped.
+    observed.instances.get_mut(&0).unwrap().running = true;
+    assert_eq!(
+        decide(&plan, &observed, &failing(0, 1)),
+        [
+            Action::DetachBackend {
+                balancer: 0,
+                slot: 0
+            },
+            Action::Fence(0)
+        ]
+    );
+}
