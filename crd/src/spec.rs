@@ -84,7 +84,7 @@ pub struct FailoverSpec {
 }
 
 fn default_failover_delay() -> u32 {
-    3
+    2
 }
 fn default_max_lag() -> i64 {
     16 * 1024 * 1024
