@@ -256,6 +256,37 @@ pub fn failover_candidates(
     Ok(near)
 }
 
+/// `actions` without those that would race a failover that may still start (enabled, no
+/// change in progress, the primary down for less than the delay): bringing the lost primary
+/// back (start, create, replace, or giving a new pod its role). Once the delay has passed with
+/// no candidate to promote, the primary comes back as before.
+pub fn hold_for_failover(
+    actions: Vec<Action>,
+    observed: &Observed,
+    record: &Record,
+    policy: &FailoverPolicy,
+    down_for: Duration,
+) -> Vec<Action> {
+    let waiting = policy.enabled
+        && !record.changing()
+        && primary_down(observed, record)
+        && down_for < policy.delay;
+    if !waiting {
+        return actions;
+    }
+    let primary = record.current;
+    actions
+        .into_iter()
+        .filter(|action| match *action {
+            Action::StartInstance(o)
+            | Action::CreateInstance(o)
+            | Action::ReplaceInstance(o)
+            | Action::MarkRole(o) => Some(o) != primary,
+            _ => true,
+        })
+        .collect()
+}
+
 /// Checks a requested switchover to `to` (an instance name or ordinal; the best replica when
 /// absent) and returns the new target's ordinal, or why it is refused. Pure.
 pub fn switchover_target(
@@ -362,7 +393,10 @@ fn change_primary(observed: &Observed, record: &Record) -> Option<Vec<Action>> {
                     .filter(|(_, b)| {
                         b.running && b.nodes.iter().any(|n| n.slot == old && n.is_up())
                     })
-                    .map(|(&balancer, _)| Action::DetachBackend { balancer, slot: old }),
+                    .map(|(&balancer, _)| Action::DetachBackend {
+                        balancer,
+                        slot: old,
+                    }),
             );
             steps.push(Action::Fence(old));
             if seen.running {
@@ -623,8 +657,7 @@ pub async fn apply_all<B: Backend>(
     plan: &Plan,
     actions: &[Action],
 ) -> Vec<(Action, Result<(), B::Error>)> {
-    let (ordered, rest): (Vec<Action>, Vec<Action>) =
-        actions.iter().partition(|a| a.is_ordered());
+    let (ordered, rest): (Vec<Action>, Vec<Action>) = actions.iter().partition(|a| a.is_ordered());
     let timed = |action: Action| async move {
         let started = Instant::now();
         let result = backend.apply(plan, action).await;

@@ -539,10 +539,16 @@ async fn with_synchronous_replication_a_failover_keeps_every_acknowledged_commit
         primary(d).is_some_and(|p| p != format!("{NAME}-0"))
     })
     .await;
-    assert!(moved, "no new primary 60 s after the old one stopped: {doc}");
+    assert!(
+        moved,
+        "no new primary 60 s after the old one stopped: {doc}"
+    );
     // With the old primary stopped, the other replica is the quorum: commits go on.
     let after = eventually(60, || async { acked_since(&ledger, stopped_at) >= 10 }).await;
-    assert!(after, "writes did not resume after the synchronous failover");
+    assert!(
+        after,
+        "writes did not resume after the synchronous failover"
+    );
     stop.store(true, Ordering::Relaxed);
     writes.await.unwrap();
     let ledger = std::mem::take(&mut *ledger.lock().unwrap());

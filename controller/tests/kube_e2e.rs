@@ -57,6 +57,65 @@ fn pod_ips(ns: &str, selector: &str) -> Vec<(String, String)> {
         .unwrap_or_default()
 }
 
+/// A pod in `ns` with `psql`, so that SQL to Service and pod addresses runs inside the cluster
+/// network, never from the host.
+fn start_sql_client(ns: &str) {
+    let manifest = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: sql-client, namespace: {ns}}}\nspec:\n  \
+         terminationGracePeriodSeconds: 0\n  containers:\n  - name: psql\n    \
+         image: pgbalancer/postgres:17\n    imagePullPolicy: Never\n    \
+         command: [sleep, '1800']\n"
+    );
+    let file = std::env::temp_dir().join("pgbalancer-e2e-sql-client.yaml");
+    std::fs::write(&file, manifest).unwrap();
+    let (ok, out) = kubectl(&["apply", "-f", file.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    let (ok, out) = kubectl(&[
+        "-n",
+        ns,
+        "wait",
+        "--for=condition=Ready",
+        "pod/sql-client",
+        "--timeout=120s",
+    ]);
+    assert!(ok, "{out}");
+}
+
+/// Runs `sql` as the application user on `host` from the client pod; its output, or `None`
+/// when psql failed. The password goes through the environment of the exec.
+fn psql_in_cluster(ns: &str, host: &str, port: u16, password: &str, sql: &str) -> Option<String> {
+    let out = Command::new("kubectl")
+        .args(["-n", ns, "exec", "sql-client", "--", "env"])
+        .arg(format!("PGPASSWORD={password}"))
+        .args([
+            "PGCONNECT_TIMEOUT=3",
+            "psql",
+            "-X",
+            "-q",
+            "-t",
+            "-A",
+            "-v",
+            "ON_ERROR_STOP=1",
+        ])
+        .args([
+            "-h",
+            host,
+            "-p",
+            &port.to_string(),
+            "-U",
+            "app",
+            "-d",
+            "app",
+            "-c",
+            sql,
+        ])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
 fn up_nodes(ip: &str) -> usize {
     ureq::get(&format!("http://{ip}:8080/api/v1/nodes"))
         .call()
@@ -459,6 +518,82 @@ async fn operator_in_cluster_runs_a_real_cluster() {
     assert!(ok, "{out}");
     assert!(out.contains("primary is demo-0"), "{out}");
     assert_eq!(generations(), before, "a switchover changed a StatefulSet");
+
+    // Automated failover: the primary pod force-deleted. Its replacement gets no role while a
+    // failover may start; the operator fences it, promotes demo-1 in place, and the replacement
+    // rejoins as a replica. Writes through the balancer Service (from a pod) resume.
+    start_sql_client(ns);
+    let through_balancer = |sql: &str| psql_in_cluster(ns, "demo-balancer", 9999, &password, sql);
+    assert_eq!(
+        through_balancer("INSERT INTO marks VALUES (5) RETURNING n").as_deref(),
+        Some("5")
+    );
+    let lost_at = Instant::now();
+    let (ok, out) = kubectl(&[
+        "-n",
+        ns,
+        "delete",
+        "pod",
+        "demo-0-0",
+        "--grace-period=0",
+        "--force",
+    ]);
+    assert!(ok, "{out}");
+    let failed_over = eventually(120, || async {
+        get_json(&["-n", ns, "get", "pgbc", "demo"])["status"]["currentPrimary"] == "demo-1"
+    })
+    .await;
+    assert!(
+        failed_over,
+        "no failover: {}",
+        get_json(&["-n", ns, "get", "pgbc", "demo"])["status"]
+    );
+    let resumed = eventually(60, || async {
+        through_balancer("INSERT INTO marks VALUES (6)").is_some()
+    })
+    .await;
+    assert!(resumed, "writes through the balancer did not resume");
+    println!(
+        "BENCH k8s_primary_pod_deleted_to_write_seconds {:.1}",
+        lost_at.elapsed().as_secs_f64()
+    );
+    // Nothing acknowledged before the loss is missing; demo-0 streams from demo-1 again.
+    assert_eq!(
+        through_balancer("SELECT string_agg(n::text, ',' ORDER BY n) FROM marks").as_deref(),
+        Some("1,2,3,4,5,6")
+    );
+    let rejoined = eventually(180, || async {
+        let status = &get_json(&["-n", ns, "get", "pgbc", "demo"])["status"];
+        status["phase"] == "Running" && status["currentPrimary"] == "demo-1"
+    })
+    .await;
+    assert!(
+        rejoined,
+        "the old primary did not rejoin: {}",
+        get_json(&["-n", ns, "get", "pgbc", "demo"])["status"]
+    );
+    let old_ip = pod_ips(ns, sel)
+        .into_iter()
+        .find(|(p, _)| p == "demo-0-0")
+        .expect("replacement pod")
+        .1;
+    assert_eq!(
+        psql_in_cluster(ns, &old_ip, 5432, &password, "SELECT pg_is_in_recovery()").as_deref(),
+        Some("t"),
+        "the old primary came back writable"
+    );
+    let events = kubectl(&[
+        "-n",
+        ns,
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.kind=PgBalancerCluster",
+    ])
+    .1;
+    assert!(events.contains("FailoverStarted"), "{events}");
+    assert_eq!(generations(), before, "a failover changed a StatefulSet");
+    let _ = kubectl(&["-n", ns, "delete", "pod", "sql-client", "--wait=false"]);
 
     // kubectl delete: no pod, PVC or PV left.
     let (ok, out) = kubectl(&["-n", ns, "delete", "pgbc", "demo"]);

@@ -185,7 +185,10 @@ impl Action {
     pub fn is_ordered(&self) -> bool {
         matches!(
             self,
-            Action::DetachBackend { .. } | Action::Fence(_) | Action::MarkRole(_) | Action::Promote(_)
+            Action::DetachBackend { .. }
+                | Action::Fence(_)
+                | Action::MarkRole(_)
+                | Action::Promote(_)
         )
     }
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::backend::{Action, Observed};
 use crate::plan::{instance_name, Plan};
-use crate::reconcile::{primary_down, FailoverPolicy, Record};
+use crate::reconcile::{hold_for_failover, primary_down, FailoverPolicy, Record};
 
 use super::state::LastFailover;
 
@@ -87,11 +87,12 @@ pub fn last_failover(plan: &Plan, record: &Record, reason: String, at: String) -
 }
 
 /// The actions of `decide` the loop applies. Held back:
-/// - attaching balancer nodes: each balancer's agent re-attaches what answers again and,
-///   unlike `decide`, leaves alone a node someone detached on purpose;
-/// - starting, creating or replacing a lost primary while a failover may still start (enabled,
-///   and the primary down for less than the delay): that would race the failover. Once the
-///   delay has passed with no candidate to promote, the primary is started again.
+/// - attaching balancer nodes other than the primary's: each balancer's agent re-attaches a
+///   standby that answers again and, unlike `decide`, leaves alone a node someone detached on
+///   purpose; it never attaches a writable server while another node is up (it may be an old
+///   primary), so the primary's node is attached from here;
+/// - what [`hold_for_failover`] holds: bringing a lost primary back while a failover may still
+///   start.
 pub fn held_back(
     actions: Vec<Action>,
     observed: &Observed,
@@ -99,18 +100,11 @@ pub fn held_back(
     policy: &FailoverPolicy,
     down_for: Duration,
 ) -> Vec<Action> {
-    let waiting_for_failover = policy.enabled
-        && !record.changing()
-        && primary_down(observed, record)
-        && down_for < policy.delay;
-    let primary = record.current;
-    actions
+    let primary = record.current.filter(|_| !record.changing());
+    hold_for_failover(actions, observed, record, policy, down_for)
         .into_iter()
         .filter(|action| match *action {
-            Action::AttachBackend { .. } => false,
-            Action::StartInstance(o) | Action::CreateInstance(o) | Action::ReplaceInstance(o) => {
-                !(waiting_for_failover && Some(o) == primary)
-            }
+            Action::AttachBackend { slot, .. } => Some(slot) == primary,
             _ => true,
         })
         .collect()

@@ -461,7 +461,8 @@ impl Backend for KubeBackend<'_> {
                 // The new list first, so the agent does not re-attach the slot.
                 self.update_backends(plan).await?;
                 // Forced: the old primary is detached before it is fenced.
-                self.agent_call(plan, balancer, slot, "detach?force=true").await
+                self.agent_call(plan, balancer, slot, "detach?force=true")
+                    .await
             }
             Action::MarkRole(ordinal) => {
                 let role = self.instance(plan, ordinal)?.role;

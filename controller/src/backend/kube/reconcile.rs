@@ -144,7 +144,8 @@ async fn reconcile_inner(
     let observed = backend.observe(&plan).await?;
     let record = record.advance(&observed);
     let key = format!("{namespace}/{name}");
-    if let Some(next) = failover_due(ctx, &key, cluster, &plan, &observed, &record) {
+    let (due, down_for) = failover_due(ctx, &key, cluster, &plan, &observed, &record);
+    if let Some(next) = due {
         // The record moves first and durably; the next reconcile acts on it.
         let reason = format!(
             "primary {} unreachable; promoting {}",
@@ -171,7 +172,14 @@ async fn reconcile_inner(
         )
         .await;
     }
-    let actions = core::decide(&plan, &observed, &record);
+    // A replacement pod of a lost primary gets no role while a failover may still start.
+    let actions = core::hold_for_failover(
+        core::decide(&plan, &observed, &record),
+        &observed,
+        &record,
+        &FailoverPolicy::of(&cluster.spec.failover),
+        down_for,
+    );
     apply(&backend, &plan, &actions, ctx, cluster).await?;
     let new = write_observed_status(ctx, cluster, &clusters, &plan, &observed, &record).await?;
     let phase = new.phase.as_deref();
@@ -267,7 +275,8 @@ async fn validated(
     Err(Error::Invalid(message))
 }
 
-/// The failover to start now, measured against this cluster's watch.
+/// The failover to start now, measured against this cluster's watch, and how long the
+/// recorded primary has been down.
 fn failover_due(
     ctx: &Context,
     key: &str,
@@ -275,7 +284,7 @@ fn failover_due(
     plan: &Plan,
     observed: &Observed,
     record: &Record,
-) -> Option<Record> {
+) -> (Option<Record>, Duration) {
     let mut watches = ctx.watches.lock().unwrap_or_else(|e| e.into_inner());
     let watch = watches.entry(key.to_owned()).or_default();
     if let Some(lsn) = record
@@ -288,17 +297,18 @@ fn failover_due(
     }
     if !core::primary_down(observed, record) {
         watch.down_since = None;
-        return None;
+        return (None, Duration::ZERO);
     }
-    let since = *watch.down_since.get_or_insert_with(Instant::now);
-    core::failover(
+    let down_for = watch.down_since.get_or_insert_with(Instant::now).elapsed();
+    let due = core::failover(
         plan,
         observed,
         record,
         &FailoverPolicy::of(&cluster.spec.failover),
-        since.elapsed(),
+        down_for,
         watch.last_primary_lsn,
-    )
+    );
+    (due, down_for)
 }
 
 /// Applies one decision in order; steps that may succeed later are logged and retried next

@@ -240,3 +240,19 @@ fn a_lost_primary_is_not_restarted_while_a_failover_may_still_start() {
         [Action::StartInstance(1)]
     );
 }
+
+#[test]
+fn only_the_primary_node_is_attached_by_the_loop() {
+    let up = observed(vec![(0, serving(0, 10)), (1, serving(1, 10))]);
+    let attach = |slot| Action::AttachBackend { balancer: 0, slot };
+    assert_eq!(
+        held_back(
+            vec![attach(0), attach(1)],
+            &up,
+            &Record::settled(0),
+            &policy(3),
+            Duration::ZERO
+        ),
+        [attach(0)]
+    );
+}
