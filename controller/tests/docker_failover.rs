@@ -259,20 +259,31 @@ async fn in_recovery(port: u64, superuser: &str) -> Option<bool> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stopped_primary_fails_over_with_no_command_running_and_rejoins_as_a_replica() {
-    const NAME: &str = "it-fail";
+    primary_lost("it-fail", &["stop"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_primary_fails_over_and_rejoins_as_a_replica() {
+    // SIGKILL to the container's main process, PostgreSQL's postmaster.
+    primary_lost("it-fail-k9", &["kill", "--signal", "KILL"]).await;
+}
+
+/// The primary of a new cluster `name` is lost by `docker <how> <name>-0`; with no command
+/// running, the controller fails over, and the old primary comes back as a replica.
+async fn primary_lost(name: &'static str, how: &[&str]) {
     let _serial = SERIAL.lock().await;
-    let s = Scenario::new(NAME);
-    let doc = up_with_ledger(&s, NAME).await;
+    let s = Scenario::new(name);
+    let doc = up_with_ledger(&s, name).await;
     let password = doc["secrets"]["password"].as_str().unwrap().to_owned();
     let superuser = doc["secrets"]["superuserPassword"]
         .as_str()
         .unwrap()
         .to_owned();
     let balancer = doc["balancer"]["port"].as_u64().unwrap() as u16;
-    let ids_before = container_ids(NAME);
+    let ids_before = container_ids(name);
 
     let stop = Arc::new(AtomicBool::new(false));
-    let watcher = watch_writable(NAME, superuser.clone(), stop.clone());
+    let watcher = watch_writable(name, superuser.clone(), stop.clone());
     let ledger = Arc::new(Mutex::new(Ledger::new()));
     let writes = writer(balancer, password.clone(), stop.clone(), ledger.clone());
     let started = Instant::now();
@@ -281,9 +292,10 @@ async fn a_stopped_primary_fails_over_with_no_command_running_and_rejoins_as_a_r
 
     // The primary goes away; no pgbalancer command runs from here on.
     let stopped_at = Instant::now();
-    assert!(!docker(&["stop", &format!("{NAME}-0")]).is_empty());
-    let (moved, doc) = status_until(&s, NAME, 60, |d| {
-        primary(d).is_some_and(|p| p != format!("{NAME}-0"))
+    let old = format!("{name}-0");
+    assert!(!docker(&[how, &[old.as_str()]].concat()).is_empty());
+    let (moved, doc) = status_until(&s, name, 60, |d| {
+        primary(d).is_some_and(|p| p != format!("{name}-0"))
     })
     .await;
     assert!(
@@ -305,27 +317,28 @@ async fn a_stopped_primary_fails_over_with_no_command_running_and_rejoins_as_a_r
 
     let gap = write_gap(&ledger);
     eprintln!(
-        "MEASURED failover: status named the new primary {:.1} s after `docker stop`; writes through the balancer failed for {:.1} s",
+        "MEASURED failover: status named the new primary {:.1} s after `docker {}`; writes through the balancer failed for {:.1} s",
         moved_in.as_secs_f64(),
+        how.join(" "),
         gap.as_secs_f64(),
     );
     assert!(most_writable <= 1, "two instances accepted writes at once");
-    let primary_port = s.status(NAME)["primary"]["port"].as_u64().unwrap();
+    let primary_port = s.status(name)["primary"]["port"].as_u64().unwrap();
     acknowledged_writes_present(primary_port, &password, &ledger).await;
     assert_eq!(
-        container_ids(NAME),
+        container_ids(name),
         ids_before,
         "a failover recreated containers"
     );
 
     // The old primary, started again (the controller may have done it already), follows the
     // new one as a streaming replica.
-    docker(&["start", &format!("{NAME}-0")]);
-    let (rejoined, doc) = status_until(&s, NAME, 90, |d| {
+    docker(&["start", &format!("{name}-0")]);
+    let (rejoined, doc) = status_until(&s, name, 90, |d| {
         d["phase"] == "Running"
             && d["replicas"].as_array().is_some_and(|r| {
                 r.iter()
-                    .any(|i| i["name"] == format!("{NAME}-0") && i["ready"] == true)
+                    .any(|i| i["name"] == format!("{name}-0") && i["ready"] == true)
             })
     })
     .await;
@@ -334,32 +347,33 @@ async fn a_stopped_primary_fails_over_with_no_command_running_and_rejoins_as_a_r
         "old primary did not rejoin as a streaming replica: {doc}"
     );
     eprintln!(
-        "MEASURED old primary streaming as a replica {:.1} s after `docker stop`",
-        stopped_at.elapsed().as_secs_f64()
+        "MEASURED old primary streaming as a replica {:.1} s after `docker {}`",
+        stopped_at.elapsed().as_secs_f64(),
+        how.join(" ")
     );
     let old = doc["replicas"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|r| r["name"] == format!("{NAME}-0"))
+        .find(|r| r["name"] == format!("{name}-0"))
         .unwrap();
     assert_eq!(in_recovery(port(old), &superuser).await, Some(true));
     assert_eq!(primary(&doc), Some(new_primary.clone()));
     let last = &doc["controller"]["lastFailover"];
-    assert_eq!(last["from"], format!("{NAME}-0"), "{doc}");
+    assert_eq!(last["from"], format!("{name}-0"), "{doc}");
     assert_eq!(last["to"], new_primary.as_str(), "{doc}");
     assert!(
         last["reason"]
             .as_str()
             .unwrap()
-            .contains(&format!("primary {NAME}-0")),
+            .contains(&format!("primary {name}-0")),
         "{doc}"
     );
     assert!(last["at"].as_str().unwrap().ends_with('Z'), "{doc}");
-    let table = text(&s.pgbalancer(&["status", NAME]));
+    let table = text(&s.pgbalancer(&["status", name]));
     assert!(table.contains("controller: running"), "{table}");
     assert!(table.contains("last failover:"), "{table}");
-    assert_eq!(container_ids(NAME), ids_before);
+    assert_eq!(container_ids(name), ids_before);
     let log = std::process::Command::new("docker")
         .args(["logs", doc["controller"]["name"].as_str().unwrap()])
         .output()
@@ -367,7 +381,7 @@ async fn a_stopped_primary_fails_over_with_no_command_running_and_rejoins_as_a_r
     eprintln!("controller log:\n{}", text(&log));
 
     // `down` of the last cluster removes the controller too.
-    assert_success(&s.pgbalancer(&["down", NAME]));
+    assert_success(&s.pgbalancer(&["down", name]));
     assert!(s.controllers().is_empty(), "controller left behind");
 }
 
