@@ -50,7 +50,9 @@ initialise_primary() {
     --auth-local=peer --auth-host=scram-sha-256 --pwfile="$SECRETS/superuser-password" >/dev/null
   db=${PGB_DATABASE:-app}
   app=${PGB_APP_USER:-app}
-  postgres --single -D "$PGDATA" -c config_file="$CONF/postgresql.conf" postgres >/dev/null <<SQL
+  # No standby exists yet: with synchronous replication configured, commits here would wait.
+  postgres --single -D "$PGDATA" -c config_file="$CONF/postgresql.conf" \
+    -c synchronous_commit=local postgres >/dev/null <<SQL
 CREATE ROLE replicator WITH REPLICATION LOGIN PASSWORD '$(quote "$(secret replication-password)")';
 CREATE ROLE pgbalancer_monitor WITH LOGIN PASSWORD '$(quote "$(secret monitor-password)")' IN ROLE pg_monitor;
 CREATE ROLE "$app" WITH LOGIN PASSWORD '$(quote "$(secret app-password)")';

@@ -134,7 +134,7 @@ async fn tick_cluster(
     if stored.stopped {
         return Ok(());
     }
-    let mut plan = stored.plan();
+    let plan = stored.plan();
     let probe_balancers = mem.ticks.is_multiple_of(BALANCER_PROBE_EVERY);
     mem.ticks += 1;
     let backend = DockerBackend::new(docker.clone(), stored.credentials.clone())
@@ -184,8 +184,9 @@ async fn tick_cluster(
             reason = %last.reason,
             "failing over"
         );
-        record = next;
-        plan = stored.plan();
+        // Acted on from the next tick, as the operator does: between the two the cluster is
+        // visibly FailingOver, and a command (or a restarted controller) may take over.
+        return Ok(());
     }
     let actions = held_back(
         decide(&plan, &observed, &record),
