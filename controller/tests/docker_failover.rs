@@ -257,6 +257,42 @@ async fn in_recovery(port: u64, superuser: &str) -> Option<bool> {
         .map(|r| r.get(0))
 }
 
+/// The writer and the watcher started on cluster `name`, once writes go through: the stop
+/// flag, the watcher (the most instances seen writable at once), the ledger and the writer.
+async fn traffic(
+    name: &'static str,
+    balancer: u16,
+    password: &str,
+    superuser: &str,
+) -> (
+    Arc<AtomicBool>,
+    tokio::task::JoinHandle<usize>,
+    Arc<Mutex<Ledger>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = watch_writable(name, superuser.to_owned(), stop.clone());
+    let ledger = Arc::new(Mutex::new(Ledger::new()));
+    let writes = writer(balancer, password.to_owned(), stop.clone(), ledger.clone());
+    let started = Instant::now();
+    let before = eventually(30, || async { acked_since(&ledger, started) >= 10 }).await;
+    assert!(before, "writes through the balancer do not go through");
+    (stop, watcher, ledger, writes)
+}
+
+/// `docker <how> <name>-0`, then waits (at most 60 s) for the status to name another
+/// primary; that status document.
+async fn lose_primary(s: &Scenario, name: &str, how: &[&str]) -> Value {
+    let old = format!("{name}-0");
+    assert!(!docker(&[how, &[old.as_str()]].concat()).is_empty());
+    let (moved, doc) = status_until(s, name, 60, |d| primary(d).is_some_and(|p| p != old)).await;
+    assert!(
+        moved,
+        "no new primary 60 s after the old one stopped: {doc}"
+    );
+    doc
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stopped_primary_fails_over_with_no_command_running_and_rejoins_as_a_replica() {
     primary_lost("it-fail", &["stop"]).await;
@@ -282,26 +318,11 @@ async fn primary_lost(name: &'static str, how: &[&str]) {
     let balancer = doc["balancer"]["port"].as_u64().unwrap() as u16;
     let ids_before = container_ids(name);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let watcher = watch_writable(name, superuser.clone(), stop.clone());
-    let ledger = Arc::new(Mutex::new(Ledger::new()));
-    let writes = writer(balancer, password.clone(), stop.clone(), ledger.clone());
-    let started = Instant::now();
-    let before = eventually(30, || async { acked_since(&ledger, started) >= 10 }).await;
-    assert!(before, "writes through the balancer do not go through");
+    let (stop, watcher, ledger, writes) = traffic(name, balancer, &password, &superuser).await;
 
     // The primary goes away; no pgbalancer command runs from here on.
     let stopped_at = Instant::now();
-    let old = format!("{name}-0");
-    assert!(!docker(&[how, &[old.as_str()]].concat()).is_empty());
-    let (moved, doc) = status_until(&s, name, 60, |d| {
-        primary(d).is_some_and(|p| p != format!("{name}-0"))
-    })
-    .await;
-    assert!(
-        moved,
-        "no new primary 60 s after the old one stopped: {doc}"
-    );
+    let doc = lose_primary(&s, name, how).await;
     let new_primary = primary(&doc).unwrap();
     let moved_in = stopped_at.elapsed();
     // The writer gets through again, several times.
@@ -539,24 +560,10 @@ async fn with_synchronous_replication_a_failover_keeps_every_acknowledged_commit
     assert!(quorum, "the replicas are not quorum standbys");
     drop(admin);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let watcher = watch_writable(NAME, superuser.clone(), stop.clone());
-    let ledger = Arc::new(Mutex::new(Ledger::new()));
-    let writes = writer(balancer, password.clone(), stop.clone(), ledger.clone());
-    let started = Instant::now();
-    let before = eventually(30, || async { acked_since(&ledger, started) >= 10 }).await;
-    assert!(before, "writes through the balancer do not go through");
+    let (stop, watcher, ledger, writes) = traffic(NAME, balancer, &password, &superuser).await;
 
     let stopped_at = Instant::now();
-    assert!(!docker(&["stop", &format!("{NAME}-0")]).is_empty());
-    let (moved, doc) = status_until(&s, NAME, 60, |d| {
-        primary(d).is_some_and(|p| p != format!("{NAME}-0"))
-    })
-    .await;
-    assert!(
-        moved,
-        "no new primary 60 s after the old one stopped: {doc}"
-    );
+    lose_primary(&s, NAME, &["stop"]).await;
     // With the old primary stopped, the other replica is the quorum: commits go on.
     let after = eventually(60, || async { acked_since(&ledger, stopped_at) >= 10 }).await;
     assert!(

@@ -301,14 +301,19 @@ impl KubeBackend<'_> {
             .remove(&ordinal)
             .and_then(|p| p.status?.pod_ip)
             .ok_or_else(|| Error::Agent(format!("instance {ordinal} has no pod address")))?;
-        Ok(pg::connect(
-            &ip,
+        Ok(self.superuser_at(&ip).await?)
+    }
+
+    /// A superuser connection to the instance at pod address `ip`.
+    async fn superuser_at(&self, ip: &str) -> Result<tokio_postgres::Client, pg::PgError> {
+        pg::connect(
+            ip,
             POSTGRES_PORT,
             SUPERUSER,
             &self.creds.superuser_password,
             "postgres",
         )
-        .await?)
+        .await
     }
 
     async fn ensure_slots(&self, plan: &Plan, ordinal: u32) -> Result<(), Error> {
@@ -351,15 +356,7 @@ impl KubeBackend<'_> {
         };
         let ip = pod.and_then(|p| p.status.as_ref()?.pod_ip.clone());
         if let (true, true, Some(ip)) = (self.in_cluster, running, ip) {
-            if let Ok(client) = pg::connect(
-                &ip,
-                POSTGRES_PORT,
-                SUPERUSER,
-                &self.creds.superuser_password,
-                "postgres",
-            )
-            .await
-            {
+            if let Ok(client) = self.superuser_at(&ip).await {
                 pg::observe_instance(&client, &mut seen).await;
             }
         }
@@ -491,15 +488,7 @@ impl KubeBackend<'_> {
         else {
             return;
         };
-        if let Ok(client) = pg::connect(
-            &ip,
-            POSTGRES_PORT,
-            SUPERUSER,
-            &self.creds.superuser_password,
-            "postgres",
-        )
-        .await
-        {
+        if let Ok(client) = self.superuser_at(&ip).await {
             if let Ok(standbys) = pg::standbys(&client).await {
                 observed.set_replication(plan, &standbys);
             }
