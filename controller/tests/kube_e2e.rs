@@ -185,7 +185,10 @@ async fn operator_in_cluster_runs_a_real_cluster() {
         "--timeout",
         "120s",
     ]);
-    assert!(ok, "{out}");
+    if !ok {
+        let (_, pods) = kubectl(&["-n", "pgbalancer-system", "describe", "pods"]);
+        panic!("{out}\n{pods}");
+    }
     let _ = kubectl(&["create", "namespace", ns]);
 
     let cluster = "apiVersion: pgbalancer.io/v1alpha1\nkind: PgBalancerCluster\nmetadata:\n  name: demo\nspec:\n  replicas: 2\n  postgres:\n    version: 17\n    storage: {size: 1Gi, fixPermissions: true}\n  balancer: {instances: 1, numInitChildren: 16, maxPool: 2}\n";

@@ -71,6 +71,11 @@ failSwapOn: false
 cgroupsPerQOS: false
 enforceNodeAllocatable: []
 evictionHard: {}
+# The node shares this machine's Docker engine: the kubelet must never garbage-collect its
+# images (the locally built operator, instance and balancer images have no registry to
+# pull them back from). 100 turns image garbage collection off.
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
 clusterDNS: [$dns_ip]
 clusterDomain: cluster.local
 authentication:

@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use bollard::query_parameters::{BuildImageOptions, CreateImageOptions};
+use bollard::query_parameters::{BuildImageOptions, CreateImageOptions, RemoveImageOptions};
 use bollard::Docker;
 use futures::StreamExt;
 
@@ -248,6 +248,7 @@ async fn build_one(
 ) -> Result<(), DockerError> {
     let context = build_context(files)
         .map_err(|e| DockerError::Conflict(format!("build context of {tag}: {e}")))?;
+    let replaced = docker.inspect_image(tag).await.ok().and_then(|i| i.id);
     let options = BuildImageOptions {
         t: Some(tag.to_owned()),
         rm: true,
@@ -275,6 +276,14 @@ async fn build_one(
                 last.trim()
             )));
         }
+    }
+    // A rebuild leaves the image it replaced untagged; drop it unless a container still
+    // runs it (the engine refuses then, and that is fine).
+    let current = docker.inspect_image(tag).await.ok().and_then(|i| i.id);
+    if let Some(old) = replaced.filter(|old| Some(old) != current.as_ref()) {
+        let _ = docker
+            .remove_image(&old, None::<RemoveImageOptions>, None)
+            .await;
     }
     Ok(())
 }
