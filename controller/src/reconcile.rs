@@ -521,7 +521,10 @@ pub fn decide(plan: &Plan, observed: &Observed, record: &Record) -> Vec<Action> 
             Some(seen) if !seen.running && seen.state != "restarting" => {
                 actions.push(Action::StartBalancer(b.index))
             }
-            Some(seen) if seen.routing && !seen.nodes.is_empty() => {
+            // Its node list, not whether it routes: a balancer whose primary node went down
+            // (its health checks failed while the primary was cut off) routes nothing until
+            // that node is attached again.
+            Some(seen) if seen.running && !seen.nodes.is_empty() => {
                 let missing = plan
                     .instances
                     .iter()

@@ -118,6 +118,77 @@ async fn agent_api_bctl_metrics_and_live_scaling() {
         api.call("POST", "/api/v1/nodes/1/detach", Some("wrong")).0,
         401
     );
+    // Tried systematically: every answer is a 4xx with a JSON error, nothing changes.
+    let big = vec![b'x'; 4 << 20];
+    let mut tried = Vec::new();
+    for (method, path, token, body) in [
+        ("GET", "/api/v1/nodes/-1", None, None),
+        ("GET", "/api/v1/nodes/99999999999999999999", None, None),
+        ("GET", "/api/v1/nodes/1%3BDROP", None, None),
+        ("GET", "/api/v1/nodes/1.5", None, None),
+        ("GET", "/api/v1/nodes/%00", None, None),
+        ("PUT", "/api/v1/nodes", None, None),
+        ("DELETE", "/api/v1/nodes/1", Some(api.token.as_str()), None),
+        ("PATCH", "/api/v1/status", None, None),
+        (
+            "POST",
+            "/api/v1/nodes/x/detach",
+            Some(api.token.as_str()),
+            None,
+        ),
+        (
+            "POST",
+            "/api/v1/nodes/99/detach",
+            Some(api.token.as_str()),
+            None,
+        ),
+        ("POST", "/api/v1/nodes/1/detach", Some(""), None),
+        ("POST", "/api/v1/nodes/1/detach", Some("Bearer"), None),
+        (
+            "POST",
+            "/api/v1/nodes/1/detach",
+            None,
+            Some(&b"{not json"[..]),
+        ),
+        ("POST", "/api/v1/control/reload", None, Some(&big[..])),
+        (
+            "POST",
+            "/api/v1/nodes/1/detach",
+            Some("wrong"),
+            Some(&big[..]),
+        ),
+    ] {
+        let url = format!("{}{path}", api.base);
+        let mut req = ureq::request(method, &url).timeout(Duration::from_secs(30));
+        if let Some(t) = token {
+            req = req.set("Authorization", &format!("Bearer {t}"));
+        }
+        let answer = match body {
+            Some(b) => req.send_bytes(b),
+            None => req.call(),
+        };
+        let code = match answer {
+            Ok(r) => r.status(),
+            Err(ureq::Error::Status(code, _)) => code,
+            // A server may close on a body it refuses to read.
+            Err(e) if body.is_some_and(|b| b.len() > 1 << 20) => {
+                tried.push(format!(
+                    "{method} {path} ({} bytes): closed: {e}",
+                    big.len()
+                ));
+                continue;
+            }
+            Err(e) => panic!("{method} {path}: {e}"),
+        };
+        assert!(
+            (400..500).contains(&code),
+            "{method} {path} answered {code}"
+        );
+        tried.push(format!("{method} {path}: {code}"));
+    }
+    println!("tried on the REST API:\n{}", tried.join("\n"));
+    assert_eq!(api.get("/api/v1/status").1["healthy_nodes"], 2);
+
     let (code, body) = api.post("/api/v1/nodes/0/detach");
     assert_eq!(code, 409, "{body}");
     assert!(body["error"].as_str().unwrap().contains("primary"));

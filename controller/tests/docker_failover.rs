@@ -14,284 +14,16 @@
 mod common;
 
 use std::fs::File;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::traffic::*;
 use common::*;
 use serde_json::Value;
-use tokio_postgres::NoTls;
 
 /// The scenarios share the machine's two cores: one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// Connects with a short timeout; `None` when the server does not answer.
-async fn try_connect(
-    port: u16,
-    user: &str,
-    password: &str,
-    db: &str,
-) -> Option<tokio_postgres::Client> {
-    let (client, conn) = tokio::time::timeout(
-        Duration::from_secs(2),
-        tokio_postgres::Config::new()
-            .host("127.0.0.1")
-            .port(port)
-            .user(user)
-            .password(password)
-            .dbname(db)
-            .connect_timeout(Duration::from_millis(800))
-            .connect(NoTls),
-    )
-    .await
-    .ok()?
-    .ok()?;
-    tokio::spawn(conn);
-    Some(client)
-}
-
-/// One write through the balancer on a fresh connection; whether it was acknowledged.
-async fn write(balancer: u16, password: &str, id: i32) -> bool {
-    let attempt = async {
-        let c = try_connect(balancer, "app", password, "app").await?;
-        c.execute("INSERT INTO ledger VALUES ($1)", &[&id])
-            .await
-            .ok()
-    };
-    matches!(
-        tokio::time::timeout(Duration::from_secs(3), attempt).await,
-        Ok(Some(1))
-    )
-}
-
-/// Host ports of the cluster's PostgreSQL containers that run now (they change when a
-/// stopped container starts again).
-fn instance_ports(name: &str) -> Vec<u16> {
-    docker(&[
-        "ps",
-        "--filter",
-        &format!("label=app.kubernetes.io/instance={name}"),
-        "--filter",
-        "label=app.kubernetes.io/component=postgres",
-        "--format",
-        "{{.Ports}}",
-    ])
-    .lines()
-    .filter_map(|ports| {
-        ports
-            .split(", ")
-            .find(|p| p.ends_with("->5432/tcp"))
-            .and_then(|p| p.split("->").next())
-            .and_then(|host| host.rsplit(':').next())
-            .and_then(|port| port.parse().ok())
-    })
-    .collect()
-}
-
-/// Samples every instance every 100 ms until `stop`; the most that accepted writes at once.
-fn watch_writable(
-    name: &'static str,
-    superuser: String,
-    stop: Arc<AtomicBool>,
-) -> tokio::task::JoinHandle<usize> {
-    let most = Arc::new(AtomicUsize::new(0));
-    tokio::spawn(async move {
-        let mut ports = instance_ports(name);
-        for round in 0..6000 {
-            if stop.load(Ordering::Relaxed) {
-                break;
-            }
-            if round % 10 == 9 {
-                ports = instance_ports(name);
-            }
-            let mut writable = 0;
-            for &port in &ports {
-                if let Some(c) = try_connect(port, "postgres", &superuser, "postgres").await {
-                    if let Ok(row) = c.query_one("SELECT pg_is_in_recovery()", &[]).await {
-                        if !row.get::<_, bool>(0) {
-                            writable += 1;
-                        }
-                    }
-                }
-            }
-            most.fetch_max(writable, Ordering::Relaxed);
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        most.load(Ordering::Relaxed)
-    })
-}
-
-/// Every write attempted: id, when it started, and whether it was acknowledged.
-type Ledger = Vec<(i32, Instant, bool)>;
-
-/// Writes ids 1, 2, … through the balancer every 50 ms until `stop`, into `ledger`.
-fn writer(
-    balancer: u16,
-    password: String,
-    stop: Arc<AtomicBool>,
-    ledger: Arc<Mutex<Ledger>>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        for id in 1..=4000 {
-            if stop.load(Ordering::Relaxed) {
-                break;
-            }
-            let at = Instant::now();
-            let ok = write(balancer, &password, id).await;
-            ledger.lock().unwrap().push((id, at, ok));
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-}
-
-/// Acknowledged writes started after `since`.
-fn acked_since(ledger: &Mutex<Ledger>, since: Instant) -> usize {
-    ledger
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|w| w.2 && w.1 >= since)
-        .count()
-}
-
-/// The longest time writes failed: from the last acknowledged write before a failure to the
-/// next acknowledged one.
-fn write_gap(ledger: &Ledger) -> Duration {
-    let mut gap = Duration::ZERO;
-    let mut last_ok: Option<Instant> = None;
-    let mut failing = false;
-    for &(_, at, ok) in ledger {
-        match (ok, failing, last_ok) {
-            (true, true, Some(before)) => {
-                gap = gap.max(at - before);
-                failing = false;
-                last_ok = Some(at);
-            }
-            (true, _, _) => {
-                failing = false;
-                last_ok = Some(at);
-            }
-            (false, _, _) => failing = true,
-        }
-    }
-    gap
-}
-
-/// Every acknowledged write is on the primary (read there directly: through the balancer the
-/// read may go to a replica still replaying).
-async fn acknowledged_writes_present(primary_port: u64, password: &str, ledger: &Ledger) {
-    let acked: Vec<i32> = ledger.iter().filter(|w| w.2).map(|w| w.0).collect();
-    let present: Vec<i32> = connect(primary_port, "app", password, "app")
-        .await
-        .query("SELECT id FROM ledger ORDER BY id", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let missing: Vec<&i32> = acked.iter().filter(|id| !present.contains(id)).collect();
-    assert!(missing.is_empty(), "acknowledged writes lost: {missing:?}");
-}
-
-/// The primary's name in a status document, if any.
-fn primary(doc: &Value) -> Option<String> {
-    doc["primary"]["name"].as_str().map(str::to_owned)
-}
-
-/// Waits up to `secs` for `check` on the status document; the last document seen.
-async fn status_until(
-    s: &Scenario,
-    name: &str,
-    secs: u64,
-    check: impl Fn(&Value) -> bool,
-) -> (bool, Value) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        // The command blocks; the writer and the watcher keep running on other threads.
-        let out = tokio::task::block_in_place(|| s.pgbalancer(&["status", name, "-o", "json"]));
-        let doc: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-        if check(&doc) {
-            return (true, doc);
-        }
-        if Instant::now() > deadline {
-            return (false, doc);
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-}
-
-/// Brings up `name` with two replicas and a ledger table; the status document with secrets.
-async fn up_with_ledger(s: &Scenario, name: &str) -> Value {
-    up_with_ledger_spec(s, name, "  replicas: 2\n").await
-}
-
-/// [`up_with_ledger`] with the given spec lines.
-async fn up_with_ledger_spec(s: &Scenario, name: &str, spec: &str) -> Value {
-    let file = s.file("c.yaml", &cluster_yaml(name, spec));
-    let out = s.pgbalancer(&["up", "-f", file.to_str().unwrap()]);
-    assert_success(&out);
-    assert!(text(&out).contains("failover: automatic"), "{}", text(&out));
-    let doc = s.status(name);
-    assert_eq!(doc["controller"]["state"], "running", "{doc}");
-    assert_eq!(primary(&doc).as_deref(), Some(format!("{name}-0").as_str()));
-    let password = doc["secrets"]["password"].as_str().unwrap();
-    connect(
-        doc["balancer"]["port"].as_u64().unwrap(),
-        "app",
-        password,
-        "app",
-    )
-    .await
-    .batch_execute("CREATE TABLE ledger (id int PRIMARY KEY)")
-    .await
-    .unwrap();
-    doc
-}
-
-async fn in_recovery(port: u64, superuser: &str) -> Option<bool> {
-    try_connect(port as u16, "postgres", superuser, "postgres")
-        .await?
-        .query_one("SELECT pg_is_in_recovery()", &[])
-        .await
-        .ok()
-        .map(|r| r.get(0))
-}
-
-/// The writer and the watcher started on cluster `name`, once writes go through: the stop
-/// flag, the watcher (the most instances seen writable at once), the ledger and the writer.
-async fn traffic(
-    name: &'static str,
-    balancer: u16,
-    password: &str,
-    superuser: &str,
-) -> (
-    Arc<AtomicBool>,
-    tokio::task::JoinHandle<usize>,
-    Arc<Mutex<Ledger>>,
-    tokio::task::JoinHandle<()>,
-) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let watcher = watch_writable(name, superuser.to_owned(), stop.clone());
-    let ledger = Arc::new(Mutex::new(Ledger::new()));
-    let writes = writer(balancer, password.to_owned(), stop.clone(), ledger.clone());
-    let started = Instant::now();
-    let before = eventually(30, || async { acked_since(&ledger, started) >= 10 }).await;
-    assert!(before, "writes through the balancer do not go through");
-    (stop, watcher, ledger, writes)
-}
-
-/// `docker <how> <name>-0`, then waits (at most 60 s) for the status to name another
-/// primary; that status document.
-async fn lose_primary(s: &Scenario, name: &str, how: &[&str]) -> Value {
-    let old = format!("{name}-0");
-    assert!(!docker(&[how, &[old.as_str()]].concat()).is_empty());
-    let (moved, doc) = status_until(s, name, 60, |d| primary(d).is_some_and(|p| p != old)).await;
-    assert!(
-        moved,
-        "no new primary 60 s after the old one stopped: {doc}"
-    );
-    doc
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stopped_primary_fails_over_with_no_command_running_and_rejoins_as_a_replica() {
@@ -318,7 +50,7 @@ async fn primary_lost(name: &'static str, how: &[&str]) {
     let balancer = doc["balancer"]["port"].as_u64().unwrap() as u16;
     let ids_before = container_ids(name);
 
-    let (stop, watcher, ledger, writes) = traffic(name, balancer, &password, &superuser).await;
+    let traffic = Traffic::start(name, balancer, &password, &superuser).await;
 
     // The primary goes away; no pgbalancer command runs from here on.
     let stopped_at = Instant::now();
@@ -326,15 +58,16 @@ async fn primary_lost(name: &'static str, how: &[&str]) {
     let new_primary = primary(&doc).unwrap();
     let moved_in = stopped_at.elapsed();
     // The writer gets through again, several times.
-    let after = eventually(60, || async { acked_since(&ledger, stopped_at) >= 10 }).await;
+    let after = eventually(60, || async { traffic.acked_since(stopped_at) >= 10 }).await;
     assert!(
         after,
         "writes through the balancer did not resume after the failover"
     );
-    stop.store(true, Ordering::Relaxed);
-    writes.await.unwrap();
-    let ledger = std::mem::take(&mut *ledger.lock().unwrap());
-    let most_writable = watcher.await.unwrap();
+    let Outcome {
+        ledger,
+        most_writable,
+        ..
+    } = traffic.finish().await;
 
     let gap = write_gap(&ledger);
     eprintln!(
@@ -560,23 +293,22 @@ async fn with_synchronous_replication_a_failover_keeps_every_acknowledged_commit
     assert!(quorum, "the replicas are not quorum standbys");
     drop(admin);
 
-    let (stop, watcher, ledger, writes) = traffic(NAME, balancer, &password, &superuser).await;
+    let traffic = Traffic::start(NAME, balancer, &password, &superuser).await;
 
     let stopped_at = Instant::now();
     lose_primary(&s, NAME, &["stop"]).await;
     // With the old primary stopped, the other replica is the quorum: commits go on.
-    let after = eventually(60, || async { acked_since(&ledger, stopped_at) >= 10 }).await;
+    let after = eventually(60, || async { traffic.acked_since(stopped_at) >= 10 }).await;
     assert!(
         after,
         "writes did not resume after the synchronous failover"
     );
-    stop.store(true, Ordering::Relaxed);
-    writes.await.unwrap();
-    let ledger = std::mem::take(&mut *ledger.lock().unwrap());
-    assert!(
-        watcher.await.unwrap() <= 1,
-        "two instances accepted writes at once"
-    );
+    let Outcome {
+        ledger,
+        most_writable,
+        ..
+    } = traffic.finish().await;
+    assert!(most_writable <= 1, "two instances accepted writes at once");
     eprintln!(
         "MEASURED synchronous failover: writes through the balancer failed for {:.1} s",
         write_gap(&ledger).as_secs_f64()

@@ -147,21 +147,39 @@ impl SeedConfig {
                 message: format!("node ids must run 1..={replicas}; {gap} is missing"),
             });
         }
-        let number = |key: &str, default: u32| {
-            self.balancers[index]
-                .config
-                .get(key)
-                .and_then(Value::as_u64)
-                .and_then(|v| u32::try_from(v).ok())
-                .unwrap_or(default)
+        // The origin tool passed these to pgpool as text: numbers may be written as strings.
+        let config = &self.balancers[index].config;
+        let number = |key: &str, default: u32| -> Result<u32, SeedError> {
+            let value = match config.get(key) {
+                None | Some(Value::Null) => return Ok(default),
+                Some(Value::Number(n)) => n.as_u64().and_then(|v| u32::try_from(v).ok()),
+                Some(Value::String(s)) => s.trim().parse().ok(),
+                Some(_) => None,
+            };
+            value.ok_or_else(|| SeedError::Field {
+                field: field(&format!("config.{key}")),
+                message: format!("{} is not a whole number", config[key]),
+            })
         };
         let load_balance = match b.config.get("load_balance_mode") {
+            None | Some(Value::Null) => true,
             Some(Value::Bool(v)) => *v,
-            Some(Value::String(s)) => !matches!(
-                s.to_ascii_lowercase().as_str(),
-                "off" | "false" | "no" | "0"
-            ),
-            _ => true,
+            Some(Value::String(s)) => match s.to_ascii_lowercase().as_str() {
+                "on" | "true" | "yes" | "1" => true,
+                "off" | "false" | "no" | "0" => false,
+                _ => {
+                    return Err(SeedError::Field {
+                        field: field("config.load_balance_mode"),
+                        message: format!("`{s}` is neither on nor off"),
+                    })
+                }
+            },
+            Some(other) => {
+                return Err(SeedError::Field {
+                    field: field("config.load_balance_mode"),
+                    message: format!("{other} is neither on nor off"),
+                })
+            }
         };
         let spec = PgBalancerClusterSpec {
             replicas: i32::try_from(replicas).unwrap_or(i32::MAX),
@@ -173,8 +191,8 @@ impl SeedConfig {
             balancer: BalancerSpec {
                 instances: 1,
                 image: None,
-                num_init_children: number("num_init_children", 32),
-                max_pool: number("max_pool", 4),
+                num_init_children: number("num_init_children", 32)?,
+                max_pool: number("max_pool", 4)?,
                 load_balance_mode: load_balance,
             },
             auth: AuthSpec::default(),
@@ -340,6 +358,82 @@ mod tests {
         assert!(
             err.contains("balancers[0]") && err.contains("pcp_port"),
             "{err}"
+        );
+    }
+
+    /// Truncated files, wrong types and duplicate names: each refused with the path or the
+    /// name in the message; the list of what was tried is printed.
+    #[test]
+    fn bad_seed_files_are_refused_naming_what_is_wrong() {
+        let cases: Vec<(String, &str)> = vec![
+            (SEED[..SEED.len() / 2].to_owned(), "EOF"),
+            (String::new(), "EOF"),
+            ("[]".to_owned(), "expected struct"),
+            (
+                SEED.replacen("\"port\": 19999", "\"port\": \"19999\"", 1),
+                "balancers[0].port",
+            ),
+            (
+                SEED.replacen("\"port\": 15432", "\"port\": 99999", 1),
+                "balancers[0].primary.port",
+            ),
+            (
+                SEED.replacen("\"node_id\": 2", "\"node_id\": -2", 1),
+                "balancers[0].replicas[1].node_id",
+            ),
+            (
+                SEED.replacen(
+                    "\"num_init_children\": 32",
+                    "\"num_init_children\": \"many\"",
+                    1,
+                ),
+                "balancers[0].config.num_init_children",
+            ),
+            (
+                SEED.replacen("\"balancers\": [", "\"balancers\": {\"x\": [", 1),
+                "balancers",
+            ),
+            (
+                SEED.replacen(
+                    "\"load_balance_mode\": \"on\"",
+                    "\"load_balance_mode\": \"maybe\"",
+                    1,
+                ),
+                "balancers[0].config.load_balance_mode",
+            ),
+            (
+                SEED.replacen("\"name\": \"lb2\"", "\"name\": \"lb1\"", 1),
+                "lb1",
+            ),
+            (
+                SEED.replacen("\"node_id\": 2", "\"node_id\": 1", 1),
+                "node_id",
+            ),
+        ];
+        let mut tried = Vec::new();
+        for (text, expect) in &cases {
+            let message = match SeedConfig::parse(text) {
+                Err(e) => e.to_string(),
+                Ok(seed) => match seed.clusters().and_then(|c| {
+                    crate::validate::validate_set(&c).map_err(|e| SeedError::Field {
+                        field: "clusters".into(),
+                        message: e.to_string(),
+                    })
+                }) {
+                    Err(e) => e.to_string(),
+                    Ok(()) => panic!("accepted a bad seed (expecting {expect})"),
+                },
+            };
+            assert!(
+                message.contains(expect),
+                "expected {expect:?} in: {message}"
+            );
+            tried.push(format!("{expect:<40} -> {message}"));
+        }
+        println!(
+            "tried {} bad seed files:\n{}",
+            tried.len(),
+            tried.join("\n")
         );
     }
 }

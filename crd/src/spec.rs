@@ -270,7 +270,8 @@ pub struct LocalSpec {
     /// The Docker network the containers join.
     #[serde(default)]
     pub network: LocalNetwork,
-    /// Host ports. Absent ports are picked by Docker and shown by `pgbalancer status`.
+    /// Host ports. An absent port is a free one chosen when the container is created, kept
+    /// across restarts of the container and of the engine, and shown by `pgbalancer status`.
     #[serde(default)]
     pub ports: LocalPorts,
     /// Host address the ports are published on. Loopback unless set.

@@ -15,6 +15,9 @@
 #   (data.diverged) and a fresh clone made. It never starts writable.
 # - otherwise the data directory starts as it is; a replica always streams from
 #   PGB_PRIMARY_HOST, following timeline changes (`recovery_target_timeline = latest`).
+# - on Kubernetes, a primary with data waits until the API server answers before it starts
+#   (its labels file may be stale); with live.sh as its liveness probe it steps down by itself
+#   when fenced or cut off (see live.sh).
 #
 # Inputs: /etc/pgbalancer/{postgresql.conf,pg_hba.conf,role}, /etc/pgbalancer/secrets/*
 # (copied there from PGB_CONFIG_FROM when set), and PGB_PRIMARY_HOST, PGB_SLOT_NAME,
@@ -126,6 +129,9 @@ rejoin() {
 if [ -n "${PGB_CONFIG_FROM:-}" ]; then
   # Kubernetes: ConfigMap and Secret files are mounted read-only and group-readable; copy them
   # where the server and libpq expect them, private to this user.
+  # Copies left by an earlier start of this container (a scratch volume outlives it) are
+  # read-only: replaced, never written into.
+  rm -rf "$CONF/postgresql.conf" "$CONF/pg_hba.conf" "$SECRETS"
   mkdir -p "$SECRETS"
   cp "$PGB_CONFIG_FROM"/postgresql.conf "$PGB_CONFIG_FROM"/pg_hba.conf "$CONF"/
   for f in "$PGB_CONFIG_FROM"/secrets/*; do cp "$f" "$SECRETS/$(basename "$f")"; done
@@ -141,6 +147,22 @@ if [ -z "$given" ]; then
   [ -n "$given" ] || { log "no role given"; exit 1; }
 fi
 log "role: $given"
+
+# On Kubernetes the labels file is only as fresh as the kubelet's view of the API server: a
+# primary that cannot reach it may have been replaced meanwhile, so it does not start writable
+# until it can (bounded: after 10 minutes the container exits and is started again).
+if [ -n "${PGB_ROLE_FROM_LABELS:-}" ] && [ "$given" = primary ] && [ -s "$PGDATA/PG_VERSION" ]; then
+  i=0
+  until pgbalancer-live --api; do
+    [ "$i" -eq 0 ] && log "the API server does not answer: not starting as primary until it does"
+    i=$((i + 1))
+    [ "$i" -lt 600 ] || { log "the API server did not answer for 10 minutes"; exit 1; }
+    sleep 1
+  done
+  given=$(role)
+  [ -n "$given" ] || { log "no role given"; exit 1; }
+  log "role: $given"
+fi
 
 if [ ! -s "$PGDATA/PG_VERSION" ]; then
   if [ "$given" = primary ]; then

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The tests' Kubernetes: etcd, kube-apiserver, kube-controller-manager (garbage collection,
 # StatefulSets, Deployments) and kube-scheduler from the binaries built by
-# build-kubernetes.sh, on loopback. `start` prints `export KUBECONFIG=...`; `stop` ends it all.
+# build-kubernetes.sh, on loopback. `start` prints `export KUBECONFIG=...`; `stop` ends it all;
+# `pause-apiserver [SECONDS]` stops the API server for SECONDS (default 30) and starts it again
+# with the same command, returning once it is ready.
 set -euo pipefail
 
 cache=${PGBALANCER_K8S_CACHE:-/var/cache/pgbalancer/kubernetes-1.20.2-p1}
@@ -21,8 +23,33 @@ stop() {
   done
 }
 
+run() {
+  local name=$1; shift
+  nohup "$@" >>"$dir/$name.log" 2>&1 &
+  echo $! >"$dir/$name.pid"
+}
+
+ready() {
+  for _ in $(seq 1 120); do
+    kubectl --kubeconfig "$dir/kubeconfig" get --raw /readyz >/dev/null 2>&1 && return 0
+    sleep 0.5
+  done
+  kubectl --kubeconfig "$dir/kubeconfig" get --raw /readyz >/dev/null || { tail -20 "$dir/kube-apiserver.log" >&2; exit 1; }
+}
+
 if [ "$cmd" = stop ]; then
   stop
+  exit 0
+fi
+
+if [ "$cmd" = pause-apiserver ]; then
+  pid=$(cat "$dir/kube-apiserver.pid")
+  mapfile -d '' args <"/proc/$pid/cmdline"
+  kill "$pid"
+  for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  sleep "${2:-30}"
+  run kube-apiserver "${args[@]}"
+  ready
   exit 0
 fi
 
@@ -40,12 +67,6 @@ openssl genrsa -out "$dir/sa.key" 2048 2>/dev/null
 openssl rsa -in "$dir/sa.key" -pubout -out "$dir/sa.pub" 2>/dev/null
 advertise=${PGBALANCER_K8S_ADVERTISE:-127.0.0.1}
 bind=${PGBALANCER_K8S_BIND:-127.0.0.1}
-
-run() {
-  local name=$1; shift
-  nohup "$@" >"$dir/$name.log" 2>&1 &
-  echo $! >"$dir/$name.pid"
-}
 
 run etcd etcd --data-dir "$dir/etcd" --listen-client-urls http://127.0.0.1:23790 \
   --advertise-client-urls http://127.0.0.1:23790 --listen-peer-urls http://127.0.0.1:23800 \
@@ -74,11 +95,7 @@ contexts:
   context: {cluster: test, user: admin}
 current-context: test
 KC
-for _ in $(seq 1 120); do
-  kubectl --kubeconfig "$dir/kubeconfig" get --raw /readyz >/dev/null 2>&1 && break
-  sleep 0.5
-done
-kubectl --kubeconfig "$dir/kubeconfig" get --raw /readyz >/dev/null || { tail -20 "$dir/kube-apiserver.log" >&2; exit 1; }
+ready
 # The serving CA (second certificate of the self-signed bundle) for ServiceAccount tokens.
 awk 'BEGIN{n=0} /BEGIN CERT/{n++} n==2' "$dir/certs/apiserver.crt" >"$dir/ca.crt"
 run kube-controller-manager "$cache/kube-controller-manager" --kubeconfig "$dir/kubeconfig" \

@@ -99,11 +99,14 @@ run dnsmasq dnsmasq --keep-in-foreground --listen-address=$dns_ip --bind-interfa
 cat >"$dir/dns-sync.sh" <<'SYNC'
 #!/usr/bin/env bash
 # Writes every Service (ClusterIP) and headless endpoint as hosts lines; HUPs dnsmasq on change.
+# While the API server does not answer, the last names stay (as a DNS cache would serve them).
 kc=$1; hosts=$2; pidfile=$3
-while true; do
-  new=$(mktemp)
-  kubectl --kubeconfig "$kc" get svc -A -o jsonpath='{range .items[*]}{.spec.clusterIP} {.metadata.name}.{.metadata.namespace}.svc.cluster.local{"\n"}{end}' 2>/dev/null | grep -v '^None ' >>"$new"
-  kubectl --kubeconfig "$kc" get endpoints -A -o json 2>/dev/null | python3 -c '
+names() {
+  local svc eps
+  svc=$(kubectl --kubeconfig "$kc" get svc -A -o jsonpath='{range .items[*]}{.spec.clusterIP} {.metadata.name}.{.metadata.namespace}.svc.cluster.local{"\n"}{end}' 2>/dev/null) || return 1
+  eps=$(kubectl --kubeconfig "$kc" get endpoints -A -o json 2>/dev/null) || return 1
+  grep -v '^None ' <<<"$svc"
+  python3 -c '
 import json,sys
 for e in json.load(sys.stdin)["items"]:
     svc=e["metadata"]["name"]; ns=e["metadata"]["namespace"]
@@ -111,8 +114,11 @@ for e in json.load(sys.stdin)["items"]:
         for a in (s.get("addresses") or [])+(s.get("notReadyAddresses") or []):
             if a.get("hostname"):
                 print(a["ip"], "%s.%s.%s.svc.cluster.local" % (a["hostname"], svc, ns))
-' >>"$new"
-  if ! cmp -s "$new" "$hosts"; then
+' <<<"$eps"
+}
+while true; do
+  new=$(mktemp)
+  if names >"$new" && ! cmp -s "$new" "$hosts"; then
     mv "$new" "$hosts"
     [ -f "$pidfile" ] && kill -HUP "$(cat "$pidfile")" 2>/dev/null
   else

@@ -1,11 +1,19 @@
-//! Supervision of the pgpool process: start it, restart it when it exits (after a short
-//! backoff), and stop it cleanly (`pgpool -m fast stop`) when the agent stops.
+//! Supervision of the pgpool process: start it, restart it when it exits (after a backoff
+//! from 100 ms, doubling up to 5 s while it keeps exiting), ending whatever it left behind
+//! first, and stop it cleanly (`pgpool -m fast stop`) when the agent stops.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::AgentConfig;
+
+/// Pause before restarting a pgpool that exited after running for [`STABLE_AFTER`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+/// Longest pause between restarts of a pgpool that keeps exiting.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// A pgpool that ran this long is restarted after [`FIRST_BACKOFF`] again.
+const STABLE_AFTER: Duration = Duration::from_secs(30);
 
 /// Handle to the supervised pgpool.
 pub struct Supervisor {
@@ -28,14 +36,27 @@ impl Supervisor {
         );
         tokio::spawn(async move {
             let mut first = true;
+            let mut backoff = FIRST_BACKOFF;
+            let mut started = std::time::Instant::now();
             while !s.load(Ordering::SeqCst) {
                 if !first {
                     n.fetch_add(1, Ordering::SeqCst);
-                    tracing::warn!("pgpool exited; restarting");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    // Quick after a pgpool that ran a while; slower when it keeps failing.
+                    if started.elapsed() > STABLE_AFTER {
+                        backoff = FIRST_BACKOFF;
+                    }
+                    tracing::warn!(
+                        in_ms = backoff.as_millis() as u64,
+                        "pgpool exited; restarting"
+                    );
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
                 first = false;
+                started = std::time::Instant::now();
+                // Its own process group: when the parent dies its children must go with it.
                 let child = tokio::process::Command::new(&cfg.pgpool)
+                    .process_group(0)
                     .args(["-n", "-D", "-f"])
                     .arg(cfg.path("pgpool.conf"))
                     .arg("-F")
@@ -46,9 +67,24 @@ impl Supervisor {
                 match child {
                     Ok(mut child) => {
                         r.store(true, Ordering::SeqCst);
-                        let status = child.wait().await;
+                        let group = child.id();
+                        let pid_file = pid_file(&cfg.path("pgpool.conf"));
+                        let status = tokio::select! {
+                            status = child.wait() => status,
+                            () = lost_pid_file(pid_file) => {
+                                tracing::error!(
+                                    "pgpool's pid file is gone while it runs (it is no longer \
+                                     whole): restarting it"
+                                );
+                                let _ = child.start_kill();
+                                child.wait().await
+                            }
+                        };
                         r.store(false, Ordering::SeqCst);
                         tracing::info!(?status, "pgpool exited");
+                        if let Some(group) = group {
+                            end_orphans(group).await;
+                        }
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "cannot start pgpool");
@@ -91,5 +127,83 @@ impl Supervisor {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+}
+
+/// Ends what is left of a pgpool whose main process exited: its children (sessions, PCP,
+/// health checks) keep the listening sockets and serve on without failover handling, and a new
+/// pgpool could not bind. Killed, and reaped when they were handed to this process (the agent
+/// is the container's first process).
+async fn end_orphans(group: u32) {
+    use nix::sys::signal::{killpg, Signal};
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    use nix::unistd::Pid;
+
+    let group = Pid::from_raw(group as i32);
+    if killpg(group, Signal::SIGKILL).is_ok() {
+        tracing::warn!("killed the processes pgpool left behind");
+    }
+    let negative = Pid::from_raw(-group.as_raw());
+    for _ in 0..10_000 {
+        match waitpid(negative, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => tokio::time::sleep(Duration::from_millis(1)).await,
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+}
+
+/// `pid_file_name` of the pgpool.conf at `conf`, if set.
+fn pid_file(conf: &std::path::Path) -> Option<std::path::PathBuf> {
+    let text = std::fs::read_to_string(conf).ok()?;
+    text.lines().find_map(|line| {
+        let (key, value) = line.split_once('=')?;
+        (key.trim() == "pid_file_name")
+            .then(|| value.trim().trim_matches('\'').into())
+            .filter(|p: &std::path::PathBuf| !p.as_os_str().is_empty())
+    })
+}
+
+/// Returns once the pid file of a running pgpool has been missing at two checks 5 s apart: a
+/// child that ran the main process's exit handler (seen with pgpool-II 4.6.1 when it restarts
+/// its children) removes it and the Unix sockets, and pgpool then fails on its semaphore.
+/// Never returns without a pid file to watch.
+async fn lost_pid_file(path: Option<std::path::PathBuf>) {
+    let Some(path) = path else {
+        return std::future::pending().await;
+    };
+    let mut missing = 0;
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        if path.exists() {
+            missing = 0;
+        } else {
+            missing += 1;
+            if missing >= 2 {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pid_file_is_read_from_pgpool_conf() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("pgpool.conf");
+        std::fs::write(
+            &conf,
+            "port = 9999\npid_file_name = '/var/run/pgbalancer/pgpool.pid'\n",
+        )
+        .unwrap();
+        assert_eq!(
+            pid_file(&conf),
+            Some("/var/run/pgbalancer/pgpool.pid".into())
+        );
+        std::fs::write(&conf, "port = 9999\n").unwrap();
+        assert_eq!(pid_file(&conf), None);
     }
 }

@@ -132,6 +132,23 @@ fn scale_up_adds_the_slot_then_attaches_it() {
 }
 
 #[test]
+fn a_primary_node_down_is_attached_although_the_balancer_routes_nothing() {
+    // The primary was cut off long enough for the balancer's health checks to take its node
+    // down; it answers again, but the balancer has no primary and is not ready.
+    let mut observed = converged(2);
+    let b = observed.balancers.get_mut(&0).unwrap();
+    b.routing = false;
+    b.nodes[0] = node(0, "down");
+    assert_eq!(
+        decide(&plan(2), &observed, &Record::settled(0)),
+        [Action::AttachBackend {
+            balancer: 0,
+            slot: 0
+        }]
+    );
+}
+
+#[test]
 fn scale_down_detaches_before_removing_and_never_touches_the_primary() {
     let mut observed = converged(2);
     let actions = decide(&plan(0), &observed, &Record::settled(0));

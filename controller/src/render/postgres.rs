@@ -32,6 +32,11 @@ pub fn postgresql_conf(plan: &Plan) -> String {
          hot_standby = on\n\
          hot_standby_feedback = on\n\
          wal_receiver_status_interval = '1s'\n\
+         # A peer that stopped answering is given up after 10 s (not 60): a standby cut off\n\
+         # from its primary reconnects sooner, and a primary stepping down is not held by its\n\
+         # WAL senders waiting on standbys it cannot reach.\n\
+         wal_sender_timeout = '10s'\n\
+         wal_receiver_timeout = '10s'\n\
          # Logs go to the container's stderr.\n\
          logging_collector = off\n\
          log_destination = 'stderr'\n\

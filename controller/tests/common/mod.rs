@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tokio_postgres::{Client, NoTls};
 
+pub mod kube;
+pub mod traffic;
+
 /// A scenario: a cluster name, a private state directory, and cleanup on drop.
 pub struct Scenario {
     pub name: String,

@@ -234,3 +234,142 @@ fn synchronous_number_must_fit_the_replicas() {
         ["spec.postgres.parameters.synchronous_standby_names"]
     );
 }
+
+/// Every field, with wrong types and values out of range: each is refused, and the message
+/// names the field. The list of what was tried is printed (`cargo test -- --nocapture`).
+#[test]
+fn every_field_refuses_wrong_types_and_ranges_naming_itself() {
+    let cases: &[(&str, &str)] = &[
+        ("  replicas: three\n", "spec.replicas"),
+        ("  replicas: -1\n", "spec.replicas"),
+        ("  replicas: 33\n", "spec.replicas"),
+        ("  replicas: 2.5\n", "spec.replicas"),
+        ("  replicas: [1]\n", "spec.replicas"),
+        ("  postgres: {version: 9}\n", "spec.postgres.version"),
+        (
+            "  postgres: {version: seventeen}\n",
+            "spec.postgres.version",
+        ),
+        (
+            "  postgres: {database: \"a b\"}\n",
+            "spec.postgres.database",
+        ),
+        ("  postgres: {database: 5}\n", "spec.postgres.database"),
+        ("  postgres: {user: postgres}\n", "spec.postgres.user"),
+        ("  postgres: {user: \"\"}\n", "spec.postgres.user"),
+        (
+            "  postgres: {storage: {size: lots}}\n",
+            "spec.postgres.storage.size",
+        ),
+        (
+            "  postgres: {storage: {size: -1Gi}}\n",
+            "spec.postgres.storage.size",
+        ),
+        (
+            "  postgres: {storage: {fixPermissions: maybe}}\n",
+            "spec.postgres.storage.fixPermissions",
+        ),
+        (
+            "  postgres: {parameters: {max_connections: many}}\n",
+            "spec.postgres.parameters.max_connections",
+        ),
+        (
+            "  postgres: {parameters: {port: \"6000\"}}\n",
+            "spec.postgres.parameters.port",
+        ),
+        (
+            "  postgres: {parameters: [1, 2]}\n",
+            "spec.postgres.parameters",
+        ),
+        (
+            "  replicas: 1\n  postgres: {synchronous: {number: 2}}\n",
+            "spec.postgres.synchronous.number",
+        ),
+        (
+            "  postgres: {synchronous: {number: 0}}\n",
+            "spec.postgres.synchronous.number",
+        ),
+        (
+            "  postgres: {synchronous: {number: one}}\n",
+            "spec.postgres.synchronous.number",
+        ),
+        (
+            "  failover: {delaySeconds: 0}\n",
+            "spec.failover.delaySeconds",
+        ),
+        (
+            "  failover: {delaySeconds: 301}\n",
+            "spec.failover.delaySeconds",
+        ),
+        (
+            "  failover: {delaySeconds: soon}\n",
+            "spec.failover.delaySeconds",
+        ),
+        ("  failover: {enabled: perhaps}\n", "spec.failover.enabled"),
+        (
+            "  failover: {maxLagBytes: -5}\n",
+            "spec.failover.maxLagBytes",
+        ),
+        ("  balancer: {instances: 0}\n", "spec.balancer.instances"),
+        ("  balancer: {instances: 100}\n", "spec.balancer.instances"),
+        (
+            "  balancer: {numInitChildren: 0}\n",
+            "spec.balancer.numInitChildren",
+        ),
+        (
+            "  balancer: {numInitChildren: lots}\n",
+            "spec.balancer.numInitChildren",
+        ),
+        ("  balancer: {maxPool: 0}\n", "spec.balancer.maxPool"),
+        ("  balancer: {maxPool: 1.5}\n", "spec.balancer.maxPool"),
+        (
+            "  local: {bindAddress: somewhere}\n",
+            "spec.local.bindAddress",
+        ),
+        (
+            "  local: {network: {name: \"bad name\"}}\n",
+            "spec.local.network.name",
+        ),
+        (
+            "  local: {network: {subnet: 10.0.0.0/99}}\n",
+            "spec.local.network.subnet",
+        ),
+        (
+            "  local: {network: {subnet: 10.0.0.0}}\n",
+            "spec.local.network.subnet",
+        ),
+        (
+            "  local: {ports: {postgres: 70000}}\n",
+            "spec.local.ports.postgres",
+        ),
+        (
+            "  local: {ports: {balancer: http}}\n",
+            "spec.local.ports.balancer",
+        ),
+        (
+            "  local: {ports: {postgres: 5432, balancer: 5432}}\n",
+            "spec.local.ports",
+        ),
+        ("  unknownField: 1\n", "spec.unknownField"),
+        ("  postgres: {verison: 17}\n", "spec.postgres.verison"),
+    ];
+    let mut tried = Vec::new();
+    for (spec, field) in cases {
+        let text = format!(
+            "apiVersion: pgbalancer.io/v1alpha1\nkind: PgBalancerCluster\nmetadata: {{name: demo}}\nspec:\n{spec}"
+        );
+        let message = match parse_documents(&text) {
+            Err(e) => e.to_string(),
+            Ok(clusters) => match validate(&clusters[0]) {
+                Err(e) => e.to_string(),
+                Ok(()) => panic!("accepted: {spec}"),
+            },
+        };
+        assert!(
+            message.contains(field),
+            "{spec:?}: the message does not name {field}: {message}"
+        );
+        tried.push(format!("{:<48} -> {message}", spec.trim()));
+    }
+    println!("tried {} bad specs:\n{}", tried.len(), tried.join("\n"));
+}

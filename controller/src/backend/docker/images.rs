@@ -18,6 +18,7 @@ use crate::plan::{default_balancer_image, default_postgres_image};
 const POSTGRES_DOCKERFILE: &str = include_str!("../../../../images/postgres/Dockerfile");
 const POSTGRES_ENTRYPOINT: &str = include_str!("../../../../images/postgres/entrypoint.sh");
 const POSTGRES_READY: &str = include_str!("../../../../images/postgres/ready.sh");
+const POSTGRES_LIVE: &str = include_str!("../../../../images/postgres/live.sh");
 const BALANCER_DOCKERFILE: &str = include_str!("../../../../images/balancer/Dockerfile");
 
 /// Debian suite that ships PostgreSQL `version`.
@@ -88,6 +89,7 @@ pub async fn build(
                 ("Dockerfile", POSTGRES_DOCKERFILE.as_bytes(), 0o644),
                 ("entrypoint.sh", POSTGRES_ENTRYPOINT.as_bytes(), 0o755),
                 ("ready.sh", POSTGRES_READY.as_bytes(), 0o755),
+                ("live.sh", POSTGRES_LIVE.as_bytes(), 0o755),
             ],
             &[
                 ("BASE_IMAGE", base_tag(suite)),

@@ -9,6 +9,7 @@ mod error;
 mod exec;
 pub mod images;
 pub mod objects;
+mod ports;
 pub mod preflight;
 
 use std::collections::HashMap;
@@ -254,7 +255,14 @@ impl DockerBackend {
         }
     }
 
-    async fn create_instance(&self, plan: &Plan, ordinal: u32) -> Result<(), DockerError> {
+    /// Creates instance `ordinal`; published ports Docker would pick take `previous` (those of
+    /// the container it replaces) or a free one.
+    async fn create_instance(
+        &self,
+        plan: &Plan,
+        ordinal: u32,
+        previous: &ports::HostPorts,
+    ) -> Result<(), DockerError> {
         let inst = plan
             .instance(ordinal)
             .ok_or_else(|| DockerError::Missing(format!("instance {ordinal}")))?;
@@ -270,10 +278,17 @@ impl DockerBackend {
         let body = objects::instance_container(plan, inst);
         let files = objects::instance_files(plan, inst.role, &self.creds)
             .map_err(|e| DockerError::Conflict(format!("configuration archive: {e}")))?;
-        self.create_and_start(&inst.container, body, files).await
+        self.create_and_start(&inst.container, body, files, previous)
+            .await
     }
 
-    async fn create_balancer(&self, plan: &Plan, index: u32) -> Result<(), DockerError> {
+    /// Creates balancer `index`, its ports as [`Self::create_instance`] does.
+    async fn create_balancer(
+        &self,
+        plan: &Plan,
+        index: u32,
+        previous: &ports::HostPorts,
+    ) -> Result<(), DockerError> {
         let b = plan
             .balancer
             .instances
@@ -282,15 +297,19 @@ impl DockerBackend {
         let body = objects::balancer_container(plan, b);
         let files = objects::balancer_files(plan, &self.creds)
             .map_err(|e| DockerError::Conflict(format!("configuration archive: {e}")))?;
-        self.create_and_start(&b.container, body, files).await
+        self.create_and_start(&b.container, body, files, previous)
+            .await
     }
 
     async fn create_and_start(
         &self,
         name: &str,
-        body: bollard::models::ContainerCreateBody,
+        mut body: bollard::models::ContainerCreateBody,
         files: Vec<u8>,
+        previous: &ports::HostPorts,
     ) -> Result<(), DockerError> {
+        ports::pin(&mut body, previous)
+            .map_err(|e| DockerError::Conflict(format!("no free host port for {name}: {e}")))?;
         let created = self
             .docker
             .create_container(
@@ -303,10 +322,17 @@ impl DockerBackend {
             .await
             .map_err(DockerError::api(format!("create container {name}")))?;
         self.upload(&created.id, files).await?;
-        self.docker
+        let started = self
+            .docker
             .start_container(&created.id, None)
             .await
-            .map_err(DockerError::api(format!("start container {name}")))
+            .map_err(DockerError::api(format!("start container {name}")));
+        if started.is_err() {
+            // A container that cannot start (its port was taken in the meantime) would be
+            // started again and again; removed, the next attempt creates it afresh.
+            let _ = self.remove_container(&created.id).await;
+        }
+        started
     }
 
     async fn upload(&self, container: &str, files: Vec<u8>) -> Result<(), DockerError> {
@@ -504,14 +530,20 @@ impl DockerBackend {
         self.pcp(plan, index, "pcp_reload_config", None).await
     }
 
+    /// Removes and creates the container again; its host ports stay as they were (unless the
+    /// plan now names others).
     async fn replace(&self, plan: &Plan, component: &str, ordinal: u32) -> Result<(), DockerError> {
+        let mut previous = ports::HostPorts::new();
         if let Ok(id) = self.container_of(plan, component, ordinal).await {
+            if let Ok(old) = self.docker.inspect_container(&id, None).await {
+                previous = ports::of(&old);
+            }
             self.remove_container(&id).await?;
         }
         if component == labels::POSTGRES {
-            self.create_instance(plan, ordinal).await
+            self.create_instance(plan, ordinal, &previous).await
         } else {
-            self.create_balancer(plan, ordinal).await
+            self.create_balancer(plan, ordinal, &previous).await
         }
     }
 
@@ -622,11 +654,17 @@ impl Backend for DockerBackend {
     async fn apply(&self, plan: &Plan, action: Action) -> Result<(), DockerError> {
         match action {
             Action::EnsureNetwork => self.ensure_network(plan).await,
-            Action::CreateInstance(o) => self.create_instance(plan, o).await,
+            Action::CreateInstance(o) => {
+                self.create_instance(plan, o, &ports::HostPorts::new())
+                    .await
+            }
             Action::ReplaceInstance(o) => self.replace(plan, labels::POSTGRES, o).await,
             Action::StartInstance(o) => self.start(plan, labels::POSTGRES, o).await,
             Action::RemoveInstance(o) => self.remove_instance(plan, o).await,
-            Action::CreateBalancer(i) => self.create_balancer(plan, i).await,
+            Action::CreateBalancer(i) => {
+                self.create_balancer(plan, i, &ports::HostPorts::new())
+                    .await
+            }
             Action::ReplaceBalancer(i) => self.replace(plan, labels::BALANCER, i).await,
             Action::StartBalancer(i) => self.start(plan, labels::BALANCER, i).await,
             Action::RemoveBalancer(i) => {

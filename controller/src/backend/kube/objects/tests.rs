@@ -89,6 +89,16 @@ fn statefulsets_are_owned_labelled_and_replicas_clone_from_rw() {
         .as_ref()
         .unwrap();
     assert_eq!(security.run_as_non_root, Some(true));
+    // The primary steps down by itself through its liveness check (images/postgres/live.sh).
+    let live = template.spec.as_ref().unwrap().containers[0]
+        .liveness_probe
+        .as_ref()
+        .and_then(|p| p.exec.as_ref())
+        .and_then(|e| e.command.clone());
+    assert_eq!(
+        live,
+        Some(vec!["/usr/local/bin/pgbalancer-live".to_owned()])
+    );
 }
 
 #[test]
@@ -153,4 +163,91 @@ fn services_select_by_role() {
         .annotations
         .unwrap()
         .contains_key(crate::labels::CONFIG_HASH));
+}
+
+#[test]
+fn pods_meet_pod_security_restricted_with_read_only_roots() {
+    let p = plan(1);
+    let c = creds();
+    let instance = statefulset(&p, &owner(), &p.instances[0], &c)
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap();
+    let balancer = balancer_deployment(&p, &owner(), &c)
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap();
+    for pod in [&instance, &balancer] {
+        let security = pod.security_context.as_ref().unwrap();
+        assert_eq!(security.run_as_non_root, Some(true));
+        assert_ne!(security.run_as_user, Some(0));
+        assert_eq!(
+            security.seccomp_profile.as_ref().map(|s| s.type_.as_str()),
+            Some("RuntimeDefault")
+        );
+        assert!(
+            pod.init_containers.is_none(),
+            "no root init container by default"
+        );
+        assert!(!pod.host_network.unwrap_or(false) && !pod.host_pid.unwrap_or(false));
+        for container in &pod.containers {
+            let s = container.security_context.as_ref().unwrap();
+            assert_eq!(
+                s.allow_privilege_escalation,
+                Some(false),
+                "{}",
+                container.name
+            );
+            assert_eq!(
+                s.read_only_root_filesystem,
+                Some(true),
+                "{}",
+                container.name
+            );
+            assert_eq!(s.privileged, None, "{}", container.name);
+            let caps = s.capabilities.as_ref().unwrap();
+            assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_owned()][..]));
+            assert!(caps.add.is_none(), "{}", container.name);
+            // Every mount is a declared volume; the writable ones are scratch or data.
+            let volumes: Vec<&str> = pod
+                .volumes
+                .iter()
+                .flatten()
+                .map(|v| v.name.as_str())
+                .collect();
+            for mount in container.volume_mounts.iter().flatten() {
+                assert!(
+                    volumes.contains(&mount.name.as_str()) || mount.name == "data",
+                    "{}: {} is not a volume",
+                    container.name,
+                    mount.name
+                );
+            }
+        }
+    }
+    // The one exception, opt-in: the init container that hands the data volume to the
+    // PostgreSQL user runs as root with CHOWN and FOWNER only.
+    let mut fixing = plan(1);
+    fixing.postgres.fix_permissions = true;
+    let init = statefulset(&fixing, &owner(), &fixing.instances[0], &c)
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap()
+        .init_containers
+        .unwrap();
+    let caps = init[0]
+        .security_context
+        .as_ref()
+        .and_then(|s| s.capabilities.clone())
+        .unwrap();
+    assert_eq!(
+        caps.add,
+        Some(vec!["CHOWN".to_owned(), "FOWNER".to_owned()])
+    );
 }

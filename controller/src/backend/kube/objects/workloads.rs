@@ -6,11 +6,11 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapProjection, Container, ContainerPort, DownwardAPIVolumeFile,
-    DownwardAPIVolumeSource, EnvVar, ExecAction, HTTPGetAction, KeyToPath, Lifecycle,
-    LifecycleHandler, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, SeccompProfile,
-    SecretProjection, SecurityContext, TCPSocketAction, Volume, VolumeMount, VolumeProjection,
-    VolumeResourceRequirements,
+    DownwardAPIVolumeSource, EmptyDirVolumeSource, EnvVar, ExecAction, HTTPGetAction, KeyToPath,
+    Lifecycle, LifecycleHandler, ObjectFieldSelector, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ProjectedVolumeSource, SeccompProfile, SecretProjection, SecurityContext, TCPSocketAction,
+    Volume, VolumeMount, VolumeProjection, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -47,6 +47,8 @@ fn pod_security() -> PodSecurityContext {
     }
 }
 
+/// Pod Security "restricted" for every long-running container, with a read-only root file
+/// system: what the processes write goes to the data volume or to [`scratch`] directories.
 fn container_security() -> SecurityContext {
     SecurityContext {
         allow_privilege_escalation: Some(false),
@@ -54,9 +56,42 @@ fn container_security() -> SecurityContext {
             drop: Some(vec!["ALL".into()]),
             add: None,
         }),
+        read_only_root_filesystem: Some(true),
         ..Default::default()
     }
 }
+
+/// Writable scratch directories (emptyDir) of a container whose root file system is
+/// read-only: one volume `scratch-<i>` and its mount per path.
+fn scratch(paths: &[&str]) -> (Vec<Volume>, Vec<VolumeMount>) {
+    paths
+        .iter()
+        .enumerate()
+        .map(|(i, path)| {
+            let name = format!("scratch-{i}");
+            (
+                Volume {
+                    name: name.clone(),
+                    empty_dir: Some(EmptyDirVolumeSource::default()),
+                    ..Default::default()
+                },
+                VolumeMount {
+                    name,
+                    mount_path: (*path).to_owned(),
+                    ..Default::default()
+                },
+            )
+        })
+        .unzip()
+}
+
+/// Where PostgreSQL and its entrypoint write outside the data volume: the configuration and
+/// secrets copied from the projected volume, the Unix socket, temporary files.
+const POSTGRES_SCRATCH: [&str; 3] = [render::CONFIG_DIR, "/var/run/postgresql", "/tmp"];
+/// Seconds a deleted balancer pod keeps serving before it stops (see its preStop hook).
+const BALANCER_DRAIN_SECONDS: u32 = 5;
+/// Where pgpool writes: its pid and status files, its and PCP's Unix sockets.
+const BALANCER_SCRATCH: [&str; 2] = ["/var/run/pgbalancer", "/tmp"];
 
 fn projected(
     name: &str,
@@ -232,6 +267,7 @@ pub fn statefulset(
     let pod_labels = instance_labels(plan, inst);
     let config_hash = content_hash(&render::postgres_files(plan, creds));
     let limits_requests = plan.postgres.resources.clone();
+    let (scratch_volumes, scratch_mounts) = scratch(&POSTGRES_SCRATCH);
     let container = Container {
         name: "postgres".into(),
         image: Some(plan.postgres.image.clone()),
@@ -275,25 +311,41 @@ pub fn statefulset(
             failure_threshold: Some(3),
             ..Default::default()
         }),
-        volume_mounts: Some(vec![
-            VolumeMount {
-                name: "data".into(),
-                mount_path: DATA_VOLUME_DIR.into(),
-                ..Default::default()
-            },
-            VolumeMount {
-                name: "config".into(),
-                mount_path: "/config".into(),
-                read_only: Some(true),
-                ..Default::default()
-            },
-            VolumeMount {
-                name: "podinfo".into(),
-                mount_path: PODINFO_DIR.into(),
-                read_only: Some(true),
-                ..Default::default()
-            },
-        ]),
+        // How a primary steps down by itself: fenced (labelled replica) or cut off from the
+        // API server and every standby (images/postgres/live.sh). Passes in every other state.
+        liveness_probe: Some(Probe {
+            exec: Some(ExecAction {
+                command: Some(vec!["/usr/local/bin/pgbalancer-live".into()]),
+            }),
+            period_seconds: Some(2),
+            timeout_seconds: Some(3),
+            failure_threshold: Some(2),
+            ..Default::default()
+        }),
+        volume_mounts: Some(
+            vec![
+                VolumeMount {
+                    name: "data".into(),
+                    mount_path: DATA_VOLUME_DIR.into(),
+                    ..Default::default()
+                },
+                VolumeMount {
+                    name: "config".into(),
+                    mount_path: "/config".into(),
+                    read_only: Some(true),
+                    ..Default::default()
+                },
+                VolumeMount {
+                    name: "podinfo".into(),
+                    mount_path: PODINFO_DIR.into(),
+                    read_only: Some(true),
+                    ..Default::default()
+                },
+            ]
+            .into_iter()
+            .chain(scratch_mounts)
+            .collect(),
+        ),
         resources: limits_requests,
         security_context: Some(container_security()),
         ..Default::default()
@@ -328,22 +380,27 @@ pub fn statefulset(
                         security_context: Some(pod_security()),
                         termination_grace_period_seconds: Some(60),
                         enable_service_links: Some(false),
-                        volumes: Some(vec![
-                            projected(
-                                "config",
-                                &postgres_config_name(&plan.cluster),
-                                &["postgresql.conf", "pg_hba.conf"],
-                                &postgres_config_name(&plan.cluster),
-                                &[
-                                    "superuser-password",
-                                    "replication-password",
-                                    "app-password",
-                                    "monitor-password",
-                                    "pgpass",
-                                ],
-                            ),
-                            pod_labels_volume(),
-                        ]),
+                        volumes: Some(
+                            vec![
+                                projected(
+                                    "config",
+                                    &postgres_config_name(&plan.cluster),
+                                    &["postgresql.conf", "pg_hba.conf"],
+                                    &postgres_config_name(&plan.cluster),
+                                    &[
+                                        "superuser-password",
+                                        "replication-password",
+                                        "app-password",
+                                        "monitor-password",
+                                        "pgpass",
+                                    ],
+                                ),
+                                pod_labels_volume(),
+                            ]
+                            .into_iter()
+                            .chain(scratch_volumes)
+                            .collect(),
+                        ),
                         ..Default::default()
                     }),
                 },
@@ -372,6 +429,7 @@ pub fn balancer_deployment(
         labels::POD_INSTANCE.to_owned(),
         plan::balancer_name(&plan.cluster),
     );
+    let (scratch_volumes, scratch_mounts) = scratch(&BALANCER_SCRATCH);
     let container = Container {
         name: "balancer".into(),
         image: Some(plan.balancer.image.clone()),
@@ -390,6 +448,18 @@ pub fn balancer_deployment(
             period_seconds: Some(2),
             ..Default::default()
         }),
+        // A pod being deleted leaves the Service's endpoints at once, but every node's proxy
+        // takes a moment to follow: pgpool keeps accepting for that moment, so new
+        // connections never meet a balancer that is already gone.
+        lifecycle: Some(Lifecycle {
+            pre_stop: Some(LifecycleHandler {
+                exec: Some(ExecAction {
+                    command: Some(vec!["sleep".into(), BALANCER_DRAIN_SECONDS.to_string()]),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
         liveness_probe: Some(Probe {
             tcp_socket: Some(TCPSocketAction {
                 port: IntOrString::Int(i32::from(REST_PORT)),
@@ -399,12 +469,16 @@ pub fn balancer_deployment(
             failure_threshold: Some(6),
             ..Default::default()
         }),
-        volume_mounts: Some(vec![VolumeMount {
-            name: "config".into(),
-            mount_path: render::CONFIG_DIR.into(),
-            read_only: Some(true),
-            ..Default::default()
-        }]),
+        volume_mounts: Some(
+            std::iter::once(VolumeMount {
+                name: "config".into(),
+                mount_path: render::CONFIG_DIR.into(),
+                read_only: Some(true),
+                ..Default::default()
+            })
+            .chain(scratch_mounts)
+            .collect(),
+        ),
         security_context: Some(container_security()),
         ..Default::default()
     };
@@ -434,13 +508,17 @@ pub fn balancer_deployment(
                         containers: vec![container],
                         security_context: Some(pod_security()),
                         enable_service_links: Some(false),
-                        volumes: Some(vec![projected(
-                            "config",
-                            &balancer_config_name(&plan.cluster),
-                            &["pgpool.conf", "pool_hba.conf", "pcp.conf"],
-                            &balancer_config_name(&plan.cluster),
-                            &["pool_passwd", "pcppass", "monitor-password", "api-token"],
-                        )]),
+                        volumes: Some(
+                            std::iter::once(projected(
+                                "config",
+                                &balancer_config_name(&plan.cluster),
+                                &["pgpool.conf", "pool_hba.conf", "pcp.conf"],
+                                &balancer_config_name(&plan.cluster),
+                                &["pool_passwd", "pcppass", "monitor-password", "api-token"],
+                            ))
+                            .chain(scratch_volumes)
+                            .collect(),
+                        ),
                         ..Default::default()
                     }),
                 },
