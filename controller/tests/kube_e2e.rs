@@ -291,14 +291,28 @@ async fn operator_in_cluster_runs_a_real_cluster() {
     let (before, replica_uid) = (generations(), pod_uid("demo-1-0"));
     let client = kube::Client::try_default().await.unwrap();
     let clusters: kube::Api<pgbalancer_crd::PgBalancerCluster> = kube::Api::namespaced(client, ns);
-    clusters
-        .patch_status(
-            "demo",
-            &kube::api::PatchParams::default(),
-            &kube::api::Patch::Merge(serde_json::json!({"status": {"targetPrimary": "demo-1"}})),
-        )
-        .await
-        .unwrap();
+    // A status the operator computed before this patch may still be written after it, putting
+    // the old target back: the patch is made again until the new target is seen to hold.
+    let mut taken = false;
+    for _ in 0..10 {
+        clusters
+            .patch_status(
+                "demo",
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(
+                    serde_json::json!({"status": {"targetPrimary": "demo-1"}}),
+                ),
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        let status = &get_json(&["-n", ns, "get", "pgbc", "demo"])["status"];
+        if status["targetPrimary"] == "demo-1" || status["currentPrimary"] == "demo-1" {
+            taken = true;
+            break;
+        }
+    }
+    assert!(taken, "the new target never held");
     await_status(ns, "demo", 180, "primary not moved", |status| {
         status["currentPrimary"] == "demo-1" && status["phase"] == "Running"
     })
