@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod backend;
+pub mod balancer;
 pub mod bctl;
 pub mod cli;
 pub mod credentials;

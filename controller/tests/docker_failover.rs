@@ -42,12 +42,11 @@ async fn primary_lost(name: &'static str, how: &[&str]) {
     let _serial = SERIAL.lock().await;
     let s = Scenario::new(name);
     let doc = up_with_ledger(&s, name).await;
-    let password = doc["secrets"]["password"].as_str().unwrap().to_owned();
-    let superuser = doc["secrets"]["superuserPassword"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let balancer = doc["balancer"]["port"].as_u64().unwrap() as u16;
+    let Access {
+        password,
+        superuser,
+        balancer,
+    } = access(&doc);
     let ids_before = container_ids(name);
 
     let traffic = Traffic::start(name, balancer, &password, &superuser).await;
@@ -145,12 +144,11 @@ async fn a_controller_killed_after_recording_the_failover_is_finished_by_the_res
     let _serial = SERIAL.lock().await;
     let s = Scenario::new(NAME);
     let doc = up_with_ledger(&s, NAME).await;
-    let password = doc["secrets"]["password"].as_str().unwrap().to_owned();
-    let superuser = doc["secrets"]["superuserPassword"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let balancer = doc["balancer"]["port"].as_u64().unwrap() as u16;
+    let Access {
+        password,
+        superuser,
+        balancer,
+    } = access(&doc);
     let controller = doc["controller"]["name"].as_str().unwrap().to_owned();
     let state_file = s.state().join("clusters").join(format!("{NAME}.yaml"));
     let target_of = || -> Option<(Option<u64>, u64, bool)> {
@@ -261,12 +259,11 @@ async fn with_synchronous_replication_a_failover_keeps_every_acknowledged_commit
         "  replicas: 2\n  postgres: {synchronous: {number: 1}}\n",
     )
     .await;
-    let password = doc["secrets"]["password"].as_str().unwrap().to_owned();
-    let superuser = doc["secrets"]["superuserPassword"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let balancer = doc["balancer"]["port"].as_u64().unwrap() as u16;
+    let Access {
+        password,
+        superuser,
+        balancer,
+    } = access(&doc);
     let primary_port = doc["primary"]["port"].as_u64().unwrap();
 
     // The primary runs a quorum of one over its replicas, both candidates.

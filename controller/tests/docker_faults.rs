@@ -38,12 +38,11 @@ async fn survive(s: &Scenario, next_id: &mut i32, fault: &str, inject: impl FnOn
     let (ready, doc) = status_until(s, NAME, 120, healthy).await;
     assert!(ready, "not healthy before {fault}: {doc}");
     let doc = s.status(NAME);
-    let password = doc["secrets"]["password"].as_str().unwrap().to_owned();
-    let superuser = doc["secrets"]["superuserPassword"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let balancer = doc["balancer"]["port"].as_u64().unwrap() as u16;
+    let Access {
+        password,
+        superuser,
+        balancer,
+    } = access(&doc);
     let primary_before = primary(&doc);
 
     let traffic_started = Instant::now();

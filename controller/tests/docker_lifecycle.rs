@@ -41,19 +41,10 @@ async fn assert_replicas_have_rows(doc: &Value, password: &str, rows: i64) {
 }
 
 async fn pool_nodes(port: u64, password: &str) -> Vec<(String, String)> {
-    let client = connect(port, "app", password, "app").await;
-    client
-        .simple_query("SHOW POOL_NODES")
+    pool_node_columns(port, password, &["node_id", "status"])
         .await
-        .unwrap()
         .into_iter()
-        .filter_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => Some((
-                r.get("node_id").unwrap().to_owned(),
-                r.get("status").unwrap().to_owned(),
-            )),
-            _ => None,
-        })
+        .map(|r| (r[0].clone(), r[1].clone()))
         .collect()
 }
 

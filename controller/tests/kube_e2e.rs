@@ -8,7 +8,7 @@
 mod common;
 
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use common::kube::*;
 use common::{eventually, kubectl};
@@ -25,6 +25,40 @@ fn up_nodes(ip: &str) -> usize {
                 .map(|n| n.iter().filter(|n| n["status"] == "up").count())
         })
         .unwrap_or(0)
+}
+
+/// A session through the balancer Service. The Service refuses connections while no balancer
+/// pod is ready; how long that lasted is printed, as it is an outage to clients.
+async fn through_service(ip: &str, password: &str) -> tokio_postgres::Client {
+    let started = Instant::now();
+    let mut last = None;
+    while started.elapsed() < Duration::from_secs(60) {
+        match tokio_postgres::Config::new()
+            .host(ip)
+            .port(9999)
+            .user("app")
+            .password(password)
+            .dbname("app")
+            .connect_timeout(Duration::from_secs(5))
+            .connect(tokio_postgres::NoTls)
+            .await
+        {
+            Ok((client, conn)) => {
+                tokio::spawn(conn);
+                if last.is_some() {
+                    eprintln!(
+                        "MEASURED the balancer Service refused sessions for {:.1} s ({last:?}); balancer pods: {}",
+                        started.elapsed().as_secs_f64(),
+                        kubectl(&["-n", "e2e", "get", "pods", "-l", "app.kubernetes.io/component=balancer", "-o", "wide"]).1
+                    );
+                }
+                return client;
+            }
+            Err(e) => last = Some(e.to_string()),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    panic!("the balancer Service refused sessions for 60 s: {last:?}");
 }
 
 async fn rows_on(ip: &str, password: &str) -> Option<i64> {
@@ -130,16 +164,7 @@ async fn operator_in_cluster_runs_a_real_cluster() {
     // Sessions open through the balancer, each bound by pgpool to one node for its reads.
     let mut sessions = Vec::new();
     for _ in 0..6 {
-        let (client, conn) = tokio_postgres::Config::new()
-            .host(&balancer_ip)
-            .port(9999)
-            .user("app")
-            .password(&password)
-            .dbname("app")
-            .connect(tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(conn);
+        let client = through_service(&balancer_ip, &password).await;
         let node = client
             .simple_query("SHOW POOL_NODES")
             .await
@@ -291,28 +316,24 @@ async fn operator_in_cluster_runs_a_real_cluster() {
     let (before, replica_uid) = (generations(), pod_uid("demo-1-0"));
     let client = kube::Client::try_default().await.unwrap();
     let clusters: kube::Api<pgbalancer_crd::PgBalancerCluster> = kube::Api::namespaced(client, ns);
-    // A status the operator computed before this patch may still be written after it, putting
-    // the old target back: the patch is made again until the new target is seen to hold.
-    let mut taken = false;
-    for _ in 0..10 {
-        clusters
-            .patch_status(
-                "demo",
-                &kube::api::PatchParams::default(),
-                &kube::api::Patch::Merge(
-                    serde_json::json!({"status": {"targetPrimary": "demo-1"}}),
-                ),
-            )
-            .await
-            .unwrap();
-        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    // Status writes are conditional on the version read: a status the operator computed before
+    // this patch is refused, never written over it.
+    clusters
+        .patch_status(
+            "demo",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"status": {"targetPrimary": "demo-1"}})),
+        )
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         let status = &get_json(&["-n", ns, "get", "pgbc", "demo"])["status"];
-        if status["targetPrimary"] == "demo-1" || status["currentPrimary"] == "demo-1" {
-            taken = true;
-            break;
-        }
+        assert!(
+            status["targetPrimary"] == "demo-1" || status["currentPrimary"] == "demo-1",
+            "the operator put the old target back: {status}"
+        );
     }
-    assert!(taken, "the new target never held");
     await_status(ns, "demo", 180, "primary not moved", |status| {
         status["currentPrimary"] == "demo-1" && status["phase"] == "Running"
     })

@@ -194,6 +194,7 @@ impl SeedConfig {
                 num_init_children: number("num_init_children", 32)?,
                 max_pool: number("max_pool", 4)?,
                 load_balance_mode: load_balance,
+                ..BalancerSpec::default()
             },
             auth: AuthSpec::default(),
             failover: FailoverSpec::default(),

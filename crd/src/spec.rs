@@ -225,6 +225,75 @@ pub struct BalancerSpec {
     /// Send read-only queries to the replicas (pgpool `load_balance_mode`).
     #[serde(default = "default_true")]
     pub load_balance_mode: bool,
+    /// The engine behind the balancer's port: `pgpool` (pgpool-II) or `native` (the built-in
+    /// read/write-splitting proxy). The REST API, `bctl` and metrics are the same for both.
+    #[serde(default)]
+    pub engine: BalancerEngine,
+    /// Native engine: which reads a replica may serve. `session` (default): a session reads
+    /// its own writes; `strict`: a read sees every write acknowledged through this balancer
+    /// before it began; `eventual`: any replica within the lag bound.
+    #[serde(default)]
+    pub consistency: ReadConsistency,
+    /// Native engine: where statements calling functions it does not know run. `primary`
+    /// (default: they may write) or `replica` (the application's functions do not write).
+    #[serde(default)]
+    pub unknown_functions: UnknownFunctions,
+}
+
+/// The balancer's engine.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum BalancerEngine {
+    /// pgpool-II, supervised by the balancer's agent.
+    #[default]
+    Pgpool,
+    /// The built-in engine.
+    Native,
+}
+
+/// Which reads a replica may serve (native engine).
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadConsistency {
+    /// Any replica within the lag bound.
+    Eventual,
+    /// A session reads its own writes.
+    #[default]
+    Session,
+    /// A read sees every write acknowledged through the balancer before it began.
+    Strict,
+}
+
+/// Where statements calling unknown functions run (native engine).
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownFunctions {
+    /// On the primary: the function may write.
+    #[default]
+    Primary,
+    /// On a replica too: the application's functions do not write.
+    Replica,
+}
+
+impl BalancerEngine {
+    /// The name the agent takes (`PGBALANCER_ENGINE`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BalancerEngine::Pgpool => "pgpool",
+            BalancerEngine::Native => "native",
+        }
+    }
+}
+
+impl ReadConsistency {
+    /// The name the agent takes (`PGBALANCER_CONSISTENCY`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReadConsistency::Eventual => "eventual",
+            ReadConsistency::Session => "session",
+            ReadConsistency::Strict => "strict",
+        }
+    }
 }
 
 fn default_balancer_instances() -> i32 {
@@ -248,6 +317,9 @@ impl Default for BalancerSpec {
             num_init_children: default_num_init_children(),
             max_pool: default_max_pool(),
             load_balance_mode: true,
+            engine: BalancerEngine::default(),
+            consistency: ReadConsistency::default(),
+            unknown_functions: UnknownFunctions::default(),
         }
     }
 }

@@ -82,12 +82,11 @@ fn node_json(n: &Node) -> Value {
 }
 
 async fn live_nodes(agent: &Agent) -> Result<Vec<Node>, Response> {
-    let nodes = match pgpool::connect(&agent.config).await {
-        Ok(client) => pgpool::nodes(&client).await,
-        // pgpool refuses SQL while every backend is down; PCP still answers.
-        Err(_) => pgpool::nodes_via_pcp(&agent.config).await,
-    }
-    .map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    let nodes = agent
+        .engine
+        .nodes(&agent.config)
+        .await
+        .map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, e))?;
     Ok(current(agent, nodes))
 }
 
@@ -115,30 +114,28 @@ fn parse_id(id: &str) -> Result<u32, Response> {
 
 async fn status(State(agent): Shared) -> Response {
     let uptime = agent.started.elapsed().as_secs();
-    let live = async {
-        let client = pgpool::connect(&agent.config).await?;
-        let nodes = current(&agent, pgpool::nodes(&client).await?);
-        let procs = pgpool::processes(&client).await?;
-        let version = pgpool::version(&client).await?;
-        Ok::<_, pgpool::PgpoolError>((nodes, procs, version))
-    };
-    match live.await {
-        Ok((nodes, procs, version)) => Json(json!({
-            "status": "running",
-            "uptime": uptime,
-            "version": version,
-            "connections": procs.iter().filter(|p| p.is_active()).count(),
-            "nodes": nodes.len(),
-            "healthy_nodes": nodes.iter().filter(|n| n.is_up()).count(),
-            "processes": procs.len(),
-            "pgpool_restarts": agent.pgpool.restarts(),
-        }))
-        .into_response(),
+    match agent.engine.live(&agent.config).await {
+        Ok(live) => {
+            let nodes = current(&agent, live.nodes);
+            Json(json!({
+                "status": "running",
+                "engine": agent.engine.name(),
+                "uptime": uptime,
+                "version": live.version,
+                "connections": live.clients,
+                "nodes": nodes.len(),
+                "healthy_nodes": nodes.iter().filter(|n| n.is_up()).count(),
+                "processes": live.processes.len(),
+                "pgpool_restarts": agent.engine.restarts(),
+            }))
+            .into_response()
+        }
         Err(e) => Json(json!({
-            "status": if agent.pgpool.is_running() { "not answering" } else { "down" },
+            "status": if agent.engine.is_running() { "not answering" } else { "down" },
+            "engine": agent.engine.name(),
             "uptime": uptime,
-            "error": e.to_string(),
-            "pgpool_restarts": agent.pgpool.restarts(),
+            "error": e,
+            "pgpool_restarts": agent.engine.restarts(),
         }))
         .into_response(),
     }
@@ -220,9 +217,9 @@ async fn attach(State(agent): Shared, headers: HeaderMap, Path(id): Path<String>
         return Json(json!({ "message": format!("node {id} is already attached") }))
             .into_response();
     }
-    match pgpool::pcp(&agent.config, "pcp_attach_node", Some(id)).await {
-        Ok(_) => settled(&agent, id, true, "attached").await,
-        Err(e) => error(StatusCode::BAD_GATEWAY, e.to_string()),
+    match agent.engine.set_attached(&agent.config, id, true).await {
+        Ok(()) => settled(&agent, id, true, "attached").await,
+        Err(e) => error(StatusCode::BAD_GATEWAY, e),
     }
 }
 
@@ -274,11 +271,11 @@ async fn detach(
 
 async fn detach_now(agent: &Agent, id: u32) -> Response {
     agent.manually_detached.lock().await.insert(id);
-    match pgpool::pcp(&agent.config, "pcp_detach_node", Some(id)).await {
-        Ok(_) => settled(agent, id, false, "detached").await,
+    match agent.engine.set_attached(&agent.config, id, false).await {
+        Ok(()) => settled(agent, id, false, "detached").await,
         Err(e) => {
             agent.manually_detached.lock().await.remove(&id);
-            error(StatusCode::BAD_GATEWAY, e.to_string())
+            error(StatusCode::BAD_GATEWAY, e)
         }
     }
 }
@@ -308,40 +305,30 @@ async fn reload(State(agent): Shared, headers: HeaderMap) -> Response {
     if let Err(r) = authorized(&agent, &headers) {
         return r;
     }
-    match pgpool::pcp(&agent.config, "pcp_reload_config", None).await {
-        Ok(_) => Json(json!({ "message": "configuration reloaded" })).into_response(),
-        Err(e) => error(StatusCode::BAD_GATEWAY, e.to_string()),
+    match agent.engine.reload(&agent.config).await {
+        Ok(()) => Json(json!({ "message": "configuration reloaded" })).into_response(),
+        Err(e) => error(StatusCode::BAD_GATEWAY, e),
     }
 }
 
 async fn processes(State(agent): Shared) -> Response {
-    let result = async {
-        let client = pgpool::connect(&agent.config).await?;
-        pgpool::processes(&client).await
-    };
-    match result.await {
-        Ok(procs) => Json(json!({
-            "processes": procs.iter().map(|p| json!({ "pid": p.pid, "status": p.status })).collect::<Vec<_>>()
+    match agent.engine.live(&agent.config).await {
+        Ok(live) => Json(json!({
+            "processes": live.processes.iter().map(|p| json!({ "pid": p.pid, "status": p.status })).collect::<Vec<_>>(),
+            "clients": live.clients,
         }))
         .into_response(),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
     }
 }
 
 async fn health_stats(State(agent): Shared) -> Response {
-    let result = async {
-        let client = pgpool::connect(&agent.config).await?;
-        Ok::<_, pgpool::PgpoolError>((
-            current(&agent, pgpool::nodes(&client).await?),
-            pgpool::processes(&client).await?,
-        ))
-    };
-    let (nodes, procs) = match result.await {
-        Ok(v) => v,
+    let (nodes, procs, clients) = match agent.engine.live(&agent.config).await {
+        Ok(live) => (current(&agent, live.nodes), live.processes, live.clients),
         Err(e) => {
             return (
                 StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({ "health": "unhealthy", "checks": { "pgpool": e.to_string() } })),
+                Json(json!({ "health": "unhealthy", "checks": { "pgpool": e } })),
             )
                 .into_response()
         }
@@ -371,36 +358,29 @@ async fn health_stats(State(agent): Shared) -> Response {
     Json(json!({
         "health": health,
         "checks": {
-            "pgpool_process": if agent.pgpool.is_running() { "running" } else { "down" },
+            "pgpool_process": if agent.engine.is_running() { "running" } else { "down" },
             "backend_connectivity": format!("{up} of {} nodes up", nodes.len()),
             "primary": primary.map(|p| format!("node {}", p.id)).unwrap_or_else(|| "none".into()),
         },
         "stats": {
-            "total_connections": procs.len(),
-            "active_connections": procs.iter().filter(|p| p.is_active()).count(),
+            "total_connections": procs.len().max(clients),
+            "active_connections": clients,
             "total_selects": selects,
             "selects_per_second": rate,
-            "pgpool_restarts": agent.pgpool.restarts(),
+            "pgpool_restarts": agent.engine.restarts(),
         },
     }))
     .into_response()
 }
 
 async fn prometheus(State(agent): Shared) -> Response {
-    let live = async {
-        let client = pgpool::connect(&agent.config).await?;
-        Ok::<_, pgpool::PgpoolError>((
-            current(&agent, pgpool::nodes(&client).await?),
-            pgpool::processes(&client).await?,
-        ))
-    };
-    let (up, nodes, procs) = match live.await {
-        Ok((n, p)) => (true, n, p),
+    let (up, nodes, procs) = match agent.engine.live(&agent.config).await {
+        Ok(live) => (true, current(&agent, live.nodes), live.processes),
         Err(_) => (false, Vec::new(), Vec::new()),
     };
     let text = metrics::render(&Snapshot {
         pgpool_up: up,
-        restarts: agent.pgpool.restarts(),
+        restarts: agent.engine.restarts(),
         nodes: &nodes,
         processes: &procs,
     });
@@ -408,7 +388,7 @@ async fn prometheus(State(agent): Shared) -> Response {
 }
 
 async fn healthz(State(agent): Shared) -> Response {
-    if !agent.pgpool.is_running() {
+    if !agent.engine.is_running() {
         return error(StatusCode::SERVICE_UNAVAILABLE, "pgpool is not running");
     }
     match live_nodes(&agent).await {

@@ -1,12 +1,17 @@
-//! The balancer agent (`pgbalancer-agent`): runs next to pgpool-II in the balancer container,
-//! supervises it, keeps its backends in line with the rendered configuration, and serves the
-//! pgBalancer REST API and Prometheus metrics from live pgpool data.
+//! The balancer agent (`pgbalancer-agent`): runs the balancer's engine in the balancer
+//! container (pgpool-II, supervised, or the native engine, in process), keeps its backends in
+//! line with the rendered configuration, and serves the pgBalancer REST API and Prometheus
+//! metrics from the engine's live data.
 //!
-//! Layout: `supervisor` (process lifecycle), `pgpool` (SQL and PCP access), `sync` (backend
-//! list follows `pgpool.conf` without restarts), `api` (HTTP), `metrics` (text format, pure).
+//! Layout: `engine` (either engine, one interface), `supervisor` (pgpool's lifecycle),
+//! `pgpool` (SQL and PCP access), `sync` (pgpool's backend list follows `pgpool.conf` without
+//! restarts), `native` (the native engine from the same files), `api` (HTTP), `metrics`
+//! (text format, pure).
 
 pub mod api;
+pub mod engine;
 pub mod metrics;
+pub mod native;
 pub mod pgpool;
 pub mod supervisor;
 pub mod sync;
@@ -39,6 +44,16 @@ pub struct AgentConfig {
     /// Seconds between backend-list checks.
     #[arg(long, default_value_t = 1)]
     pub sync_interval: u64,
+    /// The engine serving clients.
+    #[arg(long, env = "PGBALANCER_ENGINE", value_enum, default_value_t = engine::EngineKind::Pgpool)]
+    pub engine: engine::EngineKind,
+    /// Native engine: which reads may go to replicas.
+    #[arg(long, env = "PGBALANCER_CONSISTENCY", value_enum, default_value_t = crate::balancer::Consistency::Session)]
+    pub consistency: crate::balancer::Consistency,
+    /// Native engine: statements calling functions it does not know run on a replica too
+    /// (declare that the application's functions do not write).
+    #[arg(long, env = "PGBALANCER_READ_ONLY_FUNCTIONS")]
+    pub read_only_functions: bool,
 }
 
 impl AgentConfig {
@@ -59,8 +74,8 @@ impl AgentConfig {
 pub struct Agent {
     /// Configuration.
     pub config: AgentConfig,
-    /// The supervised pgpool.
-    pub pgpool: supervisor::Supervisor,
+    /// The engine serving clients.
+    pub engine: engine::Engine,
     /// When the agent started.
     pub started: Instant,
     /// Nodes detached through the API: the sync loop leaves them detached.
@@ -71,15 +86,33 @@ pub struct Agent {
 
 /// Runs the agent until SIGTERM or SIGINT, then stops pgpool cleanly.
 pub async fn run(config: AgentConfig) -> std::io::Result<()> {
-    let pgpool = supervisor::Supervisor::start(&config);
+    let engine = match config.engine {
+        engine::EngineKind::Pgpool => {
+            engine::Engine::Pgpool(supervisor::Supervisor::start(&config))
+        }
+        engine::EngineKind::Native => {
+            let settings = crate::balancer::Settings {
+                consistency: config.consistency,
+                unknown_functions: if config.read_only_functions {
+                    crate::balancer::classify::UnknownFunctions::Replica
+                } else {
+                    crate::balancer::classify::UnknownFunctions::Primary
+                },
+                ..Default::default()
+            };
+            engine::Engine::Native(native::start(&config, settings).await?)
+        }
+    };
     let agent = Arc::new(Agent {
         config: config.clone(),
-        pgpool,
+        engine,
         started: Instant::now(),
         manually_detached: Mutex::new(BTreeSet::new()),
         last_sample: Mutex::new(None),
     });
-    tokio::spawn(sync::run(agent.clone()));
+    if matches!(agent.engine, engine::Engine::Pgpool(_)) {
+        tokio::spawn(sync::run(agent.clone()));
+    }
     let listener = tokio::net::TcpListener::bind(&config.listen).await?;
     tracing::info!(listen = %config.listen, "agent serving");
     let app = api::router(agent.clone());
@@ -94,6 +127,6 @@ pub async fn run(config: AgentConfig) -> std::io::Result<()> {
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await?;
-    agent.pgpool.stop(&config).await;
+    agent.engine.stop(&config).await;
     Ok(())
 }

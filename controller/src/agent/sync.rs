@@ -31,7 +31,7 @@ pub async fn run(agent: Arc<Agent>) {
 }
 
 async fn step(agent: &Agent, applied: &mut Option<String>) -> Result<(), pgpool::PgpoolError> {
-    if !agent.pgpool.is_running() {
+    if !agent.engine.is_running() {
         return Ok(());
     }
     let Ok(conf) = std::fs::read_to_string(agent.config.path("pgpool.conf")) else {

@@ -170,6 +170,8 @@ pub struct BalancerPlan {
     pub max_pool: u32,
     /// pgpool `load_balance_mode`.
     pub load_balance_mode: bool,
+    /// Engine, read consistency and unknown functions, as the agent's environment.
+    pub engine_env: Vec<(String, String)>,
     /// Balancer containers (Docker) / replicas of the Deployment (Kubernetes).
     pub instances: Vec<BalancerInstancePlan>,
 }
@@ -298,6 +300,7 @@ impl Plan {
                 num_init_children: spec.balancer.num_init_children,
                 max_pool: spec.balancer.max_pool,
                 load_balance_mode: spec.balancer.load_balance_mode,
+                engine_env: engine_env(&spec.balancer),
                 instances: balancers,
             },
             local: LocalPlan {
@@ -362,4 +365,19 @@ impl Plan {
             other => other,
         }
     }
+}
+
+/// The agent's environment for the engine settings of `spec`.
+fn engine_env(spec: &pgbalancer_crd::BalancerSpec) -> Vec<(String, String)> {
+    vec![
+        ("PGBALANCER_ENGINE".into(), spec.engine.as_str().into()),
+        (
+            "PGBALANCER_CONSISTENCY".into(),
+            spec.consistency.as_str().into(),
+        ),
+        (
+            "PGBALANCER_READ_ONLY_FUNCTIONS".into(),
+            (spec.unknown_functions == pgbalancer_crd::UnknownFunctions::Replica).to_string(),
+        ),
+    ]
 }

@@ -210,6 +210,26 @@ pub async fn connect(port: u64, user: &str, password: &str, db: &str) -> Client 
     client
 }
 
+/// `SHOW POOL_NODES` through the balancer on 127.0.0.1:`port`: the given columns of each row.
+pub async fn pool_node_columns(port: u64, password: &str, columns: &[&str]) -> Vec<Vec<String>> {
+    connect(port, "app", password, "app")
+        .await
+        .simple_query("SHOW POOL_NODES")
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                columns
+                    .iter()
+                    .map(|c| r.get(*c).unwrap_or_default().to_owned())
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Retries `check` for up to `secs` seconds until it returns true.
 pub async fn eventually<F, Fut>(secs: u64, mut check: F) -> bool
 where

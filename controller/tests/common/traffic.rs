@@ -238,6 +238,31 @@ pub async fn status_until(
     }
 }
 
+/// What a test reaches a cluster with, from its status document with secrets.
+pub struct Access {
+    /// The application role's password.
+    pub password: String,
+    /// The superuser's password.
+    pub superuser: String,
+    /// The balancer's published port.
+    pub balancer: u16,
+}
+
+/// The [`Access`] in `doc`.
+pub fn access(doc: &Value) -> Access {
+    let secret = |k: &str| {
+        doc["secrets"][k]
+            .as_str()
+            .unwrap_or_else(|| panic!("no secrets.{k} in {doc}"))
+            .to_owned()
+    };
+    Access {
+        password: secret("password"),
+        superuser: secret("superuserPassword"),
+        balancer: doc["balancer"]["port"].as_u64().expect("balancer port") as u16,
+    }
+}
+
 /// Brings up `name` with two replicas and a ledger table; the status document with secrets.
 pub async fn up_with_ledger(s: &Scenario, name: &str) -> Value {
     up_with_ledger_spec(s, name, "  replicas: 2\n").await

@@ -103,6 +103,7 @@ pub fn balancer_hash(plan: &Plan, b: &BalancerInstancePlan) -> String {
             "{:?}/{:?}/{:?}/{:?}",
             b.ip, b.sql_port, b.pcp_port, b.rest_port
         ),
+        &format!("{:?}", plan.balancer.engine_env),
     ] {
         h.update(part.as_bytes());
         h.update([0]);
@@ -229,6 +230,13 @@ pub fn balancer_container(plan: &Plan, b: &BalancerInstancePlan) -> ContainerCre
     ContainerCreateBody {
         image: Some(plan.balancer.image.clone()),
         hostname: Some(truncate_hostname(&b.host)),
+        env: Some(
+            plan.balancer
+                .engine_env
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect(),
+        ),
         labels: Some(labels),
         exposed_ports: Some(vec![
             format!("{BALANCER_PORT}/tcp"),

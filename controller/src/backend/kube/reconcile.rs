@@ -35,6 +35,10 @@ pub enum Error {
     /// The API server refused or failed a request.
     #[error("kubernetes API")]
     Kube(#[from] kube::Error),
+    /// The cluster changed after it was read (a newer status was written): nothing was
+    /// written, and the next reconcile starts from the newer object.
+    #[error("the cluster changed while it was reconciled")]
+    Stale,
     /// A PostgreSQL instance refused or failed a statement.
     #[error(transparent)]
     Sql(#[from] crate::pg::PgError),
@@ -49,6 +53,7 @@ impl Error {
         match self {
             Error::Invalid(_) => "invalid_spec",
             Error::Kube(_) => "kube_api",
+            Error::Stale => "stale",
             Error::Sql(_) => "postgres",
             Error::Agent(_) => "agent",
         }
@@ -97,9 +102,16 @@ pub async fn reconcile(
     let _enter = span.enter();
     let result = reconcile_inner(&cluster, &ctx, &namespace).await;
     ctx.metrics.reconciled(started.elapsed());
-    if let Err(e) = &result {
-        ctx.metrics.failed(e.reason());
-        tracing::warn!(error = %e, cause = ?std::error::Error::source(e), "reconcile failed");
+    match &result {
+        Err(Error::Stale) => {
+            ctx.metrics.failed(Error::Stale.reason());
+            tracing::debug!("the cluster changed while it was reconciled; again");
+        }
+        Err(e) => {
+            ctx.metrics.failed(e.reason());
+            tracing::warn!(error = %e, cause = ?std::error::Error::source(e), "reconcile failed");
+        }
+        Ok(_) => {}
     }
     result
 }
@@ -112,6 +124,7 @@ pub fn error_policy(
 ) -> Requeue {
     match error {
         Error::Invalid(_) => Requeue::await_change(),
+        Error::Stale => Requeue::requeue(Duration::from_millis(500)),
         _ => Requeue::requeue(Duration::from_secs(5)),
     }
 }
@@ -161,7 +174,7 @@ async fn reconcile_inner(
             cluster.metadata.generation,
             now(),
         );
-        write_status(&clusters, &name, &new, ctx).await?;
+        write_status(&clusters, cluster, &new, ctx).await?;
         event(ctx, cluster, EventType::Warning, "FailoverStarted", &reason).await;
         ctx.metrics.failover("failover");
         return Ok(Requeue::requeue(Duration::from_millis(200)));
@@ -225,7 +238,7 @@ async fn switchover_requested(
             cluster.metadata.generation,
             now(),
         );
-        write_status(clusters, &cluster.name_any(), &new, ctx).await?;
+        write_status(clusters, cluster, &new, ctx).await?;
     }
     let patch = serde_json::json!({ "metadata": { "annotations": { labels::SWITCHOVER_ANNOTATION: null } } });
     ctx.metrics.wrote();
@@ -269,7 +282,7 @@ async fn validated(
     let message = e.to_string().replace('\n', "; ");
     let new = status::invalid(previous, &message, cluster.metadata.generation, now());
     if previous.is_none_or(|p| !status::same(p, &new)) {
-        write_status(clusters, &cluster.name_any(), &new, ctx).await?;
+        write_status(clusters, cluster, &new, ctx).await?;
         event(ctx, cluster, EventType::Warning, "InvalidSpec", &message).await;
     }
     Err(Error::Invalid(message))
@@ -398,7 +411,7 @@ async fn write_observed_status(
             }
         }
     }
-    write_status(clusters, &cluster.name_any(), &new, ctx).await?;
+    write_status(clusters, cluster, &new, ctx).await?;
     Ok(new)
 }
 
@@ -406,25 +419,34 @@ fn now() -> Time {
     Time(k8s_openapi::jiff::Timestamp::now())
 }
 
+/// Writes the status computed from `cluster` only if the cluster is still the version read:
+/// a status written in between (another operator replica's, or by hand) is never overwritten
+/// with one computed before it.
 async fn write_status(
     api: &Api<PgBalancerCluster>,
-    name: &str,
+    cluster: &PgBalancerCluster,
     status: &PgBalancerClusterStatus,
     ctx: &Context,
 ) -> Result<(), Error> {
     let body = serde_json::json!({
         "apiVersion": pgbalancer_crd::API_VERSION,
         "kind": pgbalancer_crd::KIND,
+        "metadata": { "resourceVersion": cluster.resource_version() },
         "status": status,
     });
     ctx.metrics.wrote();
-    api.patch_status(
-        name,
-        &PatchParams::apply(labels::MANAGER).force(),
-        &Patch::Apply(&body),
-    )
-    .await?;
-    Ok(())
+    match api
+        .patch_status(
+            &cluster.name_any(),
+            &PatchParams::apply(labels::MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => Err(Error::Stale),
+        Err(e) => Err(e.into()),
+    }
 }
 
 async fn event(

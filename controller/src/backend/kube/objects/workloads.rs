@@ -434,6 +434,13 @@ pub fn balancer_deployment(
         name: "balancer".into(),
         image: Some(plan.balancer.image.clone()),
         image_pull_policy: Some("IfNotPresent".into()),
+        env: Some(
+            plan.balancer
+                .engine_env
+                .iter()
+                .map(|(k, v)| env(k, v.clone()))
+                .collect(),
+        ),
         ports: Some(vec![
             tcp_port("postgres", BALANCER_PORT),
             tcp_port("pcp", PCP_PORT),

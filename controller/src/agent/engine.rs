@@ -1,0 +1,178 @@
+//! The engine behind the balancer's port, as the REST API and metrics see it: pgpool-II
+//! (supervised, read over SQL, changed through PCP) or the native engine (read and changed in
+//! process). Both answer with the same node and process types.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::pgpool::{self, Node, Process};
+use super::supervisor::Supervisor;
+use super::AgentConfig;
+use crate::balancer;
+
+/// Which engine serves clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum EngineKind {
+    /// pgpool-II, supervised by the agent.
+    #[default]
+    Pgpool,
+    /// The native engine, inside the agent.
+    Native,
+}
+
+/// The running engine.
+pub enum Engine {
+    /// pgpool-II.
+    Pgpool(Supervisor),
+    /// The native engine.
+    Native(Arc<balancer::Engine>),
+}
+
+/// What the engine serves now.
+pub struct Live {
+    /// Backends.
+    pub nodes: Vec<Node>,
+    /// Pool processes (pgpool only).
+    pub processes: Vec<Process>,
+    /// Client sessions being served.
+    pub clients: usize,
+    /// Engine version.
+    pub version: String,
+}
+
+impl Engine {
+    /// The engine's name, as `/api/v1/status` reports it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Engine::Pgpool(_) => "pgpool",
+            Engine::Native(_) => "native",
+        }
+    }
+
+    /// The engine runs (the native engine runs as long as the agent).
+    pub fn is_running(&self) -> bool {
+        match self {
+            Engine::Pgpool(s) => s.is_running(),
+            Engine::Native(_) => true,
+        }
+    }
+
+    /// Restarts of a supervised engine.
+    pub fn restarts(&self) -> u64 {
+        match self {
+            Engine::Pgpool(s) => s.restarts(),
+            Engine::Native(_) => 0,
+        }
+    }
+
+    /// The backends as the engine sees them.
+    pub async fn nodes(&self, config: &AgentConfig) -> Result<Vec<Node>, String> {
+        match self {
+            Engine::Pgpool(_) => match pgpool::connect(config).await {
+                Ok(client) => pgpool::nodes(&client).await,
+                // pgpool refuses SQL while every backend is down; PCP still answers.
+                Err(_) => pgpool::nodes_via_pcp(config).await,
+            }
+            .map_err(|e| e.to_string()),
+            Engine::Native(engine) => Ok(native_nodes(engine)),
+        }
+    }
+
+    /// Nodes, processes, clients and version.
+    pub async fn live(&self, config: &AgentConfig) -> Result<Live, String> {
+        match self {
+            Engine::Pgpool(_) => {
+                let live = async {
+                    let client = pgpool::connect(config).await?;
+                    let nodes = pgpool::nodes(&client).await?;
+                    let processes = pgpool::processes(&client).await?;
+                    let version = pgpool::version(&client).await?;
+                    Ok::<_, pgpool::PgpoolError>(Live {
+                        clients: processes.iter().filter(|p| p.is_active()).count(),
+                        nodes,
+                        processes,
+                        version,
+                    })
+                };
+                live.await.map_err(|e| e.to_string())
+            }
+            Engine::Native(engine) => Ok(Live {
+                nodes: native_nodes(engine),
+                processes: Vec::new(),
+                clients: engine.clients.load(Ordering::Relaxed) as usize,
+                version: format!("pgbalancer native {}", env!("CARGO_PKG_VERSION")),
+            }),
+        }
+    }
+
+    /// Attaches (`true`) or detaches a node.
+    pub async fn set_attached(
+        &self,
+        config: &AgentConfig,
+        id: u32,
+        attached: bool,
+    ) -> Result<(), String> {
+        match self {
+            Engine::Pgpool(_) => {
+                let tool = if attached {
+                    "pcp_attach_node"
+                } else {
+                    "pcp_detach_node"
+                };
+                pgpool::pcp(config, tool, Some(id))
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }
+            Engine::Native(engine) => match engine.backend(id) {
+                Some(b) => {
+                    b.detached.store(!attached, Ordering::Relaxed);
+                    b.epoch.fetch_add(1, Ordering::Relaxed);
+                    Ok(())
+                }
+                None => Err(format!("node {id} is not configured")),
+            },
+        }
+    }
+
+    /// Reads the configuration again.
+    pub async fn reload(&self, config: &AgentConfig) -> Result<(), String> {
+        match self {
+            Engine::Pgpool(_) => pgpool::pcp(config, "pcp_reload_config", None)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            Engine::Native(engine) => {
+                super::native::apply(config, engine);
+                Ok(())
+            }
+        }
+    }
+
+    /// Stops a supervised engine cleanly.
+    pub async fn stop(&self, config: &AgentConfig) {
+        if let Engine::Pgpool(s) = self {
+            s.stop(config).await;
+        }
+    }
+}
+
+fn native_nodes(engine: &balancer::Engine) -> Vec<Node> {
+    let views = balancer::show::nodes(engine);
+    let weight = 1.0 / views.len().max(1) as f64;
+    views
+        .into_iter()
+        .map(|v| Node {
+            id: v.id,
+            host: v.host,
+            port: v.port,
+            status: v.status.into(),
+            lb_weight: weight,
+            role: v.role.into(),
+            select_cnt: v.select_cnt as i64,
+            replication_delay: v.replication_delay as i64,
+            replication_state: String::new(),
+            last_status_change: v.last_status_change,
+        })
+        .collect()
+}

@@ -1,0 +1,481 @@
+//! Where a statement may run (pure): a small lexer that skips comments, quoted strings,
+//! dollar quotes and quoted identifiers, and a look at the keywords that matter. It never
+//! guesses towards a replica: anything it does not recognise as read-only runs on the primary.
+//!
+//! - `Read`: `SELECT`/`VALUES`/`TABLE`/`SHOW`/`EXPLAIN` (without `ANALYZE` of a write), and
+//!   `WITH` without a data-modifying part; no row locks (`FOR UPDATE`/`SHARE`), no `SELECT INTO`,
+//!   and only function calls known not to write (or any call, when unknown functions are
+//!   configured to be read-only).
+//! - `Set`: a session-level `SET`/`RESET`: runs on the primary and is replayed on every
+//!   replica connection the session uses, so reads see the same settings.
+//! - `Pin`: state that lives in one server (temporary tables, advisory locks, `LISTEN`,
+//!   SQL-level `PREPARE`, cursors, `DISCARD`, `LOAD`): the session stays on the primary.
+//! - `Write`: everything else, including `BEGIN` (the transaction then follows the server).
+
+/// Where a statement may run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Class {
+    /// Read-only: a replica may run it.
+    Read,
+    /// A session setting: primary, then replayed on replicas.
+    Set,
+    /// Must run on the primary.
+    Write,
+    /// Pins the session to the primary from now on.
+    Pin,
+}
+
+/// Whether calls of functions not on the built-in read-only list may run on a replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UnknownFunctions {
+    /// They may write: the statement runs on the primary (the safe default).
+    #[default]
+    Primary,
+    /// They are read-only: the statement may run on a replica.
+    Replica,
+}
+
+/// Classifies a query string (one or more statements).
+pub fn classify(sql: &str, unknown: UnknownFunctions) -> Class {
+    let statements = statements(sql);
+    if statements.is_empty() {
+        return Class::Read;
+    }
+    let classes: Vec<Class> = statements.iter().map(|s| statement(s, unknown)).collect();
+    let worst = classes.iter().copied().max().unwrap_or(Class::Read);
+    // A setting mixed with other statements cannot be replayed on its own.
+    if worst == Class::Set && classes.len() > 1 {
+        return Class::Pin;
+    }
+    worst
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Token {
+    /// An unquoted word, upper-cased.
+    Word(String),
+    /// One punctuation character.
+    Punct(char),
+}
+
+/// Splits into statements of tokens, skipping comments, literals and quoted identifiers.
+fn statements(sql: &str) -> Vec<Vec<Token>> {
+    let chars: Vec<char> = sql.chars().collect();
+    let mut out = vec![Vec::new()];
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        let next = chars.get(i + 1).copied();
+        match c {
+            c if c.is_whitespace() => i += 1,
+            '-' if next == Some('-') => {
+                while i < chars.len() && chars[i] != '\n' {
+                    i += 1;
+                }
+            }
+            '/' if next == Some('*') => {
+                let mut depth = 0;
+                while i < chars.len() {
+                    if chars[i] == '/' && chars.get(i + 1) == Some(&'*') {
+                        depth += 1;
+                        i += 2;
+                    } else if chars[i] == '*' && chars.get(i + 1) == Some(&'/') {
+                        depth -= 1;
+                        i += 2;
+                        if depth == 0 {
+                            break;
+                        }
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
+            '\'' => {
+                let backslash = i > 0 && matches!(chars[i - 1], 'e' | 'E');
+                i = skip_quoted(&chars, i, '\'', backslash);
+                out.last_mut().unwrap().push(Token::Punct('\''));
+            }
+            '"' => {
+                i = skip_quoted(&chars, i, '"', false);
+                out.last_mut().unwrap().push(Token::Punct('"'));
+            }
+            '$' => {
+                // $1 is a parameter; $tag$ … $tag$ is a string.
+                let mut j = i + 1;
+                while j < chars.len() && (chars[j].is_alphanumeric() || chars[j] == '_') {
+                    j += 1;
+                }
+                if chars.get(j) == Some(&'$')
+                    && !chars[i + 1..j].first().is_some_and(|c| c.is_ascii_digit())
+                {
+                    let tag: String = chars[i..=j].iter().collect();
+                    let rest: String = chars[j + 1..].iter().collect();
+                    i = match rest.find(&tag) {
+                        Some(end) => j + 1 + rest[..end].chars().count() + tag.chars().count(),
+                        None => chars.len(),
+                    };
+                    out.last_mut().unwrap().push(Token::Punct('\''));
+                } else {
+                    i = j.max(i + 1);
+                }
+            }
+            ';' => {
+                out.push(Vec::new());
+                i += 1;
+            }
+            c if c.is_alphabetic() || c == '_' => {
+                let start = i;
+                while i < chars.len()
+                    && (chars[i].is_alphanumeric() || chars[i] == '_' || chars[i] == '$')
+                {
+                    i += 1;
+                }
+                let word: String = chars[start..i].iter().collect();
+                out.last_mut()
+                    .unwrap()
+                    .push(Token::Word(word.to_ascii_uppercase()));
+            }
+            c => {
+                out.last_mut().unwrap().push(Token::Punct(c));
+                i += 1;
+            }
+        }
+    }
+    out.retain(|s| !s.is_empty());
+    out
+}
+
+/// The index after the quoted run that opens at `i`: a doubled quote is an escaped one, and
+/// so, with `backslash` (`E'...'`), is any character after a backslash.
+fn skip_quoted(chars: &[char], mut i: usize, quote: char, backslash: bool) -> usize {
+    i += 1;
+    while i < chars.len() {
+        if backslash && chars[i] == '\\' {
+            i += 2;
+        } else if chars[i] == quote {
+            if chars.get(i + 1) != Some(&quote) {
+                return i + 1;
+            }
+            i += 2;
+        } else {
+            i += 1;
+        }
+    }
+    chars.len()
+}
+
+fn word(t: Option<&Token>) -> &str {
+    match t {
+        Some(Token::Word(w)) => w,
+        _ => "",
+    }
+}
+
+fn statement(tokens: &[Token], unknown: UnknownFunctions) -> Class {
+    let first = word(tokens.first());
+    let second = word(tokens.get(1));
+    match first {
+        "SET" if matches!(second, "LOCAL" | "TRANSACTION" | "CONSTRAINTS") => Class::Write,
+        "SET" if second == "SESSION" && word(tokens.get(2)) == "CHARACTERISTICS" => Class::Pin,
+        "SET" | "RESET" => Class::Set,
+        "LISTEN" | "UNLISTEN" | "PREPARE" | "DEALLOCATE" | "DISCARD" | "DECLARE" | "LOAD"
+        | "FETCH" | "MOVE" | "CLOSE" => Class::Pin,
+        "CREATE"
+            if tokens[1..]
+                .iter()
+                .take(3)
+                .any(|t| matches!(word(Some(t)), "TEMP" | "TEMPORARY")) =>
+        {
+            Class::Pin
+        }
+        "SELECT" | "VALUES" | "TABLE" | "WITH" | "SHOW" | "EXPLAIN" => read_only(tokens, unknown),
+        _ if tokens.first() == Some(&Token::Punct('(')) => read_only(tokens, unknown),
+        _ => Class::Write,
+    }
+}
+
+/// A query that only reads, unless something in it writes, locks or holds session state.
+fn read_only(tokens: &[Token], unknown: UnknownFunctions) -> Class {
+    let mut class = Class::Read;
+    for (i, t) in tokens.iter().enumerate() {
+        let Token::Word(w) = t else { continue };
+        let prev = if i > 0 { word(tokens.get(i - 1)) } else { "" };
+        match w.as_str() {
+            "INSERT" | "UPDATE" | "DELETE" | "MERGE" | "INTO" | "ANALYZE" | "ANALYSE" | "COPY"
+            | "TRUNCATE" => {
+                // `FOR UPDATE`, `FOR NO KEY UPDATE` lock rows: primary as well.
+                return Class::Write;
+            }
+            "SHARE" if matches!(prev, "FOR" | "KEY") => return Class::Write,
+            _ => {}
+        }
+        if tokens.get(i + 1) == Some(&Token::Punct('(')) {
+            match function(w) {
+                Function::ReadOnly => {}
+                Function::Session => class = class.max(Class::Pin),
+                Function::Writes => return Class::Write,
+                Function::Unknown if unknown == UnknownFunctions::Replica => {}
+                Function::Unknown => return Class::Write,
+            }
+        }
+    }
+    class
+}
+
+enum Function {
+    ReadOnly,
+    Session,
+    Writes,
+    Unknown,
+}
+
+fn function(name: &str) -> Function {
+    if name.starts_with("PG_ADVISORY") || name.starts_with("PG_TRY_ADVISORY") {
+        return if name.contains("XACT") {
+            Function::Writes
+        } else {
+            Function::Session
+        };
+    }
+    match name {
+        // Keywords that take parentheses, not functions.
+        "IN" | "EXISTS" | "ANY" | "ALL" | "SOME" | "ARRAY" | "ROW" | "CAST" | "VALUES" | "OVER"
+        | "FILTER" | "WITHIN" | "AS" | "ON" | "USING" | "SELECT" | "FROM" | "WHERE" | "AND"
+        | "OR" | "NOT" | "LATERAL" | "JOIN" | "BY" | "CASE" | "WHEN" | "THEN" | "ELSE" | "IS"
+        | "LIKE" | "ILIKE" | "BETWEEN" | "LIMIT" | "OFFSET" | "HAVING" | "UNION" | "INTERSECT"
+        | "EXCEPT" | "RETURNING" | "WITH" | "RECURSIVE" | "MATERIALIZED" | "SET" | "TABLE"
+        | "EXPLAIN" | "VARCHAR" | "CHAR" | "NUMERIC" | "DECIMAL" | "TIMESTAMP" | "TIME"
+        | "INTERVAL" | "BIT" | "FLOAT" => Function::ReadOnly,
+        "NEXTVAL"
+        | "SETVAL"
+        | "PG_NOTIFY"
+        | "LO_IMPORT"
+        | "LO_EXPORT"
+        | "LO_CREATE"
+        | "LO_UNLINK"
+        | "PG_SWITCH_WAL"
+        | "PG_CREATE_RESTORE_POINT"
+        | "PG_TERMINATE_BACKEND"
+        | "PG_CANCEL_BACKEND"
+        | "PG_RELOAD_CONF"
+        | "SET_CONFIG"
+        | "TXID_CURRENT"
+        | "PG_CURRENT_XACT_ID" => Function::Writes,
+        "COUNT"
+        | "SUM"
+        | "AVG"
+        | "MIN"
+        | "MAX"
+        | "COALESCE"
+        | "NULLIF"
+        | "GREATEST"
+        | "LEAST"
+        | "LOWER"
+        | "UPPER"
+        | "LENGTH"
+        | "CHAR_LENGTH"
+        | "SUBSTRING"
+        | "SUBSTR"
+        | "TRIM"
+        | "BTRIM"
+        | "LTRIM"
+        | "RTRIM"
+        | "CONCAT"
+        | "CONCAT_WS"
+        | "REPLACE"
+        | "POSITION"
+        | "STRPOS"
+        | "LEFT"
+        | "RIGHT"
+        | "LPAD"
+        | "RPAD"
+        | "MD5"
+        | "ABS"
+        | "ROUND"
+        | "CEIL"
+        | "CEILING"
+        | "FLOOR"
+        | "TRUNC"
+        | "MOD"
+        | "POWER"
+        | "SQRT"
+        | "RANDOM"
+        | "NOW"
+        | "CURRENT_TIMESTAMP"
+        | "CLOCK_TIMESTAMP"
+        | "STATEMENT_TIMESTAMP"
+        | "DATE_TRUNC"
+        | "DATE_PART"
+        | "EXTRACT"
+        | "TO_CHAR"
+        | "TO_DATE"
+        | "TO_TIMESTAMP"
+        | "TO_NUMBER"
+        | "AGE"
+        | "ARRAY_AGG"
+        | "STRING_AGG"
+        | "JSON_AGG"
+        | "JSONB_AGG"
+        | "JSON_BUILD_OBJECT"
+        | "JSONB_BUILD_OBJECT"
+        | "JSON_OBJECT_AGG"
+        | "JSONB_OBJECT_AGG"
+        | "ROW_NUMBER"
+        | "RANK"
+        | "DENSE_RANK"
+        | "LAG"
+        | "LEAD"
+        | "FIRST_VALUE"
+        | "LAST_VALUE"
+        | "BOOL_AND"
+        | "BOOL_OR"
+        | "EVERY"
+        | "ARRAY_LENGTH"
+        | "UNNEST"
+        | "GENERATE_SERIES"
+        | "FORMAT"
+        | "VERSION"
+        | "CURRENT_SETTING"
+        | "CURRENT_DATABASE"
+        | "CURRENT_SCHEMA"
+        | "CURRENT_USER"
+        | "SESSION_USER"
+        | "PG_IS_IN_RECOVERY"
+        | "PG_LAST_WAL_REPLAY_LSN"
+        | "PG_LAST_WAL_RECEIVE_LSN"
+        | "PG_BACKEND_PID"
+        | "INET_SERVER_ADDR"
+        | "HAS_TABLE_PRIVILEGE"
+        | "PG_RELATION_SIZE"
+        | "PG_TOTAL_RELATION_SIZE"
+        | "PG_DATABASE_SIZE"
+        | "PG_SIZE_PRETTY"
+        | "PG_TYPEOF"
+        | "OBJ_DESCRIPTION"
+        | "COL_DESCRIPTION"
+        | "FORMAT_TYPE"
+        | "PG_GET_EXPR"
+        | "PG_GET_INDEXDEF"
+        | "PG_GET_CONSTRAINTDEF"
+        | "PG_TABLE_IS_VISIBLE"
+        | "PG_TYPE_IS_VISIBLE"
+        | "QUOTE_IDENT"
+        | "QUOTE_LITERAL"
+        | "REGEXP_REPLACE"
+        | "REGEXP_MATCHES"
+        | "SPLIT_PART"
+        | "ENCODE"
+        | "DECODE"
+        | "GEN_RANDOM_UUID"
+        | "JSONB_EXTRACT_PATH"
+        | "JSON_EXTRACT_PATH"
+        | "TO_JSON"
+        | "TO_JSONB"
+        | "ARRAY_TO_STRING"
+        | "STRING_TO_ARRAY"
+        | "EXP"
+        | "LN"
+        | "LOG"
+        | "SIGN"
+        | "PG_SLEEP" => Function::ReadOnly,
+        _ => Function::Unknown,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Class::*;
+
+    #[test]
+    fn statements_are_classified() {
+        let safe = UnknownFunctions::Primary;
+        let cases: &[(&str, Class)] = &[
+            (
+                "SELECT abalance FROM pgbench_accounts WHERE aid = 42;",
+                Read,
+            ),
+            ("select 1", Read),
+            ("  -- comment\n SELECT * FROM t", Read),
+            ("/* a /* nested */ comment */ select 1", Read),
+            ("VALUES (1), (2)", Read),
+            ("TABLE t", Read),
+            ("SHOW search_path", Read),
+            ("(SELECT 1) UNION (SELECT 2)", Read),
+            ("WITH x AS (SELECT 1) SELECT * FROM x", Read),
+            ("SELECT count(*), max(id) FROM t WHERE id IN (1,2)", Read),
+            ("SELECT 'insert into t' AS s", Read),
+            ("SELECT $$delete from t$$", Read),
+            ("SELECT $tag$ update $tag$, $1", Read),
+            ("SELECT \"update\" FROM t", Read),
+            ("SELECT E'it\\'s delete'", Read),
+            ("SELECT pg_catalog.count(*) FROM t", Read),
+            ("", Read),
+            ("INSERT INTO t VALUES (1)", Write),
+            ("update t set a = 1", Write),
+            ("DELETE FROM t", Write),
+            (
+                "WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d",
+                Write,
+            ),
+            ("SELECT * FROM t FOR UPDATE", Write),
+            ("SELECT * FROM t FOR SHARE", Write),
+            ("SELECT * FROM t FOR NO KEY UPDATE", Write),
+            ("SELECT * INTO new_t FROM t", Write),
+            ("SELECT nextval('s')", Write),
+            ("SELECT my_function(1)", Write),
+            ("SELECT public.my_function(1)", Write),
+            ("EXPLAIN ANALYZE DELETE FROM t", Write),
+            ("BEGIN", Write),
+            ("START TRANSACTION READ ONLY", Write),
+            ("COMMIT", Write),
+            ("CREATE TABLE t (a int)", Write),
+            ("SET LOCAL work_mem = '1MB'", Write),
+            ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", Write),
+            ("SELECT 1; INSERT INTO t VALUES (1)", Write),
+            ("SET search_path = app", Set),
+            ("set application_name to 'x'", Set),
+            ("RESET ALL", Set),
+            ("SET a = 1; SELECT 1", Pin),
+            ("CREATE TEMP TABLE x (a int)", Pin),
+            ("create temporary table x (a int)", Pin),
+            ("LISTEN channel", Pin),
+            ("PREPARE p AS SELECT 1", Pin),
+            ("DISCARD ALL", Pin),
+            ("DECLARE c CURSOR WITH HOLD FOR SELECT 1", Pin),
+            ("SELECT pg_advisory_lock(1)", Pin),
+            ("SELECT pg_try_advisory_lock(1)", Pin),
+            ("SELECT pg_advisory_xact_lock(1)", Write),
+        ];
+        for (sql, want) in cases {
+            assert_eq!(classify(sql, safe), *want, "{sql}");
+        }
+    }
+
+    #[test]
+    fn unknown_functions_may_be_declared_read_only() {
+        assert_eq!(
+            classify("SELECT my_function(1)", UnknownFunctions::Replica),
+            Read
+        );
+        // Known writers stay on the primary whatever the setting.
+        assert_eq!(
+            classify("SELECT nextval('s')", UnknownFunctions::Replica),
+            Write
+        );
+    }
+
+    #[test]
+    fn unterminated_literals_do_not_panic() {
+        for sql in [
+            "SELECT 'abc",
+            "SELECT $$abc",
+            "SELECT \"abc",
+            "/* open",
+            "SELECT $",
+            "$",
+        ] {
+            let _ = classify(sql, UnknownFunctions::Primary);
+        }
+    }
+}

@@ -1,0 +1,249 @@
+//! One connection from the balancer to a server, on behalf of one client session: startup
+//! with the client's parameters, authentication (SCRAM-SHA-256, MD5 or none, whichever the
+//! server asks for) with the password the balancer holds for the user, then the server's
+//! parameter statuses and key data. What is prepared on it is tracked so that statements can
+//! be prepared again on whichever server runs them.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{BufMut, BytesMut};
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use super::backends::Backend;
+use super::classify::Class;
+use super::wire::{self, Message, WireError};
+
+/// How long a server may take to accept a connection and finish startup.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a server connection could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The server cannot be reached or broke the protocol.
+    #[error("server {host}: {source}")]
+    Wire {
+        /// Server host.
+        host: String,
+        /// Cause.
+        #[source]
+        source: WireError,
+    },
+    /// The server refused the session: its `ErrorResponse`, to pass on to the client.
+    #[error("server refused the session")]
+    Refused(Message),
+    /// The server asked for an authentication method the balancer does not speak.
+    #[error("server {host} asks for unsupported authentication {code}")]
+    Unsupported {
+        /// Server host.
+        host: String,
+        /// Authentication request code.
+        code: i32,
+    },
+}
+
+/// What the balancer injected into a server's stream, whose answers the client must not see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Swallow {
+    /// One message with this tag (`1` ParseComplete, `3` CloseComplete).
+    Tag(u8),
+    /// Everything up to and including the next `ReadyForQuery` (a replayed setting).
+    UntilReady,
+}
+
+/// One open server connection.
+pub struct Server {
+    /// The server.
+    pub backend: Arc<Backend>,
+    /// The socket.
+    pub stream: TcpStream,
+    /// Bytes read and not yet split into messages.
+    pub rbuf: BytesMut,
+    /// `BackendKeyData`: process id and secret, for cancel requests.
+    pub key: (i32, i32),
+    /// `ParameterStatus` frames of startup.
+    pub parameters: Vec<Message>,
+    /// Prepared statements by name, with the text they were prepared from.
+    pub prepared: HashMap<String, Arc<str>>,
+    /// Answers to swallow, in order.
+    pub swallow: VecDeque<Swallow>,
+    /// Batches sent and not yet answered with `ReadyForQuery`, with their classes.
+    pub pending: VecDeque<Class>,
+    /// Session settings replayed on it so far.
+    pub settings_applied: usize,
+    /// Last transaction status (`I`, `T`, `E`).
+    pub status: u8,
+    /// The server's epoch when this connection was opened.
+    pub epoch: u64,
+}
+
+impl Server {
+    /// Opens a connection for `params` (the client's startup parameters) as `user`.
+    pub async fn connect(
+        backend: Arc<Backend>,
+        params: &[(String, String)],
+        user: &str,
+        password: Option<&str>,
+    ) -> Result<Self, ConnectError> {
+        let host = backend.host.clone();
+        let wire_err = |source| ConnectError::Wire {
+            host: host.clone(),
+            source,
+        };
+        let backend_epoch = backend.epoch.load(Ordering::Relaxed);
+        let stream = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            TcpStream::connect((backend.host.as_str(), backend.port)),
+        )
+        .await
+        .map_err(|_| wire_err(timed_out()))?
+        .map_err(|e| wire_err(e.into()))?;
+        let _ = stream.set_nodelay(true);
+        let mut server = Self {
+            backend,
+            stream,
+            rbuf: BytesMut::with_capacity(8192),
+            key: (0, 0),
+            parameters: Vec::new(),
+            prepared: HashMap::new(),
+            swallow: VecDeque::new(),
+            pending: VecDeque::new(),
+            settings_applied: 0,
+            status: b'I',
+            epoch: backend_epoch,
+        };
+        server.backend.sessions.fetch_add(1, Ordering::Relaxed);
+        tokio::time::timeout(CONNECT_TIMEOUT, server.startup(params, user, password))
+            .await
+            .map_err(|_| wire_err(timed_out()))??;
+        Ok(server)
+    }
+
+    async fn startup(
+        &mut self,
+        params: &[(String, String)],
+        user: &str,
+        password: Option<&str>,
+    ) -> Result<(), ConnectError> {
+        let host = self.backend.host.clone();
+        let wire_err = |source| ConnectError::Wire {
+            host: host.clone(),
+            source,
+        };
+        self.stream
+            .write_all(&wire::startup_packet(params))
+            .await
+            .map_err(|e| wire_err(e.into()))?;
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let m = self.read().await.map_err(wire_err)?;
+            match m.tag {
+                b'R' => {
+                    let body = m.body();
+                    let code = i32::from_be_bytes(body[..4].try_into().unwrap_or_default());
+                    let mut out = BytesMut::new();
+                    match code {
+                        0 => continue,
+                        3 => {
+                            let mut p = Vec::new();
+                            wire::cstr(&mut p, password.unwrap_or_default());
+                            wire::put(&mut out, b'p', &p);
+                        }
+                        5 => {
+                            let salt: [u8; 4] = body[4..8].try_into().unwrap_or_default();
+                            let hash = postgres_protocol::authentication::md5_hash(
+                                user.as_bytes(),
+                                password.unwrap_or_default().as_bytes(),
+                                salt,
+                            );
+                            let mut p = Vec::new();
+                            wire::cstr(&mut p, &hash);
+                            wire::put(&mut out, b'p', &p);
+                        }
+                        10 => {
+                            let s = ScramSha256::new(
+                                password.unwrap_or_default().as_bytes(),
+                                ChannelBinding::unsupported(),
+                            );
+                            let first = s.message();
+                            let mut p = Vec::new();
+                            wire::cstr(&mut p, super::scram::MECHANISM);
+                            p.put_i32(first.len() as i32);
+                            p.extend_from_slice(first);
+                            wire::put(&mut out, b'p', &p);
+                            scram = Some(s);
+                        }
+                        11 => {
+                            let s = scram.as_mut().ok_or_else(|| {
+                                wire_err(WireError::Protocol("SASL continue before start".into()))
+                            })?;
+                            s.update(&body[4..]).map_err(|e| wire_err(e.into()))?;
+                            wire::put(&mut out, b'p', s.message());
+                        }
+                        12 => {
+                            let mut s = scram.take().ok_or_else(|| {
+                                wire_err(WireError::Protocol("SASL final before start".into()))
+                            })?;
+                            s.finish(&body[4..]).map_err(|e| wire_err(e.into()))?;
+                            continue;
+                        }
+                        code => {
+                            return Err(ConnectError::Unsupported { host, code });
+                        }
+                    }
+                    self.stream
+                        .write_all(&out)
+                        .await
+                        .map_err(|e| wire_err(e.into()))?;
+                }
+                b'S' => self.parameters.push(m),
+                b'K' => {
+                    let b = m.body();
+                    if b.len() >= 8 {
+                        self.key = (
+                            i32::from_be_bytes(b[..4].try_into().unwrap_or_default()),
+                            i32::from_be_bytes(b[4..8].try_into().unwrap_or_default()),
+                        );
+                    }
+                }
+                b'Z' => return Ok(()),
+                b'E' => return Err(ConnectError::Refused(m)),
+                // NoticeResponse and anything else during startup: nothing to do.
+                _ => {}
+            }
+        }
+    }
+
+    /// Reads one whole message.
+    pub async fn read(&mut self) -> Result<Message, WireError> {
+        wire::read_message(&mut self.stream, &mut self.rbuf).await
+    }
+
+    /// Writes bytes.
+    pub async fn write(&mut self, bytes: &[u8]) -> Result<(), WireError> {
+        self.stream.write_all(bytes).await.map_err(Into::into)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.backend.sessions.fetch_sub(1, Ordering::Relaxed);
+        let in_flight = self.pending.len() as u32;
+        if in_flight > 0 {
+            self.backend
+                .in_flight
+                .fetch_sub(in_flight, Ordering::Relaxed);
+        }
+    }
+}
+
+fn timed_out() -> WireError {
+    WireError::Io(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "timed out",
+    ))
+}

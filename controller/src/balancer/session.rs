@@ -1,0 +1,637 @@
+//! One client session after startup: every simple query and every extended-protocol batch
+//! (the messages up to `Sync`) is routed as a unit, and the answers are relayed back.
+//!
+//! - Inside a transaction (the server's `ReadyForQuery` says so) everything follows the server
+//!   that holds it; after session state that lives in one server (see `classify`) the session
+//!   stays on the primary; writes go to the primary; reads go to a replica that is caught up
+//!   enough (lag bound, read-your-writes), else to the primary.
+//! - Server connections are opened when first needed, so a dead replica fails only the
+//!   sessions that read from it, and a new primary takes writes without a reconnect.
+//! - Prepared statements are prepared again, invisibly, on a server that lacks them; session
+//!   settings (`SET`) are replayed on every server the session uses.
+//! - Answers of one server are relayed in order; before a batch goes to another server, the
+//!   previous one's answers are all relayed, so the client sees them in the order it asked.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use super::classify::{classify, Class};
+use super::server::{ConnectError, Server, Swallow};
+use super::wire::{self, Message, WireError};
+use super::{CancelSlot, Engine, ReadFloor};
+
+/// A prepared statement the client made.
+#[derive(Clone)]
+struct Statement {
+    sql: Arc<str>,
+    class: Class,
+    parse: Bytes,
+}
+
+/// What is waiting for `Sync`.
+#[derive(Default)]
+struct Batch {
+    messages: Vec<Message>,
+    class: Option<Class>,
+    /// Statements the batch uses without preparing them in it.
+    needs: Vec<String>,
+    /// Set once a `Flush` sent part of the batch: the rest follows it.
+    target: Option<u32>,
+}
+
+/// A batch waiting for its `ReadyForQuery`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pending {
+    /// Its class.
+    pub class: Class,
+}
+
+/// A session after startup.
+pub struct Session {
+    engine: Arc<Engine>,
+    client: TcpStream,
+    crbuf: BytesMut,
+    out: BytesMut,
+    params: Vec<(String, String)>,
+    user: String,
+    password: Arc<str>,
+    servers: HashMap<u32, Server>,
+    /// The server whose answers are being relayed.
+    current: Option<u32>,
+    /// The server holding an open transaction.
+    txn: Option<u32>,
+    /// Pinned to this server (session state lives there).
+    pinned: Option<u32>,
+    statements: HashMap<String, Statement>,
+    batch: Batch,
+    /// `SET`/`RESET` statements that succeeded outside a transaction, in order.
+    settings: Vec<String>,
+    /// A setting sent and not yet confirmed, per server.
+    setting_sent: HashMap<u32, String>,
+    /// When this session's last write was acknowledged.
+    wrote_at: Option<Instant>,
+    cancel: Arc<CancelSlot>,
+    copy_in: bool,
+}
+
+enum Event {
+    Client(Result<Message, WireError>),
+    Server(u32, Result<Message, WireError>),
+}
+
+impl Session {
+    /// A session whose first server connection is `first`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        engine: Arc<Engine>,
+        client: TcpStream,
+        crbuf: BytesMut,
+        params: Vec<(String, String)>,
+        user: String,
+        password: Arc<str>,
+        first: Server,
+        cancel: Arc<CancelSlot>,
+    ) -> Self {
+        let mut servers = HashMap::new();
+        servers.insert(first.backend.id, first);
+        Self {
+            engine,
+            client,
+            crbuf,
+            out: BytesMut::with_capacity(8192),
+            params,
+            user,
+            password,
+            servers,
+            current: None,
+            txn: None,
+            pinned: None,
+            statements: HashMap::new(),
+            batch: Batch::default(),
+            settings: Vec::new(),
+            setting_sent: HashMap::new(),
+            wrote_at: None,
+            cancel,
+            copy_in: false,
+        }
+    }
+
+    /// Runs until the client leaves or a connection fails.
+    pub async fn run(&mut self) -> Result<(), WireError> {
+        loop {
+            let event = {
+                let Self {
+                    client,
+                    crbuf,
+                    servers,
+                    current,
+                    ..
+                } = self;
+                let listening = current.and_then(|id| servers.get_mut(&id).map(|s| (id, s)));
+                match listening {
+                    Some((id, server)) => tokio::select! {
+                        m = wire::read_message(client, crbuf) => Event::Client(m),
+                        m = wire::read_message(&mut server.stream, &mut server.rbuf) => Event::Server(id, m),
+                    },
+                    None => Event::Client(wire::read_message(client, crbuf).await),
+                }
+            };
+            match event {
+                Event::Client(Err(WireError::Closed)) => return Ok(()),
+                Event::Client(Err(e)) => return Err(e),
+                Event::Client(Ok(m)) if m.tag == b'X' => return Ok(()),
+                Event::Client(Ok(m)) => self.on_client(m).await?,
+                Event::Server(id, m) => self.on_server(id, m).await?,
+            }
+            self.flush_if_idle().await?;
+        }
+    }
+
+    /// Writes what is buffered for the client once the current server has nothing more
+    /// buffered (one write per answer, not per message).
+    async fn flush_if_idle(&mut self) -> Result<(), WireError> {
+        let more = self
+            .current
+            .and_then(|id| self.servers.get(&id))
+            .is_some_and(|s| wire::has_message(&s.rbuf));
+        if !self.out.is_empty() && (!more || self.out.len() > 65_536) {
+            self.client.write_all(&self.out).await?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+
+    async fn on_client(&mut self, m: Message) -> Result<(), WireError> {
+        match m.tag {
+            b'Q' => {
+                let mut body = m.body();
+                let sql = wire::take_cstr(&mut body)?;
+                if let Some(answer) = self.engine.answer_show(sql) {
+                    self.finish_current().await?;
+                    self.out.extend_from_slice(&answer);
+                    wire::ready(&mut self.out, self.txn.map_or(b'I', |_| b'T'));
+                    return Ok(());
+                }
+                let class = classify(sql, self.engine.settings.unknown_functions);
+                let setting = (class == Class::Set).then(|| sql.to_owned());
+                let target = self.route(class).await?;
+                let Some(target) = target else { return Ok(()) };
+                let server = self
+                    .servers
+                    .get_mut(&target)
+                    .expect("routed to an open server");
+                // A simple query ends the unnamed statement.
+                server.prepared.remove("");
+                if let Some(s) = setting {
+                    self.setting_sent.insert(target, s);
+                }
+                self.send(target, class, m.frame.as_ref()).await
+            }
+            b'P' => {
+                let mut body = m.body();
+                let name = wire::take_cstr(&mut body)?.to_owned();
+                let sql = wire::take_cstr(&mut body)?;
+                let class = classify(sql, self.engine.settings.unknown_functions);
+                let st = Statement {
+                    sql: sql.into(),
+                    class,
+                    parse: m.frame.clone(),
+                };
+                self.statements.insert(name, st);
+                self.batch.class = Some(self.batch.class.map_or(class, |c| c.max(class)));
+                self.push(m).await
+            }
+            b'B' => {
+                let mut body = m.body();
+                let _portal = wire::take_cstr(&mut body)?;
+                let name = wire::take_cstr(&mut body)?.to_owned();
+                self.uses(&name);
+                self.push(m).await
+            }
+            b'D' if m.body().first() == Some(&b'S') => {
+                let mut body = &m.body()[1..];
+                let name = wire::take_cstr(&mut body)?.to_owned();
+                self.uses(&name);
+                self.push(m).await
+            }
+            b'C' if m.body().first() == Some(&b'S') => {
+                let mut body = &m.body()[1..];
+                let name = wire::take_cstr(&mut body)?.to_owned();
+                self.statements.remove(&name);
+                self.push(m).await
+            }
+            b'D' | b'E' | b'C' => self.push(m).await,
+            b'H' => {
+                self.push(m).await?;
+                let target = match self.batch.target {
+                    Some(t) => t,
+                    None => match self.route_batch().await? {
+                        Some(t) => t,
+                        None => return Ok(()),
+                    },
+                };
+                self.batch.target = Some(target);
+                self.send_batch(target, None).await
+            }
+            b'S' => {
+                let target = match self.batch.target {
+                    Some(t) => t,
+                    None => match self.route_batch().await? {
+                        Some(t) => t,
+                        None => return Ok(()),
+                    },
+                };
+                let class = self.batch.class.unwrap_or(Class::Read);
+                self.batch.messages.push(m);
+                self.send_batch(target, Some(class)).await
+            }
+            b'd' | b'c' | b'f' => {
+                if matches!(m.tag, b'c' | b'f') {
+                    self.copy_in = false;
+                }
+                match self.current.and_then(|id| self.servers.get_mut(&id)) {
+                    Some(server) => server.write(&m.frame).await,
+                    None => Ok(()),
+                }
+            }
+            b'F' => {
+                let Some(target) = self.route(Class::Write).await? else {
+                    return Ok(());
+                };
+                self.send(target, Class::Write, m.frame.as_ref()).await
+            }
+            other => Err(WireError::Protocol(format!(
+                "unexpected message '{}'",
+                other.escape_ascii()
+            ))),
+        }
+    }
+
+    /// A message of an extended-protocol batch: kept until `Sync`, or sent at once after a
+    /// `Flush` chose the server.
+    async fn push(&mut self, m: Message) -> Result<(), WireError> {
+        match self.batch.target {
+            Some(target) if self.servers.contains_key(&target) => {
+                if m.tag == b'P' {
+                    let mut body = m.body();
+                    let name = wire::take_cstr(&mut body)?.to_owned();
+                    let sql = self.statements.get(&name).map(|s| s.sql.clone());
+                    if let (Some(server), Some(sql)) = (self.servers.get_mut(&target), sql) {
+                        server.prepared.insert(name, sql);
+                    }
+                }
+                self.servers
+                    .get_mut(&target)
+                    .expect("checked")
+                    .write(&m.frame)
+                    .await
+            }
+            _ => {
+                self.batch.messages.push(m);
+                Ok(())
+            }
+        }
+    }
+
+    /// The batch uses statement `name`: its class counts, and it must exist where it runs.
+    fn uses(&mut self, name: &str) {
+        let parsed_here = self.batch.messages.iter().any(|m| {
+            m.tag == b'P' && {
+                let mut b = m.body();
+                wire::take_cstr(&mut b).is_ok_and(|n| n == name)
+            }
+        });
+        if let Some(st) = self.statements.get(name) {
+            self.batch.class = Some(self.batch.class.map_or(st.class, |c| c.max(st.class)));
+        }
+        if !parsed_here && !self.batch.needs.iter().any(|n| n == name) {
+            self.batch.needs.push(name.to_owned());
+        }
+    }
+
+    async fn route_batch(&mut self) -> Result<Option<u32>, WireError> {
+        let class = self.batch.class.unwrap_or(Class::Read);
+        let target = self.route(class).await?;
+        if target.is_none() {
+            // The error was answered; what the client sent up to Sync is dropped with it.
+            self.batch = Batch::default();
+        }
+        Ok(target)
+    }
+
+    /// Sends the batch (and `Sync` when `class` is given) to `target`, preparing first the
+    /// statements it uses that `target` lacks.
+    async fn send_batch(&mut self, target: u32, class: Option<Class>) -> Result<(), WireError> {
+        let batch = std::mem::take(&mut self.batch);
+        let server = self
+            .servers
+            .get_mut(&target)
+            .expect("routed to an open server");
+        let mut bytes = BytesMut::new();
+        for name in &batch.needs {
+            let Some(st) = self.statements.get(name) else {
+                continue;
+            };
+            if server
+                .prepared
+                .get(name)
+                .is_some_and(|s| Arc::ptr_eq(s, &st.sql))
+            {
+                continue;
+            }
+            if !name.is_empty() && server.prepared.contains_key(name) {
+                close_statement(&mut bytes, name);
+                server.swallow.push_back(Swallow::Tag(b'3'));
+            }
+            bytes.extend_from_slice(&st.parse);
+            server.swallow.push_back(Swallow::Tag(b'1'));
+            server.prepared.insert(name.clone(), st.sql.clone());
+        }
+        for m in &batch.messages {
+            let mut body = m.body();
+            match m.tag {
+                b'P' => {
+                    let name = wire::take_cstr(&mut body)?;
+                    if !name.is_empty() && server.prepared.contains_key(name) {
+                        close_statement(&mut bytes, name);
+                        server.swallow.push_back(Swallow::Tag(b'3'));
+                    }
+                    if let Some(st) = self.statements.get(name) {
+                        server.prepared.insert(name.to_owned(), st.sql.clone());
+                    }
+                }
+                b'C' if body.first() == Some(&b'S') => {
+                    body = &body[1..];
+                    server.prepared.remove(wire::take_cstr(&mut body)?);
+                }
+                _ => {}
+            }
+            bytes.extend_from_slice(&m.frame);
+        }
+        match class {
+            Some(class) => self.send(target, class, &bytes).await,
+            None => {
+                self.batch.target = batch.target;
+                self.batch.class = batch.class;
+                self.current = Some(target);
+                self.servers
+                    .get_mut(&target)
+                    .expect("routed")
+                    .write(&bytes)
+                    .await
+            }
+        }
+    }
+
+    /// Sends bytes that end in a `ReadyForQuery` answer.
+    async fn send(&mut self, target: u32, class: Class, bytes: &[u8]) -> Result<(), WireError> {
+        let server = self
+            .servers
+            .get_mut(&target)
+            .expect("routed to an open server");
+        server.pending.push_back(class);
+        server.backend.in_flight.fetch_add(1, Ordering::Relaxed);
+        if class == Class::Read {
+            server.backend.selects.fetch_add(1, Ordering::Relaxed);
+        }
+        self.cancel.set(&server.backend, server.key);
+        self.current = Some(target);
+        if let Err(e) = server.write(bytes).await {
+            return self.server_failed(target, e).await;
+        }
+        Ok(())
+    }
+
+    async fn on_server(&mut self, id: u32, m: Result<Message, WireError>) -> Result<(), WireError> {
+        let m = match m {
+            Ok(m) => m,
+            Err(e) => return self.server_failed(id, e).await,
+        };
+        let primary = self.engine.primary().map(|b| b.id);
+        let server = self
+            .servers
+            .get_mut(&id)
+            .expect("relaying from an open server");
+        match server.swallow.front().copied() {
+            Some(Swallow::Tag(t)) if t == m.tag => {
+                server.swallow.pop_front();
+                return Ok(());
+            }
+            Some(Swallow::UntilReady) => {
+                if m.tag == b'E' {
+                    let (_, code, message) = wire::error_fields(m.body());
+                    tracing::warn!(node = id, %code, %message, "replaying a setting failed");
+                }
+                if m.tag == b'Z' {
+                    server.swallow.pop_front();
+                }
+                return Ok(());
+            }
+            Some(Swallow::Tag(_)) if m.tag == b'E' => {
+                // An injected message failed: the server skips to Sync; the client sees why.
+                server.swallow.retain(|s| *s == Swallow::UntilReady);
+            }
+            _ => {}
+        }
+        match m.tag {
+            b'Z' => {
+                let status = m.body().first().copied().unwrap_or(b'I');
+                server.status = status;
+                let class = server.pending.pop_front();
+                if class.is_some() {
+                    server.backend.in_flight.fetch_sub(1, Ordering::Relaxed);
+                }
+                self.copy_in = false;
+                self.txn = (status != b'I').then_some(id);
+                if class.is_some_and(|c| matches!(c, Class::Write | Class::Pin))
+                    && Some(id) == primary
+                {
+                    let now = Instant::now();
+                    self.wrote_at = Some(now);
+                    self.engine.wrote(now);
+                }
+                if let Some(setting) = self.setting_sent.remove(&id) {
+                    if status == b'I' {
+                        self.settings.push(setting);
+                        server.settings_applied = self.settings.len();
+                    }
+                }
+                if server.pending.is_empty() && self.batch.target.is_none() {
+                    self.current = None;
+                }
+                if class == Some(Class::Pin) {
+                    self.pinned = Some(id);
+                }
+            }
+            b'E' => {
+                self.setting_sent.remove(&id);
+            }
+            b'G' => self.copy_in = true,
+            _ => {}
+        }
+        self.out.extend_from_slice(&m.frame);
+        Ok(())
+    }
+
+    /// A server connection broke. Its answers cannot come; the client is told, and the
+    /// session goes on with the other servers unless it held state there.
+    async fn server_failed(&mut self, id: u32, e: WireError) -> Result<(), WireError> {
+        tracing::info!(node = id, error = %e, "server connection lost");
+        let lost = self.servers.remove(&id);
+        if self.current == Some(id) {
+            self.current = None;
+        }
+        self.batch = Batch::default();
+        let held_state = self.txn == Some(id) || self.pinned == Some(id);
+        if held_state {
+            let mut out = BytesMut::new();
+            wire::error(
+                &mut out,
+                "FATAL",
+                "08006",
+                "the server holding this session's transaction or state was lost",
+            );
+            self.out.extend_from_slice(&out);
+            self.client.write_all(&self.out).await?;
+            return Err(e);
+        }
+        let pending = lost.map_or(0, |s| s.pending.len());
+        for _ in 0..pending.max(1) {
+            wire::error(
+                &mut self.out,
+                "ERROR",
+                "08006",
+                "the database server running this query was lost; try again",
+            );
+            wire::ready(&mut self.out, b'I');
+        }
+        Ok(())
+    }
+
+    /// Relays what the current server still owes before another server is used.
+    async fn finish_current(&mut self) -> Result<(), WireError> {
+        while let Some(id) = self.current {
+            let Some(server) = self.servers.get_mut(&id) else {
+                self.current = None;
+                break;
+            };
+            if server.pending.is_empty() {
+                self.current = None;
+                break;
+            }
+            let m = server.read().await;
+            self.on_server(id, m).await?;
+        }
+        if !self.out.is_empty() {
+            self.client.write_all(&self.out).await?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+
+    /// Chooses the server for a unit of `class`, connects to it if needed and replays the
+    /// session's settings on it. `None` when no server can take it: the client got an error.
+    async fn route(&mut self, class: Class) -> Result<Option<u32>, WireError> {
+        let wanted = if let Some(id) = self.txn.or(self.pinned) {
+            Some(id)
+        } else if class == Class::Read {
+            match self.engine.read_floor(self.wrote_at) {
+                ReadFloor::PrimaryOnly => self.engine.primary().map(|b| b.id),
+                ReadFloor::AtLeast(lsn) => self
+                    .engine
+                    .replica(lsn)
+                    .or_else(|| self.engine.primary())
+                    .map(|b| b.id),
+            }
+        } else {
+            self.engine.primary().map(|b| b.id)
+        };
+        let Some(target) = wanted else {
+            self.refuse("57P03", "no primary database server is available right now")
+                .await?;
+            return Ok(None);
+        };
+        if self.current.is_some_and(|c| c != target) {
+            self.finish_current().await?;
+        }
+        let held = self.txn.or(self.pinned) == Some(target);
+        if !held
+            && self
+                .servers
+                .get(&target)
+                .is_some_and(|s| s.epoch != s.backend.epoch.load(Ordering::Relaxed))
+        {
+            // The server went down or changed role since this connection was opened.
+            self.servers.remove(&target);
+        }
+        if !self.servers.contains_key(&target) {
+            if held {
+                self.refuse("08006", "the server holding this session's state was lost")
+                    .await?;
+                return Ok(None);
+            }
+            let backend = self
+                .engine
+                .backend(target)
+                .expect("chosen from the current set");
+            match Server::connect(backend, &self.params, &self.user, Some(&self.password)).await {
+                Ok(s) => {
+                    self.servers.insert(target, s);
+                }
+                Err(ConnectError::Refused(error)) => {
+                    self.out.extend_from_slice(&error.frame);
+                    wire::ready(&mut self.out, b'I');
+                    return Ok(None);
+                }
+                Err(e) => {
+                    tracing::info!(node = target, error = %e, "server connection failed");
+                    self.refuse("08006", "the database server is not reachable right now")
+                        .await?;
+                    return Ok(None);
+                }
+            }
+        }
+        self.replay_settings(target).await?;
+        Ok(Some(target))
+    }
+
+    /// Sends the settings `target` has not had yet, answers swallowed.
+    async fn replay_settings(&mut self, target: u32) -> Result<(), WireError> {
+        let server = self.servers.get_mut(&target).expect("open");
+        if server.settings_applied >= self.settings.len() {
+            return Ok(());
+        }
+        let sql = self.settings[server.settings_applied..].join(";\n");
+        let mut body = Vec::new();
+        wire::cstr(&mut body, &sql);
+        let mut bytes = BytesMut::new();
+        wire::put(&mut bytes, b'Q', &body);
+        server.swallow.push_back(Swallow::UntilReady);
+        server.settings_applied = self.settings.len();
+        server.prepared.remove("");
+        if let Err(e) = server.write(&bytes).await {
+            return self.server_failed(target, e).await;
+        }
+        Ok(())
+    }
+
+    /// An error and `ReadyForQuery` for a unit no server could take.
+    async fn refuse(&mut self, code: &str, message: &str) -> Result<(), WireError> {
+        self.batch = Batch::default();
+        wire::error(&mut self.out, "ERROR", code, message);
+        wire::ready(&mut self.out, b'I');
+        Ok(())
+    }
+}
+
+fn close_statement(out: &mut BytesMut, name: &str) {
+    let mut body = vec![b'S'];
+    wire::cstr(&mut body, name);
+    wire::put(out, b'C', &body);
+}

@@ -1,0 +1,173 @@
+//! A client connection's first steps: SSL and GSS encryption refused cleanly (`N`), cancel
+//! requests passed to the server running the query, the startup parameters checked, SCRAM
+//! authentication against the verifier the balancer keeps for the user, and the first server
+//! connection (the primary, or a replica while there is none) whose parameters the client gets.
+
+use std::sync::Arc;
+
+use bytes::{BufMut, BytesMut};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use super::scram::{Exchange, Verifier, MECHANISM};
+use super::server::{ConnectError, Server};
+use super::session::Session;
+use super::wire::{self, Startup, WireError};
+use super::Engine;
+
+/// Serves one client connection until it ends.
+pub async fn serve(engine: Arc<Engine>, mut client: TcpStream) -> Result<(), WireError> {
+    let _ = client.set_nodelay(true);
+    let params = loop {
+        match wire::read_startup(&mut client).await? {
+            Startup::Ssl | Startup::GssEnc => client.write_all(b"N").await?,
+            Startup::Cancel(pid, secret) => {
+                engine.cancel(pid, secret).await;
+                return Ok(());
+            }
+            Startup::Params(params) => break params,
+        }
+    };
+    let param = |k: &str| {
+        params
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+    };
+    let Some(user) = param("user").filter(|u| !u.is_empty()) else {
+        return fatal(
+            &mut client,
+            "28000",
+            "no PostgreSQL user name specified in startup packet",
+        )
+        .await;
+    };
+    if param("replication").is_some_and(|r| r != "false" && r != "0" && r != "off") {
+        return fatal(
+            &mut client,
+            "08P01",
+            "replication connections are not accepted by the balancer; connect to the instance",
+        )
+        .await;
+    }
+    let mut rbuf = BytesMut::with_capacity(8192);
+    let password = match authenticate(&engine, &mut client, &mut rbuf, &user).await? {
+        Some(p) => p,
+        None => {
+            let message = format!("password authentication failed for user \"{user}\"");
+            return fatal(&mut client, "28P01", &message).await;
+        }
+    };
+    let mut server_params = params.clone();
+    if param("database").is_none() {
+        server_params.push(("database".into(), user.clone()));
+    }
+    let Some(first) = engine.primary().or_else(|| engine.replica_any()) else {
+        return fatal(&mut client, "57P03", "no database server is available").await;
+    };
+    let server = match Server::connect(first, &server_params, &user, Some(&password)).await {
+        Ok(s) => s,
+        Err(ConnectError::Refused(error)) => {
+            client.write_all(&error.frame).await?;
+            return Ok(());
+        }
+        Err(e) => {
+            tracing::info!(error = %e, "first server connection failed");
+            return fatal(&mut client, "57P03", "the database server is not available").await;
+        }
+    };
+    let (cancel_key, slot) = engine.register_session();
+    let mut out = BytesMut::with_capacity(1024);
+    wire::put(&mut out, b'R', &0i32.to_be_bytes());
+    for p in &server.parameters {
+        out.extend_from_slice(&p.frame);
+    }
+    let mut key = Vec::with_capacity(8);
+    key.put_i32(cancel_key.0);
+    key.put_i32(cancel_key.1);
+    wire::put(&mut out, b'K', &key);
+    wire::ready(&mut out, b'I');
+    client.write_all(&out).await?;
+    let mut session = Session::new(
+        engine.clone(),
+        client,
+        rbuf,
+        server_params,
+        user,
+        password,
+        server,
+        slot,
+    );
+    let result = session.run().await;
+    engine.unregister_session(cancel_key);
+    result
+}
+
+/// SCRAM-SHA-256 against the stored verifier. An unknown user goes through the same exchange
+/// against a throwaway verifier, so the answer does not tell which users exist. Returns the
+/// password the balancer uses for the user towards servers.
+async fn authenticate(
+    engine: &Engine,
+    client: &mut TcpStream,
+    rbuf: &mut BytesMut,
+    user: &str,
+) -> Result<Option<Arc<str>>, WireError> {
+    let known = engine.user(user);
+    let verifier = known
+        .as_ref()
+        .map(|u| u.verifier.clone())
+        .unwrap_or_else(|| Verifier::new(&rand_password()));
+    let mut out = BytesMut::new();
+    let mut body = 10i32.to_be_bytes().to_vec();
+    wire::cstr(&mut body, MECHANISM);
+    body.push(0);
+    wire::put(&mut out, b'R', &body);
+    client.write_all(&out).await?;
+    let first = wire::read_message(client, rbuf).await?;
+    let mut b = first.body();
+    let (mechanism, data) = match (first.tag, wire::take_cstr(&mut b)) {
+        (b'p', Ok(m)) if b.len() >= 4 => (m.to_owned(), &b[4..]),
+        _ => return Err(WireError::Protocol("expected SASLInitialResponse".into())),
+    };
+    if mechanism != MECHANISM {
+        return Ok(None);
+    }
+    let Ok((exchange, server_first)) = Exchange::start(verifier, &String::from_utf8_lossy(data))
+    else {
+        return Ok(None);
+    };
+    let mut out = BytesMut::new();
+    let mut body = 11i32.to_be_bytes().to_vec();
+    body.extend_from_slice(server_first.as_bytes());
+    wire::put(&mut out, b'R', &body);
+    client.write_all(&out).await?;
+    let last = wire::read_message(client, rbuf).await?;
+    if last.tag != b'p' {
+        return Err(WireError::Protocol("expected SASLResponse".into()));
+    }
+    let Ok(server_final) = exchange.finish(&String::from_utf8_lossy(last.body())) else {
+        return Ok(None);
+    };
+    let Some(known) = known else {
+        return Ok(None);
+    };
+    let mut out = BytesMut::new();
+    let mut body = 12i32.to_be_bytes().to_vec();
+    body.extend_from_slice(server_final.as_bytes());
+    wire::put(&mut out, b'R', &body);
+    client.write_all(&out).await?;
+    Ok(Some(known.password))
+}
+
+fn rand_password() -> String {
+    use rand::distr::{Alphanumeric, SampleString};
+    Alphanumeric.sample_string(&mut rand::rng(), 24)
+}
+
+/// Sends a FATAL error and ends the connection.
+pub async fn fatal(client: &mut TcpStream, code: &str, message: &str) -> Result<(), WireError> {
+    let mut out = BytesMut::new();
+    wire::error(&mut out, "FATAL", code, message);
+    client.write_all(&out).await?;
+    Ok(())
+}
