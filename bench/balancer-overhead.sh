@@ -1,54 +1,144 @@
 #!/usr/bin/env bash
-# Balancer data-path benchmark, one run: pgbench select-only (-S) and TPC-B-like read/write,
-# direct to the primary vs through the balancer (ratio), then select-only through the balancer
-# with 0, 1 and 2 replicas. DURATION seconds per pgbench (default 10), CLIENTS (default 8).
-# Needs the Docker engine (scripts/host-setup.sh) and pgbench (postgresql-client).
+# Balancer data-path benchmark, one run, side by side on this machine: pgbench select-only
+# (-S) and TPC-B-like, each direct to the primary, through the native engine, through
+# pgpool-II, through HAProxy (plain TCP: the ceiling of any proxy) and through PgBouncer
+# (session pooling: the pooling reference). Then -c 1 latency, reads per node, and the native
+# engine's memory per idle client session.
+#
+# DURATION seconds per pgbench (default 10), CLIENTS (default 8), IDLE idle sessions for the
+# memory figure (default 200). Needs the Docker engine (scripts/host-setup.sh), pgbench and
+# psql; installs haproxy and pgbouncer from Debian when missing (they run on the host, in
+# front of the primary's published loopback port).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 
 duration=${DURATION:-10}
 clients=${CLIENTS:-8}
+idle=${IDLE:-200}
+for tool in haproxy pgbouncer; do
+  command -v "$tool" >/dev/null || command -v "/usr/sbin/$tool" >/dev/null ||
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$tool" >/dev/null
+done
+systemctl stop haproxy pgbouncer >/dev/null 2>&1 || true
 cargo build --release --quiet --bins
 bin=$PWD/target/release/pgbalancer
 "$bin" images build >/dev/null 2>&1
 work=$(mktemp -d)
-trap '"$bin" down bench-lb >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
+chmod 755 "$work"
+cleanup() {
+  [ -f "$work/haproxy.pid" ] && kill "$(cat "$work/haproxy.pid")" 2>/dev/null
+  [ -f "$work/pgbouncer.pid" ] && kill "$(cat "$work/pgbouncer.pid")" 2>/dev/null
+  pkill -f "pgbench-idle-$$" 2>/dev/null || true
+  "$bin" down bench-lb >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
 export PGBALANCER_STATE_DIR=$work/state
-cat >"$work/cluster.yaml" <<YAML
+cluster() { # engine
+  cat >"$work/cluster.yaml" <<YAML
 apiVersion: pgbalancer.io/v1alpha1
 kind: PgBalancerCluster
 metadata: {name: bench-lb}
 spec:
   replicas: 2
-  balancer: {numInitChildren: 32, maxPool: 2}
+  postgres: {parameters: {max_connections: "400"}}
+  balancer: {engine: $1, numInitChildren: 32, maxPool: 2}
 YAML
-"$bin" up -f "$work/cluster.yaml" >/dev/null 2>&1
+  "$bin" up -f "$work/cluster.yaml" >/dev/null 2>&1
+}
+cluster native
 status() { "$bin" status bench-lb --show-secrets -o json; }
 export PGPASSWORD=$(status | jq -r .secrets.password)
 primary=$(status | jq -r .primary.port)
 balancer=$(status | jq -r .balancer.port)
 pgbench -q -i -s 10 -h 127.0.0.1 -p "$primary" -U app app >/dev/null 2>&1
-sleep 2
+sleep 3
 
-tps() { # port, extra args...
+# HAProxy and PgBouncer in front of the primary, on free loopback ports.
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+haproxy_port=$(free_port)
+cat >"$work/haproxy.cfg" <<CFG
+global
+  maxconn 4096
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 1h
+  timeout server 1h
+listen postgres
+  bind 127.0.0.1:$haproxy_port
+  server primary 127.0.0.1:$primary
+CFG
+haproxy -D -f "$work/haproxy.cfg" -p "$work/haproxy.pid"
+bouncer_port=$(free_port)
+printf '"app" "%s"\n' "$PGPASSWORD" >"$work/userlist.txt"
+cat >"$work/pgbouncer.ini" <<INI
+[databases]
+app = host=127.0.0.1 port=$primary dbname=app
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $bouncer_port
+auth_type = scram-sha-256
+auth_file = $work/userlist.txt
+pool_mode = session
+max_client_conn = 1000
+default_pool_size = 50
+pidfile = $work/pgbouncer.pid
+logfile = $work/pgbouncer.log
+unix_socket_dir =
+INI
+chown -R postgres "$work"
+runuser -u postgres -- pgbouncer -d "$work/pgbouncer.ini"
+sleep 1
+
+run() { # port, extra args... -> "tps latency_ms"
   local port=$1; shift
-  pgbench -n -c "$clients" -j 2 -T "$duration" -h 127.0.0.1 -p "$port" -U app "$@" app 2>/dev/null |
-    awk '/^tps/ {print int($3); exit}'
+  pgbench -n -j 2 -T "$duration" -h 127.0.0.1 -p "$port" -U app "$@" app 2>/dev/null |
+    awk '/^latency average/ {lat=$4} /^tps/ {tps=int($3)} END {print tps, lat}'
 }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b / a }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a > 0) printf "%.2f", b / a; else print "-" }'; }
 
-printf 'machine: %s cores, %s; pgbench -c %s -j 2 -T %s, scale 10\n' "$(nproc)" \
+printf 'machine: %s cores, %s; pgbench -c %s -j 2 -T %s, scale 10, 2 replicas\n' "$(nproc)" \
   "$(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo)" "$clients" "$duration"
-s_direct=$(tps "$primary" -S)
-s_lb=$(tps "$balancer" -S)
-rw_direct=$(tps "$primary")
-rw_lb=$(tps "$balancer")
-printf '%-34s %8s %8s %6s\n' workload direct balancer ratio
-printf '%-34s %8s %8s %6s\n' "select-only (-S), 2 replicas" "$s_direct" "$s_lb" "$(ratio "$s_direct" "$s_lb")"
-printf '%-34s %8s %8s %6s\n' "read/write (TPC-B like)" "$rw_direct" "$rw_lb" "$(ratio "$rw_direct" "$rw_lb")"
-for n in 0 1 2; do
-  "$bin" scale bench-lb --replicas "$n" >/dev/null 2>&1
-  sleep 1
-  printf 'select-only through the balancer, %s replica(s): %s tps\n' "$n" "$(tps "$balancer" -S)"
+declare -A s rw lat
+measure() { # name port
+  s[$1]=$(run "$2" -c "$clients" -S | cut -d' ' -f1)
+  rw[$1]=$(run "$2" -c "$clients" | cut -d' ' -f1)
+  lat[$1]=$(run "$2" -c 1 -S | cut -d' ' -f2)
+}
+measure direct "$primary"
+measure native "$balancer"
+measure haproxy "$haproxy_port"
+measure pgbouncer "$bouncer_port"
+native_nodes=$(psql -h 127.0.0.1 -p "$balancer" -U app app -At -F ' ' -c "SHOW POOL_NODES" |
+  awk '{print "node " $1 " (" $7 "): " $9}')
+
+# Memory per idle client session of the native engine.
+agent_rss() { docker exec bench-lb-balancer sh -c 'grep VmRSS /proc/1/status' | awk '{print $2}'; }
+before=$(agent_rss)
+for _ in $(seq "$idle"); do
+  (exec -a "pgbench-idle-$$" sleep 60) | psql -q -h 127.0.0.1 -p "$balancer" -U app app >/dev/null 2>&1 &
 done
+for _ in $(seq 60); do
+  n=$(psql -h 127.0.0.1 -p "$primary" -U app app -Atc "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'psql'")
+  [ "$n" -ge "$idle" ] && break
+  sleep 1
+done
+after=$(agent_rss)
+per_client=$(awk -v a="$before" -v b="$after" -v n="$idle" 'BEGIN { printf "%.1f", (b - a) / n }')
+pkill -f "pgbench-idle-$$" || true
+wait 2>/dev/null || true
+
+cluster pgpool
+sleep 3
+measure pgpool "$balancer"
+
+printf '\n%-10s %12s %6s %12s %6s %14s\n' path "select-only" ratio "TPC-B" ratio "-c 1 latency"
+for p in direct native pgpool haproxy pgbouncer; do
+  printf '%-10s %12s %6s %12s %6s %11s ms\n' "$p" "${s[$p]}" "$(ratio "${s[direct]}" "${s[$p]}")" \
+    "${rw[$p]}" "$(ratio "${rw[direct]}" "${rw[$p]}")" "${lat[$p]}"
+done
+printf '\nnative reads per node (select-only and TPC-B runs): %s\n' "$(echo "$native_nodes" | paste -sd ';')"
+printf 'native engine memory: %s KiB per idle client session (%s sessions: RSS %s -> %s KiB)\n' \
+  "$per_client" "$idle" "$before" "$after"

@@ -7,7 +7,9 @@
 # again (Running, every replica streaming and up in the balancer, the controller running), and
 # whether two instances were ever writable at once (sampled every 0.5 s).
 #
-# RUNS rounds (default 10) of each scenario in SCENARIOS (default: all but engine-restart):
+# ENGINE (pgpool, the default, or native) serves the balancer's port.
+# RUNS rounds (default 10) of each scenario in SCENARIOS (default: all but engine-restart, and
+# without pgpool-kill for the native engine):
 #   replica-kill     SIGKILL to a replica's PostgreSQL (its container's main process)
 #   replica-restart  a replica container stopped, then started 3 s later
 #   pgpool-kill      SIGKILL to pgpool inside the balancer container (the agent restarts it)
@@ -25,7 +27,10 @@ cd "$(dirname "$0")/.."
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 
 runs=${RUNS:-10}
-scenarios=${SCENARIOS:-"replica-kill replica-restart pgpool-kill agent-kill balancer-stop switchover stop kill"}
+engine=${ENGINE:-pgpool}
+default_scenarios="replica-kill replica-restart pgpool-kill agent-kill balancer-stop switchover stop kill"
+[ "$engine" = native ] && default_scenarios=${default_scenarios/pgpool-kill /}
+scenarios=${SCENARIOS:-$default_scenarios}
 name=${CLUSTER:-bench-faults}
 cargo build --quiet --bins
 bin=$PWD/target/debug/pgbalancer
@@ -40,7 +45,7 @@ kind: PgBalancerCluster
 metadata: {name: $name}
 spec:
   replicas: 2
-  balancer: {numInitChildren: 16, maxPool: 2}
+  balancer: {engine: $engine, numInitChildren: 16, maxPool: 2}
 YAML
 "$bin" up -f "$work/cluster.yaml" >/dev/null 2>"$work/log" || { cat "$work/log"; exit 1; }
 status() { "$bin" status "$name" -o json --show-secrets 2>/dev/null; }
@@ -113,7 +118,8 @@ engine_restart() {
 
 percentile() { sort -n | awk -v p="$1" '{ v[NR] = $1 } END { i = int((NR * p + 99) / 100); if (i < 1) i = 1; print v[i] }'; }
 
-printf 'machine: %s, %s cores; docker %s\n' "$(uname -r)" "$(nproc)" "$(docker version --format '{{.Server.Version}}')"
+printf 'machine: %s, %s cores; docker %s; balancer engine %s\n' "$(uname -r)" "$(nproc)" \
+  "$(docker version --format '{{.Server.Version}}')" "$engine"
 printf '%-16s %5s %7s %7s %7s %5s %6s %9s\n' scenario round failed gap_s r_fail lost split healthy_s
 next=1
 for scenario in $scenarios; do

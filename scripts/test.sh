@@ -15,6 +15,9 @@ cargo build --quiet --bins
 step "building images (cached after the first run)"
 ./target/debug/pgbalancer images build
 
+step "psycopg2's own test suite, for the native balancer (cached after the first run)"
+./tests/driver/setup.sh
+
 step "Kubernetes 1.20.2 from Debian's source (cached after the first run)"
 ./tests/k8s/build-kubernetes.sh
 step "operator image (static binary on scratch)"

@@ -101,6 +101,8 @@ pub struct Candidate {
     pub in_flight: u32,
     /// Reads sent so far (spreads ties).
     pub selects: u64,
+    /// When the check that gave `lsn` was sent.
+    pub sampled: Option<Instant>,
 }
 
 /// The one usable writable server; `None` when there is none or more than one (a write never
@@ -188,6 +190,7 @@ impl Backends {
                     lsn: seen.lsn,
                     in_flight: b.in_flight.load(Ordering::Relaxed),
                     selects: b.selects.load(Ordering::Relaxed),
+                    sampled: seen.sampled,
                 }
             })
             .collect()
@@ -206,6 +209,7 @@ mod tests {
             lsn,
             in_flight: load,
             selects: 0,
+            sampled: None,
         }
     }
 

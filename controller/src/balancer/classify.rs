@@ -36,7 +36,7 @@ pub enum UnknownFunctions {
 }
 
 /// Classifies a query string (one or more statements).
-pub fn classify(sql: &str, unknown: UnknownFunctions) -> Class {
+pub fn classify(sql: &[u8], unknown: UnknownFunctions) -> Class {
     let statements = statements(sql);
     if statements.is_empty() {
         return Class::Read;
@@ -59,27 +59,29 @@ enum Token {
 }
 
 /// Splits into statements of tokens, skipping comments, literals and quoted identifiers.
-fn statements(sql: &str) -> Vec<Vec<Token>> {
-    let chars: Vec<char> = sql.chars().collect();
+fn statements(sql: &[u8]) -> Vec<Vec<Token>> {
+    // Bytes: every byte that matters is ASCII; bytes of other characters count as letters.
+    let chars = sql;
+    let letter = |b: u8| b.is_ascii_alphabetic() || b == b'_' || b >= 0x80;
     let mut out = vec![Vec::new()];
     let mut i = 0;
     while i < chars.len() {
         let c = chars[i];
         let next = chars.get(i + 1).copied();
         match c {
-            c if c.is_whitespace() => i += 1,
-            '-' if next == Some('-') => {
-                while i < chars.len() && chars[i] != '\n' {
+            c if c.is_ascii_whitespace() => i += 1,
+            b'-' if next == Some(b'-') => {
+                while i < chars.len() && chars[i] != b'\n' {
                     i += 1;
                 }
             }
-            '/' if next == Some('*') => {
+            b'/' if next == Some(b'*') => {
                 let mut depth = 0;
                 while i < chars.len() {
-                    if chars[i] == '/' && chars.get(i + 1) == Some(&'*') {
+                    if chars[i] == b'/' && chars.get(i + 1) == Some(&b'*') {
                         depth += 1;
                         i += 2;
-                    } else if chars[i] == '*' && chars.get(i + 1) == Some(&'/') {
+                    } else if chars[i] == b'*' && chars.get(i + 1) == Some(&b'/') {
                         depth -= 1;
                         i += 2;
                         if depth == 0 {
@@ -90,28 +92,26 @@ fn statements(sql: &str) -> Vec<Vec<Token>> {
                     }
                 }
             }
-            '\'' => {
-                let backslash = i > 0 && matches!(chars[i - 1], 'e' | 'E');
-                i = skip_quoted(&chars, i, '\'', backslash);
+            b'\'' => {
+                let backslash = i > 0 && matches!(chars[i - 1], b'e' | b'E');
+                i = skip_quoted(chars, i, b'\'', backslash);
                 out.last_mut().unwrap().push(Token::Punct('\''));
             }
-            '"' => {
-                i = skip_quoted(&chars, i, '"', false);
+            b'"' => {
+                i = skip_quoted(chars, i, b'"', false);
                 out.last_mut().unwrap().push(Token::Punct('"'));
             }
-            '$' => {
+            b'$' => {
                 // $1 is a parameter; $tag$ … $tag$ is a string.
                 let mut j = i + 1;
-                while j < chars.len() && (chars[j].is_alphanumeric() || chars[j] == '_') {
+                while j < chars.len() && (chars[j].is_ascii_alphanumeric() || chars[j] == b'_') {
                     j += 1;
                 }
-                if chars.get(j) == Some(&'$')
-                    && !chars[i + 1..j].first().is_some_and(|c| c.is_ascii_digit())
+                if chars.get(j) == Some(&b'$') && !chars.get(i + 1).is_some_and(u8::is_ascii_digit)
                 {
-                    let tag: String = chars[i..=j].iter().collect();
-                    let rest: String = chars[j + 1..].iter().collect();
-                    i = match rest.find(&tag) {
-                        Some(end) => j + 1 + rest[..end].chars().count() + tag.chars().count(),
+                    let tag = &sql[i..=j];
+                    i = match memchr::memmem::find(&sql[j + 1..], tag) {
+                        Some(end) => j + 1 + end + tag.len(),
                         None => chars.len(),
                     };
                     out.last_mut().unwrap().push(Token::Punct('\''));
@@ -119,24 +119,23 @@ fn statements(sql: &str) -> Vec<Vec<Token>> {
                     i = j.max(i + 1);
                 }
             }
-            ';' => {
+            b';' => {
                 out.push(Vec::new());
                 i += 1;
             }
-            c if c.is_alphabetic() || c == '_' => {
+            c if letter(c) => {
                 let start = i;
                 while i < chars.len()
-                    && (chars[i].is_alphanumeric() || chars[i] == '_' || chars[i] == '$')
+                    && (letter(chars[i]) || chars[i].is_ascii_digit() || chars[i] == b'$')
                 {
                     i += 1;
                 }
-                let word: String = chars[start..i].iter().collect();
-                out.last_mut()
-                    .unwrap()
-                    .push(Token::Word(word.to_ascii_uppercase()));
+                out.last_mut().unwrap().push(Token::Word(
+                    String::from_utf8_lossy(&sql[start..i]).to_ascii_uppercase(),
+                ));
             }
             c => {
-                out.last_mut().unwrap().push(Token::Punct(c));
+                out.last_mut().unwrap().push(Token::Punct(c as char));
                 i += 1;
             }
         }
@@ -147,10 +146,10 @@ fn statements(sql: &str) -> Vec<Vec<Token>> {
 
 /// The index after the quoted run that opens at `i`: a doubled quote is an escaped one, and
 /// so, with `backslash` (`E'...'`), is any character after a backslash.
-fn skip_quoted(chars: &[char], mut i: usize, quote: char, backslash: bool) -> usize {
+fn skip_quoted(chars: &[u8], mut i: usize, quote: u8, backslash: bool) -> usize {
     i += 1;
     while i < chars.len() {
-        if backslash && chars[i] == '\\' {
+        if backslash && chars[i] == b'\\' {
             i += 2;
         } else if chars[i] == quote {
             if chars.get(i + 1) != Some(&quote) {
@@ -409,6 +408,8 @@ mod tests {
             ("SELECT $tag$ update $tag$, $1", Read),
             ("SELECT \"update\" FROM t", Read),
             ("SELECT E'it\\'s delete'", Read),
+            ("SELECT 'ünïcode', naïve FROM tëst", Read),
+            ("INSERT INTO tëst VALUES ('é')", Write),
             ("SELECT pg_catalog.count(*) FROM t", Read),
             ("", Read),
             ("INSERT INTO t VALUES (1)", Write),
@@ -448,19 +449,19 @@ mod tests {
             ("SELECT pg_advisory_xact_lock(1)", Write),
         ];
         for (sql, want) in cases {
-            assert_eq!(classify(sql, safe), *want, "{sql}");
+            assert_eq!(classify(sql.as_bytes(), safe), *want, "{sql}");
         }
     }
 
     #[test]
     fn unknown_functions_may_be_declared_read_only() {
         assert_eq!(
-            classify("SELECT my_function(1)", UnknownFunctions::Replica),
+            classify(b"SELECT my_function(1)", UnknownFunctions::Replica),
             Read
         );
         // Known writers stay on the primary whatever the setting.
         assert_eq!(
-            classify("SELECT nextval('s')", UnknownFunctions::Replica),
+            classify(b"SELECT nextval('s')", UnknownFunctions::Replica),
             Write
         );
     }
@@ -474,8 +475,11 @@ mod tests {
             "/* open",
             "SELECT $",
             "$",
+            "SELECT $é$ x",
+            "é",
+            "SELECT $a$ é",
         ] {
-            let _ = classify(sql, UnknownFunctions::Primary);
+            let _ = classify(sql.as_bytes(), UnknownFunctions::Primary);
         }
     }
 }

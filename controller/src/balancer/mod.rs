@@ -89,6 +89,33 @@ pub enum ReadFloor {
     PrimaryOnly,
 }
 
+/// What a read must see (pure): nothing when reads may go anywhere within the lag bound;
+/// otherwise the primary's position sampled after the write it must see (the session's own, or
+/// with `strict` the last through this balancer), or the primary itself while no such sample
+/// exists.
+pub fn read_floor(
+    settings: &Settings,
+    session_wrote: Option<Instant>,
+    last_write: Option<Instant>,
+    primary: Option<&backends::Candidate>,
+) -> ReadFloor {
+    if !settings.load_balance {
+        return ReadFloor::PrimaryOnly;
+    }
+    let since = match settings.consistency {
+        Consistency::Eventual => None,
+        Consistency::Session => session_wrote,
+        Consistency::Strict => last_write,
+    };
+    let Some(since) = since else {
+        return ReadFloor::AtLeast(0);
+    };
+    match primary {
+        Some(p) if p.sampled.is_some_and(|t| t >= since) => ReadFloor::AtLeast(p.lsn),
+        _ => ReadFloor::PrimaryOnly,
+    }
+}
+
 /// A server and the key of one of its sessions: where a cancel request goes.
 type CancelTarget = (String, u16, (i32, i32));
 
@@ -207,20 +234,6 @@ impl Engine {
         choose_primary(&self.backends.candidates(&set)).map(|i| set[i].clone())
     }
 
-    /// The replica a read that must see position `min_lsn` goes to.
-    pub fn replica(&self, min_lsn: u64) -> Option<Arc<Backend>> {
-        let set = self.backends.all();
-        let candidates = self.backends.candidates(&set);
-        let primary_lsn = choose_primary(&candidates).map(|i| candidates[i].lsn);
-        choose_replica(
-            &candidates,
-            primary_lsn,
-            min_lsn,
-            self.settings.max_lag_bytes,
-        )
-        .map(|i| set[i].clone())
-    }
-
     /// Any usable replica (a session starting while there is no primary).
     pub fn replica_any(&self) -> Option<Arc<Backend>> {
         let set = self.backends.all();
@@ -240,32 +253,37 @@ impl Engine {
         }
     }
 
-    /// What a read must see, given the session's last acknowledged write.
-    pub fn read_floor(&self, session_wrote: Option<Instant>) -> ReadFloor {
-        if !self.settings.load_balance {
-            return ReadFloor::PrimaryOnly;
-        }
-        let since = match self.settings.consistency {
-            Consistency::Eventual => None,
-            Consistency::Session => session_wrote,
+    /// The server a read goes to, given the session's last acknowledged write: a replica
+    /// that has what the read must see, else the primary.
+    pub fn read_target(&self, session_wrote: Option<Instant>) -> Option<Arc<Backend>> {
+        let set = self.backends.all();
+        let candidates = self.backends.candidates(&set);
+        let primary = choose_primary(&candidates).map(|i| &candidates[i]);
+        let last_write = match self.settings.consistency {
             Consistency::Strict => *self.last_write.lock().unwrap_or_else(|e| e.into_inner()),
+            _ => None,
         };
-        let Some(since) = since else {
-            return ReadFloor::AtLeast(0);
+        let floor = read_floor(&self.settings, session_wrote, last_write, primary);
+        let replica = match floor {
+            ReadFloor::AtLeast(lsn) => choose_replica(
+                &candidates,
+                primary.map(|p| p.lsn),
+                lsn,
+                self.settings.max_lag_bytes,
+            ),
+            ReadFloor::PrimaryOnly => None,
         };
-        // The primary's position sampled after the write was acknowledged covers it.
-        match self.primary().map(|p| p.seen()) {
-            Some(seen) if seen.sampled.is_some_and(|t| t >= since) => ReadFloor::AtLeast(seen.lsn),
-            _ => ReadFloor::PrimaryOnly,
-        }
+        replica.or(primary.map(|p| p.index)).map(|i| set[i].clone())
     }
 
-    /// A new session's cancel key and slot.
-    pub fn register_session(&self) -> ((i32, i32), Arc<CancelSlot>) {
+    /// A new session's cancel key and slot. The key's process id is `pid`, the process id of
+    /// the session's first server (so `pg_backend_pid()` on it matches what the client was
+    /// told), with a random secret of the engine's own.
+    pub fn register_session(&self, pid: i32) -> ((i32, i32), Arc<CancelSlot>) {
         let slot = Arc::new(CancelSlot::default());
         let mut cancels = self.cancels.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            let key = (rand::random::<i32>() & i32::MAX, rand::random::<i32>());
+            let key = (pid, rand::random::<i32>());
             if let std::collections::hash_map::Entry::Vacant(v) = cancels.entry(key) {
                 v.insert(slot.clone());
                 return (key, slot);
@@ -311,7 +329,112 @@ impl Engine {
     }
 
     /// The engine's answer to `SHOW POOL_NODES` and friends, when `sql` is one.
-    pub fn answer_show(&self, sql: &str) -> Option<bytes::BytesMut> {
-        show::answer(self, sql)
+    pub fn answer_show(&self, sql: &[u8]) -> Option<bytes::BytesMut> {
+        show::answer(self, std::str::from_utf8(sql).ok()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::backends::Candidate;
+    use super::*;
+
+    fn primary(lsn: u64, sampled: Instant) -> Candidate {
+        Candidate {
+            index: 0,
+            usable: true,
+            in_recovery: Some(false),
+            lsn,
+            in_flight: 0,
+            selects: 0,
+            sampled: Some(sampled),
+        }
+    }
+
+    fn settings(consistency: Consistency) -> Settings {
+        Settings {
+            consistency,
+            ..Settings::default()
+        }
+    }
+
+    #[test]
+    fn reads_see_the_writes_their_consistency_promises() {
+        let t0 = Instant::now();
+        let before = t0;
+        let write = t0 + Duration::from_millis(5);
+        let after = t0 + Duration::from_millis(10);
+        let session = settings(Consistency::Session);
+        let strict = settings(Consistency::Strict);
+        let eventual = settings(Consistency::Eventual);
+        let cases = [
+            // No write yet: any replica within the lag bound.
+            (
+                &session,
+                None,
+                None,
+                primary(10, before),
+                ReadFloor::AtLeast(0),
+            ),
+            // The session wrote after the last sample: only the primary has it.
+            (
+                &session,
+                Some(write),
+                None,
+                primary(10, before),
+                ReadFloor::PrimaryOnly,
+            ),
+            // A sample taken after the write covers it.
+            (
+                &session,
+                Some(write),
+                None,
+                primary(42, after),
+                ReadFloor::AtLeast(42),
+            ),
+            // Strict: another session's write counts; the session's own alone does not.
+            (
+                &strict,
+                None,
+                Some(write),
+                primary(10, before),
+                ReadFloor::PrimaryOnly,
+            ),
+            (
+                &strict,
+                Some(write),
+                None,
+                primary(10, before),
+                ReadFloor::AtLeast(0),
+            ),
+            (
+                &strict,
+                None,
+                Some(write),
+                primary(42, after),
+                ReadFloor::AtLeast(42),
+            ),
+            // Eventual: writes do not hold reads back.
+            (
+                &eventual,
+                Some(write),
+                Some(write),
+                primary(10, before),
+                ReadFloor::AtLeast(0),
+            ),
+        ];
+        for (i, (s, own, last, p, want)) in cases.into_iter().enumerate() {
+            assert_eq!(read_floor(s, own, last, Some(&p)), want, "case {i}");
+        }
+        // Without a primary nothing is known about recent writes.
+        assert_eq!(
+            read_floor(&session, Some(write), None, None),
+            ReadFloor::PrimaryOnly
+        );
+        let off = Settings {
+            load_balance: false,
+            ..Settings::default()
+        };
+        assert_eq!(read_floor(&off, None, None, None), ReadFloor::PrimaryOnly);
     }
 }

@@ -68,7 +68,7 @@ pub struct Server {
     /// `ParameterStatus` frames of startup.
     pub parameters: Vec<Message>,
     /// Prepared statements by name, with the text they were prepared from.
-    pub prepared: HashMap<String, Arc<str>>,
+    pub prepared: HashMap<String, Arc<[u8]>>,
     /// Answers to swallow, in order.
     pub swallow: VecDeque<Swallow>,
     /// Batches sent and not yet answered with `ReadyForQuery`, with their classes.

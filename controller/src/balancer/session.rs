@@ -24,12 +24,12 @@ use tokio::net::TcpStream;
 use super::classify::{classify, Class};
 use super::server::{ConnectError, Server, Swallow};
 use super::wire::{self, Message, WireError};
-use super::{CancelSlot, Engine, ReadFloor};
+use super::{CancelSlot, Engine};
 
 /// A prepared statement the client made.
 #[derive(Clone)]
 struct Statement {
-    sql: Arc<str>,
+    sql: Arc<[u8]>,
     class: Class,
     parse: Bytes,
 }
@@ -71,9 +71,9 @@ pub struct Session {
     statements: HashMap<String, Statement>,
     batch: Batch,
     /// `SET`/`RESET` statements that succeeded outside a transaction, in order.
-    settings: Vec<String>,
+    settings: Vec<Vec<u8>>,
     /// A setting sent and not yet confirmed, per server.
-    setting_sent: HashMap<u32, String>,
+    setting_sent: HashMap<u32, Vec<u8>>,
     /// When this session's last write was acknowledged.
     wrote_at: Option<Instant>,
     cancel: Arc<CancelSlot>,
@@ -131,9 +131,13 @@ impl Session {
                     crbuf,
                     servers,
                     current,
+                    pinned,
                     ..
                 } = self;
-                let listening = current.and_then(|id| servers.get_mut(&id).map(|s| (id, s)));
+                // Idle, a pinned session still hears its server (notifications, a shutdown).
+                let listening = current
+                    .or(*pinned)
+                    .and_then(|id| servers.get_mut(&id).map(|s| (id, s)));
                 match listening {
                     Some((id, server)) => tokio::select! {
                         m = wire::read_message(client, crbuf) => Event::Client(m),
@@ -171,7 +175,7 @@ impl Session {
         match m.tag {
             b'Q' => {
                 let mut body = m.body();
-                let sql = wire::take_cstr(&mut body)?;
+                let sql = wire::take_bytes(&mut body)?;
                 if let Some(answer) = self.engine.answer_show(sql) {
                     self.finish_current().await?;
                     self.out.extend_from_slice(&answer);
@@ -179,7 +183,7 @@ impl Session {
                     return Ok(());
                 }
                 let class = classify(sql, self.engine.settings.unknown_functions);
-                let setting = (class == Class::Set).then(|| sql.to_owned());
+                let setting = (class == Class::Set).then(|| sql.to_vec());
                 let target = self.route(class).await?;
                 let Some(target) = target else { return Ok(()) };
                 let server = self
@@ -195,8 +199,8 @@ impl Session {
             }
             b'P' => {
                 let mut body = m.body();
-                let name = wire::take_cstr(&mut body)?.to_owned();
-                let sql = wire::take_cstr(&mut body)?;
+                let name = wire::take_name(&mut body)?;
+                let sql = wire::take_bytes(&mut body)?;
                 let class = classify(sql, self.engine.settings.unknown_functions);
                 let st = Statement {
                     sql: sql.into(),
@@ -209,20 +213,20 @@ impl Session {
             }
             b'B' => {
                 let mut body = m.body();
-                let _portal = wire::take_cstr(&mut body)?;
-                let name = wire::take_cstr(&mut body)?.to_owned();
+                let _portal = wire::take_bytes(&mut body)?;
+                let name = wire::take_name(&mut body)?;
                 self.uses(&name);
                 self.push(m).await
             }
             b'D' if m.body().first() == Some(&b'S') => {
                 let mut body = &m.body()[1..];
-                let name = wire::take_cstr(&mut body)?.to_owned();
+                let name = wire::take_name(&mut body)?;
                 self.uses(&name);
                 self.push(m).await
             }
             b'C' if m.body().first() == Some(&b'S') => {
                 let mut body = &m.body()[1..];
-                let name = wire::take_cstr(&mut body)?.to_owned();
+                let name = wire::take_name(&mut body)?;
                 self.statements.remove(&name);
                 self.push(m).await
             }
@@ -280,7 +284,7 @@ impl Session {
             Some(target) if self.servers.contains_key(&target) => {
                 if m.tag == b'P' {
                     let mut body = m.body();
-                    let name = wire::take_cstr(&mut body)?.to_owned();
+                    let name = wire::take_name(&mut body)?;
                     let sql = self.statements.get(&name).map(|s| s.sql.clone());
                     if let (Some(server), Some(sql)) = (self.servers.get_mut(&target), sql) {
                         server.prepared.insert(name, sql);
@@ -304,7 +308,7 @@ impl Session {
         let parsed_here = self.batch.messages.iter().any(|m| {
             m.tag == b'P' && {
                 let mut b = m.body();
-                wire::take_cstr(&mut b).is_ok_and(|n| n == name)
+                wire::take_name(&mut b).is_ok_and(|n| n == name)
             }
         });
         if let Some(st) = self.statements.get(name) {
@@ -357,18 +361,18 @@ impl Session {
             let mut body = m.body();
             match m.tag {
                 b'P' => {
-                    let name = wire::take_cstr(&mut body)?;
-                    if !name.is_empty() && server.prepared.contains_key(name) {
-                        close_statement(&mut bytes, name);
+                    let name = wire::take_name(&mut body)?;
+                    if !name.is_empty() && server.prepared.contains_key(&name) {
+                        close_statement(&mut bytes, &name);
                         server.swallow.push_back(Swallow::Tag(b'3'));
                     }
-                    if let Some(st) = self.statements.get(name) {
-                        server.prepared.insert(name.to_owned(), st.sql.clone());
+                    if let Some(st) = self.statements.get(&name) {
+                        server.prepared.insert(name, st.sql.clone());
                     }
                 }
                 b'C' if body.first() == Some(&b'S') => {
                     body = &body[1..];
-                    server.prepared.remove(wire::take_cstr(&mut body)?);
+                    server.prepared.remove(&wire::take_name(&mut body)?);
                 }
                 _ => {}
             }
@@ -541,14 +545,7 @@ impl Session {
         let wanted = if let Some(id) = self.txn.or(self.pinned) {
             Some(id)
         } else if class == Class::Read {
-            match self.engine.read_floor(self.wrote_at) {
-                ReadFloor::PrimaryOnly => self.engine.primary().map(|b| b.id),
-                ReadFloor::AtLeast(lsn) => self
-                    .engine
-                    .replica(lsn)
-                    .or_else(|| self.engine.primary())
-                    .map(|b| b.id),
-            }
+            self.engine.read_target(self.wrote_at).map(|b| b.id)
         } else {
             self.engine.primary().map(|b| b.id)
         };
@@ -607,9 +604,8 @@ impl Session {
         if server.settings_applied >= self.settings.len() {
             return Ok(());
         }
-        let sql = self.settings[server.settings_applied..].join(";\n");
-        let mut body = Vec::new();
-        wire::cstr(&mut body, &sql);
+        let mut body = self.settings[server.settings_applied..].join(&b";\n"[..]);
+        body.push(0);
         let mut bytes = BytesMut::new();
         wire::put(&mut bytes, b'Q', &body);
         server.swallow.push_back(Swallow::UntilReady);

@@ -76,7 +76,7 @@ pub async fn serve(engine: Arc<Engine>, mut client: TcpStream) -> Result<(), Wir
             return fatal(&mut client, "57P03", "the database server is not available").await;
         }
     };
-    let (cancel_key, slot) = engine.register_session();
+    let (cancel_key, slot) = engine.register_session(server.key.0);
     let mut out = BytesMut::with_capacity(1024);
     wire::put(&mut out, b'R', &0i32.to_be_bytes());
     for p in &server.parameters {

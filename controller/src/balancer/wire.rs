@@ -172,14 +172,25 @@ pub fn cstr(out: &mut Vec<u8>, s: &str) {
     out.push(0);
 }
 
-/// Reads a NUL-terminated string at the front of `b`, advancing past it.
-pub fn take_cstr<'a>(b: &mut &'a [u8]) -> Result<&'a str, WireError> {
+/// Reads a NUL-terminated string at the front of `b`, advancing past it; its bytes as sent
+/// (SQL text is in the client's encoding, which need not be UTF-8).
+pub fn take_bytes<'a>(b: &mut &'a [u8]) -> Result<&'a [u8], WireError> {
     let end =
         memchr::memchr(0, b).ok_or_else(|| WireError::Protocol("unterminated string".into()))?;
-    let s = std::str::from_utf8(&b[..end])
-        .map_err(|_| WireError::Protocol("string not UTF-8".into()))?;
+    let s = &b[..end];
     *b = &b[end + 1..];
     Ok(s)
+}
+
+/// Reads a NUL-terminated UTF-8 string at the front of `b`, advancing past it.
+pub fn take_cstr<'a>(b: &mut &'a [u8]) -> Result<&'a str, WireError> {
+    std::str::from_utf8(take_bytes(b)?).map_err(|_| WireError::Protocol("string not UTF-8".into()))
+}
+
+/// Reads a NUL-terminated name (of a statement or portal) at the front of `b`, advancing past
+/// it; bytes that are not UTF-8 are replaced, which keeps distinct names distinct in practice.
+pub fn take_name(b: &mut &[u8]) -> Result<String, WireError> {
+    Ok(String::from_utf8_lossy(take_bytes(b)?).into_owned())
 }
 
 /// An `ErrorResponse` (or `NoticeResponse` with tag `N`) with severity, SQLSTATE and message.
