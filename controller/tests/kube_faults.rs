@@ -23,11 +23,13 @@ const NS: &str = "faults";
 const CLUSTER: &str = "fx";
 
 /// The traffic scripts, run with `sh` in the client pod until /tmp/stop exists (bounded).
-/// Each line: time, ok|fail, id. The watcher writes the number of writable instances.
+/// Each line: time, ok|fail, id. The watcher writes the number of writable instances. Every
+/// `psql` is bounded by `timeout`: a connection to a pod that vanished gets no reset and would
+/// otherwise wait for TCP to give up.
 const WRITER: &str = r#"
 id=$1; end=$((id + 6000)); : >/tmp/writes
 while [ ! -e /tmp/stop ] && [ "$id" -lt "$end" ]; do
-  if psql -X -q -t -A -h fx-balancer -p 9999 -U app -d app -c "INSERT INTO ledger VALUES ($id)" >/dev/null 2>&1
+  if timeout 5 psql -X -q -t -A -h fx-balancer -p 9999 -U app -d app -c "INSERT INTO ledger VALUES ($id)" >/dev/null 2>&1
   then echo "$(date +%s.%N) ok $id"; else echo "$(date +%s.%N) fail $id"; fi >>/tmp/writes
   id=$((id + 1)); sleep 0.05
 done
@@ -36,7 +38,7 @@ touch /tmp/writer.done
 const READER: &str = r#"
 n=0; : >/tmp/reads
 while [ ! -e /tmp/stop ] && [ "$n" -lt 6000 ]; do
-  if psql -X -q -t -A -h fx-balancer -p 9999 -U app -d app -c "SELECT count(*) FROM ledger" >/dev/null 2>&1
+  if timeout 5 psql -X -q -t -A -h fx-balancer -p 9999 -U app -d app -c "SELECT count(*) FROM ledger" >/dev/null 2>&1
   then echo ok; else echo fail; fi >>/tmp/reads
   n=$((n + 1)); sleep 0.05
 done
@@ -47,7 +49,7 @@ n=0; : >/tmp/writable
 while [ ! -e /tmp/stop ] && [ "$n" -lt 3000 ]; do
   w=0
   for i in 0 1 2 3; do
-    r=$(psql -X -q -t -A -h "fx-$i-0.fx-hl" -p 5432 -U app -d app -c "SELECT pg_is_in_recovery()" 2>/dev/null)
+    r=$(timeout 3 psql -X -q -t -A -h "fx-$i-0.fx-hl" -p 5432 -U app -d app -c "SELECT pg_is_in_recovery()" 2>/dev/null)
     [ "$r" = f ] && w=$((w + 1))
   done
   echo "$w" >>/tmp/writable

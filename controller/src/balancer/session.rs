@@ -147,14 +147,26 @@ impl Session {
                 }
             };
             match event {
-                Event::Client(Err(WireError::Closed)) => return Ok(()),
+                Event::Client(Err(WireError::Closed)) => return self.terminate().await,
                 Event::Client(Err(e)) => return Err(e),
-                Event::Client(Ok(m)) if m.tag == b'X' => return Ok(()),
+                Event::Client(Ok(m)) if m.tag == b'X' => return self.terminate().await,
                 Event::Client(Ok(m)) => self.on_client(m).await?,
                 Event::Server(id, m) => self.on_server(id, m).await?,
             }
             self.flush_if_idle().await?;
         }
+    }
+
+    /// Ends the session's server connections the way a client does (`Terminate`), so the
+    /// servers do not log a lost connection.
+    async fn terminate(&mut self) -> Result<(), WireError> {
+        let mut bye = BytesMut::new();
+        wire::put(&mut bye, b'X', &[]);
+        for server in self.servers.values_mut() {
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_secs(1), server.write(&bye)).await;
+        }
+        Ok(())
     }
 
     /// Writes what is buffered for the client once the current server has nothing more
