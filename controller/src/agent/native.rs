@@ -105,11 +105,35 @@ pub async fn start(
         },
     );
     apply(config, &engine);
-    let listener = tokio::net::TcpListener::bind(("0.0.0.0", conf.port)).await?;
+    let listener = std::net::TcpListener::bind(("0.0.0.0", conf.port))?;
+    listener.set_nonblocking(true)?;
+    data_plane(engine.clone(), listener)?;
     tracing::info!(port = conf.port, "native balancer serving");
-    tokio::spawn(engine.clone().serve(listener));
     tokio::spawn(follow(config.clone(), engine.clone()));
     Ok(engine)
+}
+
+/// Client sessions run on a thread of their own with a single-threaded runtime: a proxied
+/// query then wakes no other thread on its way (the monitors, the follower and the REST API
+/// stay on the agent's runtime).
+fn data_plane(
+    engine: Arc<balancer::Engine>,
+    listener: std::net::TcpListener,
+) -> std::io::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("data-plane".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                match tokio::net::TcpListener::from_std(listener) {
+                    Ok(listener) => engine.serve(listener).await,
+                    Err(e) => tracing::error!(error = %e, "the balancer port cannot be served"),
+                }
+            })
+        })?;
+    Ok(())
 }
 
 /// Applies the files as they are now.
