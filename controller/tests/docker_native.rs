@@ -441,6 +441,12 @@ async fn failover_under_a_writer(s: &Scenario, balancer: u16, password: &str, su
         outcome.most_writable <= 1,
         "two instances accepted writes at once"
     );
+    // The status names the new primary before it has observed its port: wait for that.
+    let (seen, doc) = status_until(s, NAME, 60, |d| {
+        primary(d) == primary(&doc) && d["primary"]["port"].is_u64()
+    })
+    .await;
+    assert!(seen, "the new primary's port never showed: {doc}");
     acknowledged_writes_present(port(&doc["primary"]), password, &outcome.ledger).await;
     assert_eq!(
         container_ids(NAME),

@@ -45,13 +45,6 @@ struct Batch {
     target: Option<u32>,
 }
 
-/// A batch waiting for its `ReadyForQuery`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Pending {
-    /// Its class.
-    pub class: Class,
-}
-
 /// A session after startup.
 pub struct Session {
     engine: Arc<Engine>,

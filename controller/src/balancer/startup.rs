@@ -9,7 +9,7 @@ use bytes::{BufMut, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use super::scram::{Exchange, Verifier, MECHANISM};
+use super::scram::{Exchange, MECHANISM};
 use super::server::{ConnectError, Server};
 use super::session::Session;
 use super::wire::{self, Startup, WireError};
@@ -115,14 +115,11 @@ async fn authenticate(
     let known = engine.user(user);
     let verifier = known
         .as_ref()
-        .map(|u| u.verifier.clone())
-        .unwrap_or_else(|| Verifier::new(&rand_password()));
-    let mut out = BytesMut::new();
-    let mut body = 10i32.to_be_bytes().to_vec();
-    wire::cstr(&mut body, MECHANISM);
-    body.push(0);
-    wire::put(&mut out, b'R', &body);
-    client.write_all(&out).await?;
+        .map_or_else(|| engine.decoy.clone(), |u| u.verifier.clone());
+    let mut mechanisms = Vec::new();
+    wire::cstr(&mut mechanisms, MECHANISM);
+    mechanisms.push(0);
+    authentication(client, 10, &mechanisms).await?;
     let first = wire::read_message(client, rbuf).await?;
     let mut b = first.body();
     let (mechanism, data) = match (first.tag, wire::take_cstr(&mut b)) {
@@ -136,11 +133,7 @@ async fn authenticate(
     else {
         return Ok(None);
     };
-    let mut out = BytesMut::new();
-    let mut body = 11i32.to_be_bytes().to_vec();
-    body.extend_from_slice(server_first.as_bytes());
-    wire::put(&mut out, b'R', &body);
-    client.write_all(&out).await?;
+    authentication(client, 11, server_first.as_bytes()).await?;
     let last = wire::read_message(client, rbuf).await?;
     if last.tag != b'p' {
         return Err(WireError::Protocol("expected SASLResponse".into()));
@@ -151,17 +144,18 @@ async fn authenticate(
     let Some(known) = known else {
         return Ok(None);
     };
-    let mut out = BytesMut::new();
-    let mut body = 12i32.to_be_bytes().to_vec();
-    body.extend_from_slice(server_final.as_bytes());
-    wire::put(&mut out, b'R', &body);
-    client.write_all(&out).await?;
+    authentication(client, 12, server_final.as_bytes()).await?;
     Ok(Some(known.password))
 }
 
-fn rand_password() -> String {
-    use rand::distr::{Alphanumeric, SampleString};
-    Alphanumeric.sample_string(&mut rand::rng(), 24)
+/// An `Authentication` request with `code` and its data.
+async fn authentication(client: &mut TcpStream, code: i32, data: &[u8]) -> Result<(), WireError> {
+    let mut body = code.to_be_bytes().to_vec();
+    body.extend_from_slice(data);
+    let mut out = BytesMut::new();
+    wire::put(&mut out, b'R', &body);
+    client.write_all(&out).await?;
+    Ok(())
 }
 
 /// Sends a FATAL error and ends the connection.
