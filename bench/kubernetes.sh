@@ -27,7 +27,10 @@ RUST_LOG=warn ./target/release/pgbalancer operator --listen 127.0.0.1:18282 --id
 op_pid=$!
 until curl -sf 127.0.0.1:18282/readyz >/dev/null; do sleep 0.2; done
 rss() { awk '/VmRSS/ {printf "%.1f", $2 / 1024}' "/proc/$op_pid/status"; }
-metric() { curl -s 127.0.0.1:18282/metrics | awk -v k="$1" '$1 == k {print $2}'; }
+# Sum of a metric's series (labelled or not).
+metric() { curl -s 127.0.0.1:18282/metrics | awk -v k="$1" '$1 == k || index($1, k "{") == 1 {s += $2} END {print s + 0}'; }
+# Writes by verb and object, one "series count" line each.
+writes() { curl -s 127.0.0.1:18282/metrics | awk '/^pgbalancer_operator_api_writes_total/ {print $1, $2}'; }
 sleep 2
 idle=$(rss)
 
@@ -51,8 +54,10 @@ end=$(date +%s.%N)
 all=$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.1f", b - a }')
 sleep "${SETTLE_SECONDS:-90}"
 r0=$(metric pgbalancer_operator_reconciles_total); w0=$(metric pgbalancer_operator_api_writes_total)
+writes >"$work/writes0"
 sleep "$steady"
 r1=$(metric pgbalancer_operator_reconciles_total); w1=$(metric pgbalancer_operator_api_writes_total)
+writes >"$work/writes1"
 loaded=$(rss)
 
 printf 'machine: %s cores, %s; Kubernetes 1.20.2 API server, etcd, controller-manager on loopback\n' "$(nproc)" \
@@ -61,4 +66,7 @@ printf 'apply -> all 13 child objects created (one cluster): %s s\n' "$first"
 printf '%s more clusters applied at once -> all with status: %s s\n' "$((clusters - 1))" "$all"
 awk -v r=$((r1 - r0)) -v w=$((w1 - w0)) -v c="$clusters" -v s="$steady" \
   'BEGIN { printf "steady state over %s s: %.3f reconciles and %.3f API writes per cluster per minute\n", s, r / c * 60 / s, w / c * 60 / s }'
+# Which writes the steady state made, by verb and object.
+awk 'NR == FNR {before[$1] = $2; next} $2 - before[$1] > 0 {printf "  steady-state writes %s: %d\n", $1, $2 - before[$1]}' \
+  "$work/writes0" "$work/writes1"
 printf 'operator RSS: idle %s MiB, with %s clusters %s MiB\n' "$idle" "$clusters" "$loaded"

@@ -31,12 +31,17 @@ fn metric(port: u16, name: &str) -> u64 {
         .call()
         .map(|r| r.into_string().unwrap())
         .unwrap_or_default();
+    // The sum over the metric's series, labelled (`name{…} v`) or not (`name v`).
     text.lines()
-        .find_map(|l| {
-            l.strip_prefix(&format!("{name} "))
-                .and_then(|v| v.trim().parse().ok())
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with([' ', '{']))
         })
-        .unwrap_or(0)
+        .filter_map(|l| {
+            l.rsplit_once(' ')
+                .and_then(|(_, v)| v.trim().parse::<u64>().ok())
+        })
+        .sum()
 }
 
 fn start_operator(
@@ -247,6 +252,7 @@ async fn operator_against_a_real_api_server() {
     // A reconcile with nothing to change writes nothing.
     let writes = metric(port, "pgbalancer_operator_api_writes_total");
     let reconciles = metric(port, "pgbalancer_operator_reconciles_total");
+    assert!(writes > 0, "creating the cluster counted no API writes");
     assert!(kubectl(&["-n", &ns, "annotate", "pgbc", "demo", "touched=1"]).0);
     assert!(
         eventually(20, || async {

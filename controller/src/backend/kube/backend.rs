@@ -92,6 +92,7 @@ impl KubeBackend<'_> {
     async fn apply_object<K>(&self, desired: K) -> Result<(), Error>
     where
         K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+            + k8s_openapi::Resource
             + Clone
             + Serialize
             + DeserializeOwned
@@ -104,7 +105,8 @@ impl KubeBackend<'_> {
                 return Ok(());
             }
         }
-        self.metrics.wrote();
+        self.metrics
+            .wrote("apply", <K as k8s_openapi::Resource>::KIND);
         api.patch(
             &name,
             &PatchParams::apply(labels::MANAGER).force(),
@@ -193,7 +195,7 @@ impl KubeBackend<'_> {
     async fn create_instance(&self, plan: &Plan, ordinal: u32) -> Result<(), Error> {
         let inst = self.instance(plan, ordinal)?;
         let claims: Api<PersistentVolumeClaim> = api(&self.client, self.namespace());
-        self.metrics.wrote();
+        self.metrics.wrote("create", "PersistentVolumeClaim");
         match claims
             .create(
                 &PostParams::default(),
@@ -215,13 +217,13 @@ impl KubeBackend<'_> {
         let claims: Api<PersistentVolumeClaim> = api(&self.client, self.namespace());
         for result in [
             {
-                self.metrics.wrote();
+                self.metrics.wrote("delete", "StatefulSet");
                 sets.delete(&name, &DeleteParams::background())
                     .await
                     .map(|_| ())
             },
             {
-                self.metrics.wrote();
+                self.metrics.wrote("delete", "PersistentVolumeClaim");
                 claims
                     .delete(
                         &objects::data_pvc_name(&plan.cluster, ordinal),
@@ -262,7 +264,7 @@ impl KubeBackend<'_> {
         }
         let patch =
             serde_json::json!({ "metadata": { "labels": { labels::ROLE: role.as_str() } } });
-        self.metrics.wrote();
+        self.metrics.wrote("patch", "Pod");
         pods.patch(
             &pod.name_any(),
             &PatchParams::default(),
@@ -279,7 +281,7 @@ impl KubeBackend<'_> {
         self.label(plan, ordinal, Role::Replica).await?;
         let pods: Api<Pod> = api(&self.client, self.namespace());
         if let Some(pod) = self.instance_pods(plan).await?.remove(&ordinal) {
-            self.metrics.wrote();
+            self.metrics.wrote("delete", "Pod");
             match pods
                 .delete(&pod.name_any(), &DeleteParams::default().grace_period(10))
                 .await

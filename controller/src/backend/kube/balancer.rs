@@ -68,7 +68,7 @@ pub async fn nudge(
             continue;
         }
         let patch = serde_json::json!({ "metadata": { "annotations": BTreeMap::from([(BACKENDS_ANNOTATION, hash)]) } });
-        metrics.wrote();
+        metrics.wrote("patch", "Pod");
         api.patch(
             &pod.name_any(),
             &PatchParams::default(),

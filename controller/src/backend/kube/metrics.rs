@@ -22,6 +22,14 @@ struct FailureLabels {
     reason: String,
 }
 
+/// Labels of `pgbalancer_operator_api_writes_total`: the request's verb (`apply`, `create`,
+/// `patch`, `delete`) and the kind of object it wrote (`StatefulSet`, `Pod`, `status`…).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WriteLabels {
+    verb: &'static str,
+    object: &'static str,
+}
+
 /// Label of `pgbalancer_failovers_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FailoverLabels {
@@ -34,7 +42,9 @@ struct FailoverLabels {
 pub struct Metrics {
     registry: Registry,
     reconciles: Counter,
-    writes: Counter,
+    writes: Family<WriteLabels, Counter>,
+    /// All writes, whatever their labels (not registered: the family's sum).
+    writes_total: Counter,
     failures: Family<FailureLabels, Counter>,
     duration: Histogram,
     failovers: Family<FailoverLabels, Counter>,
@@ -43,7 +53,7 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         let reconciles = Counter::default();
-        let writes = Counter::default();
+        let writes = Family::<WriteLabels, Counter>::default();
         let failures = Family::<FailureLabels, Counter>::default();
         let duration = Histogram::new(BUCKETS);
         let failovers = Family::<FailoverLabels, Counter>::default();
@@ -57,7 +67,7 @@ impl Default for Metrics {
         );
         registry.register(
             "pgbalancer_operator_api_writes",
-            "Write requests sent to the API server",
+            "Write requests sent to the API server, by verb and object",
             writes.clone(),
         );
         registry.register(
@@ -79,6 +89,7 @@ impl Default for Metrics {
             registry,
             reconciles,
             writes,
+            writes_total: Counter::default(),
             failures,
             duration,
             failovers,
@@ -102,13 +113,17 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts one write request to the API server.
-    pub fn wrote(&self) {
-        self.writes.inc();
+    /// Counts one write request to the API server: `verb` is `apply`, `create`, `patch` or
+    /// `delete`; `object` the kind written (`status` for the cluster's status subresource).
+    pub fn wrote(&self, verb: &'static str, object: &'static str) {
+        self.writes
+            .get_or_create(&WriteLabels { verb, object })
+            .inc();
+        self.writes_total.inc();
     }
 
     /// Counts a change of primary: `kind` is `failover` (the primary was lost) or `switchover`
-    /// (planned). Exposed as `pgbalancer_failovers_total{kind="…"}`; nothing calls it yet.
+    /// (planned). Exposed as `pgbalancer_failovers_total{kind="…"}`.
     pub fn failover(&self, kind: &str) {
         self.failovers
             .get_or_create(&FailoverLabels {
@@ -119,7 +134,7 @@ impl Metrics {
 
     /// Write requests so far.
     pub fn writes(&self) -> u64 {
-        self.writes.get()
+        self.writes_total.get()
     }
 
     /// Reconciles so far.
@@ -159,8 +174,10 @@ mod tests {
         m.failed("kube_api");
         m.failed("kube_api");
         m.failed("invalid_spec");
-        m.wrote();
-        assert_eq!((m.reconciles(), m.writes()), (2, 1));
+        m.wrote("apply", "StatefulSet");
+        m.wrote("patch", "status");
+        m.wrote("patch", "status");
+        assert_eq!((m.reconciles(), m.writes()), (2, 3));
         let text = m.render();
         assert_lines(
             &text,
@@ -169,7 +186,8 @@ mod tests {
                 "# TYPE pgbalancer_operator_reconciles_total counter",
                 "pgbalancer_operator_reconciles_total 2",
                 "# TYPE pgbalancer_operator_api_writes_total counter",
-                "pgbalancer_operator_api_writes_total 1",
+                "pgbalancer_operator_api_writes_total{verb=\"apply\",object=\"StatefulSet\"} 1",
+                "pgbalancer_operator_api_writes_total{verb=\"patch\",object=\"status\"} 2",
                 "# TYPE pgbalancer_operator_reconcile_failures_total counter",
                 "pgbalancer_operator_reconcile_failures_total{reason=\"kube_api\"} 2",
                 "pgbalancer_operator_reconcile_failures_total{reason=\"invalid_spec\"} 1",
@@ -194,9 +212,9 @@ mod tests {
             .find(|s| s.metric == "pgbalancer_operator_reconciles_total")
             .unwrap();
         assert!(matches!(total.value, prometheus_parse::Value::Counter(v) if v == 2.0));
-        // 2 counters, 2 failure reasons, 9 buckets, sum and count.
+        // 1 counter, 2 write series, 2 failure reasons, 9 buckets, sum and count.
         let samples = text.lines().filter(|l| !l.starts_with('#')).count();
-        assert_eq!(samples, 2 + 2 + 9 + 2, "{text}");
+        assert_eq!(samples, 1 + 2 + 2 + 9 + 2, "{text}");
     }
 
     #[test]
@@ -221,12 +239,11 @@ mod tests {
     fn fresh_metrics_expose_zeroes() {
         let text = Metrics::default().render();
         let samples: Vec<_> = text.lines().filter(|l| !l.starts_with('#')).collect();
-        assert_eq!(samples.len(), 2 + 9 + 2, "{text}");
+        assert_eq!(samples.len(), 1 + 9 + 2, "{text}");
         assert_lines(
             &text,
             &[
                 "pgbalancer_operator_reconciles_total 0",
-                "pgbalancer_operator_api_writes_total 0",
                 "pgbalancer_operator_reconcile_duration_seconds_count 0",
             ],
         );

@@ -241,7 +241,7 @@ async fn switchover_requested(
         write_status(clusters, cluster, &new, ctx).await?;
     }
     let patch = serde_json::json!({ "metadata": { "annotations": { labels::SWITCHOVER_ANNOTATION: null } } });
-    ctx.metrics.wrote();
+    ctx.metrics.wrote("patch", "PgBalancerCluster");
     clusters
         .patch(
             &cluster.name_any(),
@@ -434,7 +434,7 @@ async fn write_status(
         "metadata": { "resourceVersion": cluster.resource_version() },
         "status": status,
     });
-    ctx.metrics.wrote();
+    ctx.metrics.wrote("patch", "status");
     match api
         .patch_status(
             &cluster.name_any(),
@@ -463,7 +463,7 @@ async fn event(
         action: "Reconcile".into(),
         secondary: None,
     };
-    ctx.metrics.wrote();
+    ctx.metrics.wrote("create", "Event");
     if let Err(e) = ctx.recorder.publish(&ev, &cluster.object_ref(&())).await {
         tracing::debug!(error = %e, "event not recorded");
     }
@@ -496,7 +496,7 @@ async fn credentials(
         )));
     }
     let creds = Credentials::generate();
-    ctx.metrics.wrote();
+    ctx.metrics.wrote("create", "Secret");
     match secrets
         .create(
             &PostParams::default(),
