@@ -752,5 +752,7 @@ pub async fn converge<B: Backend>(
     }
 }
 
+pub mod watch;
+
 #[cfg(test)]
 mod tests;

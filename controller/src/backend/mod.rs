@@ -54,6 +54,10 @@ pub struct ObservedInstance {
     pub running: bool,
     /// Built from the current plan (image, configuration, ports); otherwise it is replaced.
     pub up_to_date: bool,
+    /// SQL was tried on it. `false` when it does not run, or when the observer cannot reach
+    /// its network (an operator outside the Kubernetes cluster): then `accepting: false` and
+    /// the `None`s below mean "not seen", not "refused".
+    pub probed: bool,
     /// Accepts SQL connections.
     pub accepting: bool,
     /// `pg_is_in_recovery()`, when it answered.

@@ -4,7 +4,7 @@
 use std::fmt::Write;
 use std::time::Duration;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use serde::Serialize;
 
 use crate::local::ops::ClusterView;
@@ -18,8 +18,12 @@ use crate::status;
 pub struct StatusDocument {
     /// Cluster name.
     pub name: String,
-    /// `Running`, `Creating`, `Degraded` or `Failed`.
+    /// `Creating`, `Running`, `Scaling`, `SwitchingOver`, `FailingOver`, `Degraded` or
+    /// `Failed`: the same phases as a `PgBalancerCluster`'s status.
     pub phase: String,
+    /// `Ready`, `Progressing` and `Degraded`, with reasons and the times they last changed
+    /// (kept by the local controller), as in a `PgBalancerCluster`'s status.
+    pub conditions: Vec<Condition>,
     /// The primary instance.
     pub primary: Option<InstanceDoc>,
     /// The replicas.
@@ -149,7 +153,7 @@ pub fn status_document(view: &ClusterView, show_secrets: bool) -> StatusDocument
         plan,
         observed,
         &record,
-        None,
+        Some(&stored.previous_status()),
         None,
         Time(k8s_openapi::jiff::Timestamp::now()),
     );
@@ -233,6 +237,7 @@ pub fn status_document(view: &ClusterView, show_secrets: bool) -> StatusDocument
     StatusDocument {
         name: plan.cluster.clone(),
         phase: computed.phase.unwrap_or_default(),
+        conditions: computed.conditions,
         primary,
         replicas,
         balancer: BalancerDoc {

@@ -19,11 +19,14 @@ use futures::future::join_all;
 use tokio::signal::unix::{signal, SignalKind};
 
 use super::ops::OpError;
+use super::state::LastFailover;
 use super::state::StateDir;
-use super::watch::{down_reason, held_back, last_failover, Watch};
 use crate::backend::docker::DockerBackend;
 use crate::backend::{Action, Backend, BackendError};
-use crate::reconcile::{apply_all, conflict, decide, failover, FailoverPolicy};
+use crate::reconcile::watch::{down_reason, held_back, Watch};
+use crate::reconcile::{apply_all, conflict, decide, FailoverPolicy};
+use crate::status;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 /// Pause between two ticks.
 pub const TICK: Duration = Duration::from_millis(500);
@@ -143,6 +146,18 @@ async fn tick_cluster(
     let observed = backend.observe(&plan).await?;
     let observed_in = started.elapsed();
     let mut record = stored.record();
+    let computed = status::compute(
+        &plan,
+        &observed,
+        &record,
+        Some(&stored.previous_status()),
+        None,
+        Time(k8s_openapi::jiff::Timestamp::now()),
+    );
+    if computed.conditions != stored.conditions {
+        stored.conditions = computed.conditions;
+        state.save(&stored)?;
+    }
     if let Some(conflict) = conflict(&plan, &observed, &record) {
         mem.problem(name, conflict);
         return Ok(());
@@ -162,17 +177,12 @@ async fn tick_cluster(
         state.save(&stored)?;
     }
     let policy = FailoverPolicy::of(&stored.cluster.spec.failover);
-    let down_for = mem.watch.observe(&observed, &record, Instant::now());
-    if let Some(next) = failover(
-        &plan,
-        &observed,
-        &record,
-        &policy,
-        down_for,
-        mem.watch.last_primary_lsn(),
-    ) {
+    let (due, down_for) =
+        mem.watch
+            .failover_due(&plan, &observed, &record, &policy, Instant::now());
+    if let Some(next) = due {
         let reason = down_reason(&plan, &observed, &record, down_for);
-        let last = last_failover(&plan, &next, reason, now_rfc3339());
+        let last = LastFailover::new(&plan, &next, reason, now_rfc3339());
         stored.set_record(&next);
         stored.last_failover = Some(last.clone());
         // Saved before anything is done: a controller that stops now resumes the failover.

@@ -7,4 +7,3 @@ pub mod controller;
 pub mod lock;
 pub mod ops;
 pub mod state;
-pub mod watch;

@@ -152,17 +152,23 @@ impl Local {
                     (Credentials::generate(), Record::default())
                 }
             };
+            let seed_file = seed_file
+                .clone()
+                .or(previous.as_ref().and_then(|p| p.seed_file.clone()));
+            // What an `up` over a running cluster keeps: its last failover and conditions.
+            let (last_failover, conditions) = previous
+                .map(|p| (p.last_failover, p.conditions))
+                .unwrap_or_default();
             let mut stored = StoredCluster {
                 cluster: cluster.clone(),
                 credentials,
                 current_primary: None,
                 target_primary: 0,
-                seed_file: seed_file
-                    .clone()
-                    .or(previous.as_ref().and_then(|p| p.seed_file.clone())),
+                seed_file,
                 failing_over: false,
-                last_failover: previous.and_then(|p| p.last_failover),
+                last_failover,
                 stopped: false,
+                conditions,
             };
             stored.set_record(&record);
             let plan = stored.plan();

@@ -6,11 +6,13 @@ use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use pgbalancer_crd::PgBalancerCluster;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use pgbalancer_crd::{PgBalancerCluster, PgBalancerClusterStatus};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::credentials::Credentials;
+use crate::plan::{instance_name, Plan};
 use crate::reconcile::{ChangeKind, Record};
 
 /// A state file that cannot be read or written.
@@ -59,6 +61,10 @@ pub struct StoredCluster {
     /// Removed with `down --keep-data`: the controller leaves it alone until the next `up`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stopped: bool,
+    /// The cluster's conditions as the controller last computed them, kept for their
+    /// transition times (the same conditions as a `PgBalancerCluster`'s status).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
 }
 
 /// A failover the controller started: when, between which instances, and why.
@@ -75,7 +81,29 @@ pub struct LastFailover {
     pub reason: String,
 }
 
+impl LastFailover {
+    /// The record of the failover the controller starts, as stored and shown by `status`:
+    /// from the recorded primary to `record`'s target.
+    pub fn new(plan: &Plan, record: &Record, reason: String, at: String) -> LastFailover {
+        LastFailover {
+            at,
+            from: instance_name(&plan.cluster, record.current.unwrap_or(record.target)),
+            to: instance_name(&plan.cluster, record.target),
+            reason,
+        }
+    }
+}
+
 impl StoredCluster {
+    /// The status the conditions were last computed into, for `status::compute` to keep
+    /// their transition times.
+    pub fn previous_status(&self) -> PgBalancerClusterStatus {
+        PgBalancerClusterStatus {
+            conditions: self.conditions.clone(),
+            ..PgBalancerClusterStatus::default()
+        }
+    }
+
     /// The durable record of the primary.
     pub fn record(&self) -> Record {
         Record {
@@ -251,10 +279,21 @@ mod tests {
             failing_over: false,
             last_failover: None,
             stopped: false,
+            conditions: vec![Condition {
+                type_: "Ready".into(),
+                status: "True".into(),
+                reason: "Running".into(),
+                message: "every instance and balancer serves".into(),
+                last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    "2026-11-30T05:00:00Z".parse().unwrap(),
+                ),
+                observed_generation: None,
+            }],
         };
         state.save(&stored).unwrap();
         let back = state.load("demo").unwrap().unwrap();
         assert_eq!(back.credentials, stored.credentials);
+        assert_eq!(back.conditions, stored.conditions);
         assert_eq!(back.cluster.spec, stored.cluster.spec);
         assert_eq!(state.names().unwrap(), ["demo"]);
         let mode = std::fs::metadata(state.file("demo"))
@@ -294,17 +333,20 @@ mod tests {
     #[test]
     fn a_failover_in_progress_and_the_last_one_round_trip() {
         let mut stored: StoredCluster = serde_yaml::from_str(OLD_FILE).unwrap();
-        stored.set_record(&Record {
+        let moving = Record {
             current: Some(1),
             target: 2,
             kind: ChangeKind::Failover,
-        });
-        stored.last_failover = Some(LastFailover {
-            at: "2026-11-29T16:00:00Z".into(),
-            from: "demo-1".into(),
-            to: "demo-2".into(),
-            reason: "primary demo-1 not running (exited) for 3.0 s".into(),
-        });
+        };
+        stored.set_record(&moving);
+        let last = LastFailover::new(
+            &stored.plan(),
+            &moving,
+            "primary demo-1 not running (exited) for 3.0 s".into(),
+            "2026-11-29T16:00:00Z".into(),
+        );
+        assert_eq!((last.from.as_str(), last.to.as_str()), ("demo-1", "demo-2"));
+        stored.last_failover = Some(last);
         let text = serde_yaml::to_string(&stored).unwrap();
         assert!(text.contains("failingOver: true"), "{text}");
         assert!(text.contains("lastFailover:"), "{text}");

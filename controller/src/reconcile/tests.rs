@@ -696,3 +696,100 @@ fn a_lost_primary_is_fenced_and_the_target_promoted_in_one_decision() {
         ]
     );
 }
+
+/// An instance as the operator sees it from inside the cluster: a pod (`<name>-<n>-0`) with
+/// its Ready condition and role label, and SQL on its pod address; no published port.
+fn in_cluster(ordinal: u32) -> ObservedInstance {
+    ObservedInstance {
+        name: format!("demo-{ordinal}-0"),
+        health: String::new(),
+        host_port: None,
+        probed: true,
+        engine_ready: Some(true),
+        ..ready(ordinal)
+    }
+}
+
+/// A balancer pod whose nodes came from its agent's `/api/v1/nodes`.
+fn balancer_pod(replicas: u32) -> ObservedBalancer {
+    let nodes = (0..=replicas)
+        .map(|s| PoolNode {
+            host: format!("demo-{s}-0.demo-hl"),
+            ..node(s, "up")
+        })
+        .collect();
+    ObservedBalancer {
+        name: "demo-balancer-6d9f7c-x2x4k".into(),
+        health: String::new(),
+        host_port: None,
+        ..balancer(nodes)
+    }
+}
+
+fn kube_converged(replicas: u32) -> Observed {
+    Observed {
+        network: true,
+        instances: (0..=replicas).map(|o| (o, in_cluster(o))).collect(),
+        balancers: [(0, balancer_pod(replicas))].into(),
+    }
+}
+
+#[test]
+fn an_in_cluster_kubernetes_observation_that_converged_needs_nothing() {
+    let observed = kube_converged(2);
+    let record = Record::settled(0);
+    assert_eq!(decide(&plan(2), &observed, &record), []);
+    assert!(pending(&plan(2), &observed, &record).is_empty());
+    assert_eq!(
+        crate::status::phase(&plan(2), &observed, &record),
+        crate::status::Phase::Running
+    );
+}
+
+#[test]
+fn an_in_cluster_primary_pod_that_restarts_is_failed_over_and_fenced() {
+    let mut observed = kube_converged(2);
+    observed.instances.insert(
+        0,
+        ObservedInstance {
+            name: "demo-0-0".into(),
+            state: "restarting".into(),
+            up_to_date: true,
+            engine_ready: Some(false),
+            marked: Some(Role::Primary),
+            ..Default::default()
+        },
+    );
+    observed.instances.get_mut(&1).unwrap().received_lsn = Some(900);
+    let record = Record::settled(0);
+    let mut watch = watch::Watch::default();
+    let t0 = Instant::now();
+    // Before the delay: no failover, and the lost primary is not brought back meanwhile.
+    let (due, down_for) = watch.failover_due(&plan(2), &observed, &record, &policy(), t0);
+    assert_eq!(due, None);
+    let held = watch::held_back(
+        decide(&plan(2), &observed, &record),
+        &observed,
+        &record,
+        &policy(),
+        down_for,
+    );
+    assert!(!held.contains(&Action::StartInstance(0)), "{held:?}");
+    // After it: the replica with the most WAL is the target, and one decision fences the
+    // old primary's pod, marks the target and promotes it.
+    let later = t0 + Duration::from_secs(3);
+    let (due, _) = watch.failover_due(&plan(2), &observed, &record, &policy(), later);
+    assert_eq!(due, Some(failing(0, 2)));
+    assert_eq!(
+        decide(&plan_with_primary(2, 2), &observed, &failing(0, 2)),
+        [
+            Action::DetachBackend {
+                balancer: 0,
+                slot: 0
+            },
+            Action::Fence(0),
+            Action::MarkRole(2),
+            Action::Promote(2)
+        ]
+    );
+}

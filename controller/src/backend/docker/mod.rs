@@ -141,6 +141,7 @@ impl DockerBackend {
             ..Default::default()
         };
         if let (true, Some(port)) = (running, host_port) {
+            seen.probed = true;
             if let Ok(client) = self.superuser(plan, port).await {
                 pg::observe_instance(&client, &mut seen).await;
             }
@@ -165,15 +166,16 @@ impl DockerBackend {
     }
 
     /// Whether the container holds the `<cluster>-rw` alias on the cluster's network, as a
-    /// role mark; `None` when the engine could not say.
+    /// role mark; `None` when the engine could not say or the container is not on the network.
     async fn holds_rw_alias(&self, plan: &Plan, c: &ContainerSummary) -> Option<Role> {
         let id = c.id.as_deref()?;
         let inspected = self.docker.inspect_container(id, None).await.ok()?;
+        // On the network with no aliases at all: it holds none, so it is not the primary.
         let aliases = inspected
             .network_settings?
             .networks?
-            .remove(&plan.local.network)
-            .and_then(|n| n.aliases)
+            .remove(&plan.local.network)?
+            .aliases
             .unwrap_or_default();
         Some(if aliases.contains(&plan::rw_host(&plan.cluster)) {
             Role::Primary

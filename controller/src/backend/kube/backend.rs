@@ -358,6 +358,7 @@ impl KubeBackend<'_> {
         };
         let ip = pod.and_then(|p| p.status.as_ref()?.pod_ip.clone());
         if let (true, true, Some(ip)) = (self.in_cluster, running, ip) {
+            seen.probed = true;
             if let Ok(client) = self.superuser_at(&ip).await {
                 pg::observe_instance(&client, &mut seen).await;
             }

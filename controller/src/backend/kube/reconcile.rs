@@ -23,6 +23,7 @@ use crate::backend::{Action, Backend, BackendError, Observed};
 use crate::credentials::Credentials;
 use crate::labels;
 use crate::plan::Plan;
+use crate::reconcile::watch::{down_reason, held_back, Watch};
 use crate::reconcile::{self as core, ChangeKind, FailoverPolicy, Record};
 use crate::status::{self, Phase};
 
@@ -66,14 +67,6 @@ impl BackendError for Error {
     }
 }
 
-/// How long the recorded primary of each cluster has been down, and what it last wrote: the
-/// inputs of the failover decision that only a running controller can measure.
-#[derive(Debug, Default)]
-pub struct Watch {
-    down_since: Option<Instant>,
-    last_primary_lsn: Option<u64>,
-}
-
 /// What every reconcile shares.
 pub struct Context {
     /// API client.
@@ -86,7 +79,7 @@ pub struct Context {
     pub pdb_supported: bool,
     /// The operator runs inside the cluster network: SQL and the agents are reachable.
     pub in_cluster: bool,
-    /// Failover watches by `namespace/name`.
+    /// Failover watches by `namespace/name`: how long each recorded primary has been down.
     pub watches: Mutex<HashMap<String, Watch>>,
 }
 
@@ -155,14 +148,25 @@ async fn reconcile_inner(
         pdb_supported: ctx.pdb_supported,
     };
     let observed = backend.observe(&plan).await?;
+    if core::conflict(&plan, &observed, &record).is_some() {
+        // `decide` changes nothing and the status says why (Degraded, PrimaryConflict).
+        write_observed_status(ctx, cluster, &clusters, &plan, &observed, &record).await?;
+        return Ok(Requeue::requeue(Duration::from_secs(5)));
+    }
     let record = record.advance(&observed);
-    let key = format!("{namespace}/{name}");
-    let (due, down_for) = failover_due(ctx, &key, cluster, &plan, &observed, &record);
+    let policy = FailoverPolicy::of(&cluster.spec.failover);
+    let (due, down_for) = ctx
+        .watches
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(format!("{namespace}/{name}"))
+        .or_default()
+        .failover_due(&plan, &observed, &record, &policy, Instant::now());
     if let Some(next) = due {
         // The record moves first and durably; the next reconcile acts on it.
         let reason = format!(
-            "primary {} unreachable; promoting {}",
-            crate::plan::instance_name(&name, record.current.unwrap_or(record.target)),
+            "{}; promoting {}",
+            down_reason(&plan, &observed, &record, down_for),
             crate::plan::instance_name(&name, next.target)
         );
         let target_plan = Plan::kubernetes(cluster, next.target);
@@ -185,12 +189,11 @@ async fn reconcile_inner(
         )
         .await;
     }
-    // A replacement pod of a lost primary gets no role while a failover may still start.
-    let actions = core::hold_for_failover(
+    let actions = held_back(
         core::decide(&plan, &observed, &record),
         &observed,
         &record,
-        &FailoverPolicy::of(&cluster.spec.failover),
+        &policy,
         down_for,
     );
     apply(&backend, &plan, &actions, ctx, cluster).await?;
@@ -288,45 +291,10 @@ async fn validated(
     Err(Error::Invalid(message))
 }
 
-/// The failover to start now, measured against this cluster's watch, and how long the
-/// recorded primary has been down.
-fn failover_due(
-    ctx: &Context,
-    key: &str,
-    cluster: &PgBalancerCluster,
-    plan: &Plan,
-    observed: &Observed,
-    record: &Record,
-) -> (Option<Record>, Duration) {
-    let mut watches = ctx.watches.lock().unwrap_or_else(|e| e.into_inner());
-    let watch = watches.entry(key.to_owned()).or_default();
-    if let Some(lsn) = record
-        .current
-        .and_then(|c| observed.instances.get(&c))
-        .filter(|s| s.in_recovery == Some(false))
-        .and_then(|s| s.received_lsn)
-    {
-        watch.last_primary_lsn = Some(lsn);
-    }
-    if !core::primary_down(observed, record) {
-        watch.down_since = None;
-        return (None, Duration::ZERO);
-    }
-    let down_for = watch.down_since.get_or_insert_with(Instant::now).elapsed();
-    let due = core::failover(
-        plan,
-        observed,
-        record,
-        &FailoverPolicy::of(&cluster.spec.failover),
-        down_for,
-        watch.last_primary_lsn,
-    );
-    (due, down_for)
-}
-
-/// Applies one decision in order; steps that may succeed later are logged and retried next
-/// time. A step of a change of primary that did not succeed ends the decision: the next one is
-/// never taken without it.
+/// Applies one decision through the core's [`core::apply_all`] (the steps of a change of
+/// primary in order, stopping at the first that fails; the rest side by side). Steps that may
+/// succeed later are logged and retried next time; the first other failure is returned after
+/// the Events of the steps that were carried out.
 async fn apply(
     backend: &KubeBackend<'_>,
     plan: &Plan,
@@ -334,18 +302,19 @@ async fn apply(
     ctx: &Context,
     cluster: &PgBalancerCluster,
 ) -> Result<(), Error> {
-    for &action in actions {
-        tracing::info!(%action, "applying");
-        match backend.apply(plan, action).await {
-            Ok(()) => {}
+    let mut failed = None;
+    for (action, result) in core::apply_all(backend, plan, actions).await {
+        match result {
+            Ok(()) => tracing::info!(%action, "applied"),
             Err(e) if e.is_transient() => {
                 tracing::info!(%action, error = %e, "will retry");
-                if action.is_ordered() {
-                    break;
-                }
                 continue;
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                tracing::warn!(%action, error = %e, "failed");
+                failed.get_or_insert(e);
+                continue;
+            }
         }
         let (type_, reason) = match action {
             Action::RemoveInstance(_) => (EventType::Normal, "ScaledDown"),
@@ -355,7 +324,7 @@ async fn apply(
         };
         event(ctx, cluster, type_, reason, &action.to_string()).await;
     }
-    Ok(())
+    failed.map_or(Ok(()), Err)
 }
 
 /// Computes status from the observation and writes it when it changed.
@@ -386,30 +355,18 @@ async fn write_observed_status(
     if previous.is_some_and(|p| status::same(p, &new)) {
         return Ok(new);
     }
-    if previous.and_then(|p| p.phase.as_deref()) != new.phase.as_deref() {
-        let phase = new.phase.clone().unwrap_or_default();
-        match status::conflict_message(&new) {
-            Some(conflict) => {
-                event(
-                    ctx,
-                    cluster,
-                    EventType::Warning,
-                    "PrimaryConflict",
-                    &conflict,
-                )
-                .await
-            }
-            None => {
-                event(
-                    ctx,
-                    cluster,
-                    EventType::Normal,
-                    &phase,
-                    &format!("cluster is {phase}"),
-                )
-                .await
-            }
+    // An Event for each new conflict (even while already Degraded) and each change of phase.
+    let phase_changed = previous.and_then(|p| p.phase.as_deref()) != new.phase.as_deref();
+    match status::conflict_message(&new) {
+        Some(note) if previous.and_then(status::conflict_message).as_ref() != Some(&note) => {
+            event(ctx, cluster, EventType::Warning, "PrimaryConflict", &note).await;
         }
+        None if phase_changed => {
+            let phase = new.phase.clone().unwrap_or_default();
+            let note = format!("cluster is {phase}");
+            event(ctx, cluster, EventType::Normal, &phase, &note).await;
+        }
+        _ => {}
     }
     write_status(clusters, cluster, &new, ctx).await?;
     Ok(new)
@@ -521,7 +478,8 @@ fn record_of(cluster: &str, status: Option<&PgBalancerClusterStatus>) -> Record 
     };
     let current = ordinal(status.and_then(|s| s.current_primary.as_deref()));
     // The phase says why a change in progress started.
-    let kind = if status.and_then(|s| s.phase.as_deref()) == Some("FailingOver") {
+    let phase = status.and_then(|s| s.phase.as_deref());
+    let kind = if phase == Some(Phase::FailingOver.as_str()) {
         ChangeKind::Failover
     } else {
         ChangeKind::Switchover

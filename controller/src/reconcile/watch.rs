@@ -1,19 +1,18 @@
-//! What the controller remembers about one cluster between ticks, and the small decisions
-//! around the reconcile core that only a long-running loop needs. Pure: the caller passes the
-//! time; nothing here reads a clock, the engine or the state directory.
+//! What a running controller remembers about one cluster between reconciles, and the small
+//! decisions around `decide` that only a long-running loop needs. Shared by the local
+//! controller (Docker) and the operator (Kubernetes). Pure: the caller passes the time;
+//! nothing here reads a clock or talks to a backend.
 //!
 //! - how long the recorded primary has been down (reset as soon as it answers) and the WAL
-//!   position it last wrote, which `reconcile::failover` needs;
-//! - the reason a failover is recorded with;
+//!   position it last wrote, which [`failover`] needs;
+//! - whether a failover is due now, and the reason it is recorded with;
 //! - which of `decide`'s actions the loop holds back.
 
 use std::time::{Duration, Instant};
 
 use crate::backend::{Action, Observed};
 use crate::plan::{instance_name, Plan};
-use crate::reconcile::{hold_for_failover, primary_down, FailoverPolicy, Record};
-
-use super::state::LastFailover;
+use crate::reconcile::{failover, hold_for_failover, primary_down, FailoverPolicy, Record};
 
 /// What the controller remembers about one cluster's primary.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -56,6 +55,29 @@ impl Watch {
     pub fn last_primary_lsn(&self) -> Option<u64> {
         self.last_primary_lsn
     }
+
+    /// Takes one observation made at `now` and returns the failover to record now, if one is
+    /// due, and how long the recorded primary has been down. The caller checks for a
+    /// [`conflict`](crate::reconcile::conflict) first: a failover is never started over one.
+    pub fn failover_due(
+        &mut self,
+        plan: &Plan,
+        observed: &Observed,
+        record: &Record,
+        policy: &FailoverPolicy,
+        now: Instant,
+    ) -> (Option<Record>, Duration) {
+        let down_for = self.observe(observed, record, now);
+        let due = failover(
+            plan,
+            observed,
+            record,
+            policy,
+            down_for,
+            self.last_primary_lsn,
+        );
+        (due, down_for)
+    }
 }
 
 /// Why the recorded primary counts as down, for the log and `lastFailover.reason`, e.g.
@@ -69,21 +91,11 @@ pub fn down_reason(
     let ordinal = record.current.unwrap_or(record.target);
     let name = instance_name(&plan.cluster, ordinal);
     let what = match observed.instances.get(&ordinal) {
-        None => "gone (no container)".to_owned(),
+        None => "gone (not found)".to_owned(),
         Some(seen) if !seen.running => format!("not running ({})", seen.state),
         Some(_) => "not accepting connections".to_owned(),
     };
     format!("primary {name} {what} for {:.1} s", down_for.as_secs_f64())
-}
-
-/// The record of the failover the controller starts, as stored and shown by `status`.
-pub fn last_failover(plan: &Plan, record: &Record, reason: String, at: String) -> LastFailover {
-    LastFailover {
-        at,
-        from: instance_name(&plan.cluster, record.current.unwrap_or(record.target)),
-        to: instance_name(&plan.cluster, record.target),
-        reason,
-    }
 }
 
 /// The actions of `decide` the loop applies. Held back:
