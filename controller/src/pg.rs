@@ -154,6 +154,8 @@ pub async fn standbys(client: &Client) -> Result<HashMap<String, (String, i64)>,
         .map(|r| {
             (
                 r.get::<_, String>(0),
+                // `state` is NULL to a role that may not see the walsender; an empty state
+                // reads as not streaming.
                 (r.get::<_, Option<String>>(1).unwrap_or_default(), r.get(2)),
             )
         })

@@ -106,7 +106,7 @@ fn writable(observed: &Observed) -> Vec<u32> {
 /// What is observed contradicts the record: more than one instance accepts writes, or the
 /// one that does is neither the recorded nor the target primary. Nothing is touched then.
 pub fn conflict(plan: &Plan, observed: &Observed, record: &Record) -> Option<String> {
-    let name = |o: u32| format!("{}-{o}", plan.cluster);
+    let name = |o: u32| crate::plan::instance_name(&plan.cluster, o);
     match writable(observed).as_slice() {
         [a, b, ..] => Some(format!(
             "{} and {} both accept writes; nothing is changed until one is stopped",
@@ -592,8 +592,9 @@ pub fn pending(plan: &Plan, observed: &Observed, record: &Record) -> Vec<String>
     }
     if let (true, Some(old)) = (record.changing(), record.current) {
         out.push(format!(
-            "primary moving from {}-{old} to {}-{}",
-            plan.cluster, plan.cluster, record.target
+            "primary moving from {} to {}",
+            crate::plan::instance_name(&plan.cluster, old),
+            crate::plan::instance_name(&plan.cluster, record.target)
         ));
     }
     for inst in &plan.instances {

@@ -102,6 +102,7 @@ impl Server {
         .await
         .map_err(|_| wire_err(timed_out()))?
         .map_err(|e| wire_err(e.into()))?;
+        // Only latency depends on it: the connection works without `TCP_NODELAY`.
         let _ = stream.set_nodelay(true);
         let mut server = Self {
             backend,

@@ -156,6 +156,7 @@ impl Session {
         let mut bye = BytesMut::new();
         wire::put(&mut bye, b'X', &[]);
         for server in self.servers.values_mut() {
+            // A courtesy: the connection is dropped next, delivered or not.
             let _ =
                 tokio::time::timeout(std::time::Duration::from_secs(1), server.write(&bye)).await;
         }

@@ -17,6 +17,7 @@ use super::Engine;
 
 /// Serves one client connection until it ends.
 pub async fn serve(engine: Arc<Engine>, mut client: TcpStream) -> Result<(), WireError> {
+    // Only latency depends on it: the session works without `TCP_NODELAY`.
     let _ = client.set_nodelay(true);
     let params = loop {
         match wire::read_startup(&mut client).await? {

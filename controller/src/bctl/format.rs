@@ -1,4 +1,6 @@
 //! Plain and table renderings of the API's JSON for `bctl`. Pure.
+//!
+//! `let _ = write!(…)` throughout: writing to a `String` cannot fail.
 
 use std::fmt::Write;
 

@@ -109,6 +109,9 @@ pub enum BctlError {
     /// Wrong usage.
     #[error("{0}")]
     Usage(String),
+    /// No `--token` and the token file cannot be read.
+    #[error("cannot read the token file {path}: {message}")]
+    Token { path: String, message: String },
 }
 
 enum Request {
@@ -121,13 +124,16 @@ impl Bctl {
         format!("http://{}:{}/api/v1", self.host, self.port)
     }
 
-    fn token(&self) -> String {
-        self.token
-            .clone()
-            .or_else(|| std::fs::read_to_string(&self.token_file).ok())
-            .unwrap_or_default()
-            .trim()
-            .to_owned()
+    /// `--token`, or else the contents of `--token-file`.
+    fn token(&self) -> Result<String, BctlError> {
+        let token = match &self.token {
+            Some(token) => token.clone(),
+            None => std::fs::read_to_string(&self.token_file).map_err(|e| BctlError::Token {
+                path: self.token_file.clone(),
+                message: e.to_string(),
+            })?,
+        };
+        Ok(token.trim().to_owned())
     }
 
     fn send(&self, request: Request) -> Result<Value, BctlError> {
@@ -147,7 +153,7 @@ impl Bctl {
             Request::Get(_) => agent.get(&url).call(),
             Request::Post(_) => agent
                 .post(&url)
-                .set("Authorization", &format!("Bearer {}", self.token()))
+                .set("Authorization", &format!("Bearer {}", self.token()?))
                 .call(),
         };
         match response {

@@ -198,7 +198,8 @@ async fn dispatch(cli: Cli) -> Result<(), OpError> {
 
 /// The CRD as YAML, as `manifests/crd.yaml` holds it.
 pub fn crd_yaml() -> String {
-    serde_yaml::to_string(&PgBalancerCluster::crd()).unwrap_or_default()
+    serde_yaml::to_string(&PgBalancerCluster::crd())
+        .expect("the CRD, a plain data type, serialises")
 }
 
 fn progress(started: Instant) -> impl Fn(&str, &str) + Sync {
@@ -245,19 +246,18 @@ async fn status(name: Option<String>, format: Format, show_secrets: bool) -> Res
         docs.push(status_document(&view, show_secrets));
     }
     let print = |text: String| print!("{text}");
+    // The status documents are our own plain data: serialising them cannot fail.
+    const SERIALISES: &str = "a status document serialises";
     match (format, docs.len()) {
         (Format::Table, 0) => println!("no clusters; start one with `pgbalancer up -f FILE`"),
         (Format::Table, _) => docs.iter().for_each(|d| print(status_table(d))),
         (Format::Json, 1) => println!(
             "{}",
-            serde_json::to_string_pretty(&docs[0]).unwrap_or_default()
+            serde_json::to_string_pretty(&docs[0]).expect(SERIALISES)
         ),
-        (Format::Json, _) => println!(
-            "{}",
-            serde_json::to_string_pretty(&docs).unwrap_or_default()
-        ),
-        (Format::Yaml, 1) => print(serde_yaml::to_string(&docs[0]).unwrap_or_default()),
-        (Format::Yaml, _) => print(serde_yaml::to_string(&docs).unwrap_or_default()),
+        (Format::Json, _) => println!("{}", serde_json::to_string_pretty(&docs).expect(SERIALISES)),
+        (Format::Yaml, 1) => print(serde_yaml::to_string(&docs[0]).expect(SERIALISES)),
+        (Format::Yaml, _) => print(serde_yaml::to_string(&docs).expect(SERIALISES)),
     }
     Ok(())
 }

@@ -1,5 +1,7 @@
 //! What `pgbalancer status` and `up` print: a stable JSON/YAML document and a table, both
 //! built purely from a cluster view. Secrets appear only when asked for.
+//!
+//! `let _ = write!(…)` throughout: writing to a `String` cannot fail.
 
 use std::fmt::Write;
 use std::time::Duration;

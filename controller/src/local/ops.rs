@@ -114,6 +114,7 @@ impl Local {
     /// The stored cluster `name`, or an input error listing the known ones.
     pub fn stored(&self, name: &str) -> Result<StoredCluster, OpError> {
         self.state.load(name)?.ok_or_else(|| {
+            // Only enriches the message: a listing that fails must not hide the missing cluster.
             let known = self.state.names().unwrap_or_default();
             OpError::Input(if known.is_empty() {
                 format!("no cluster named `{name}` (none is running; start one with `pgbalancer up -f FILE`)")
@@ -403,7 +404,9 @@ impl Local {
         for group in [balancers, instances] {
             let removals = group.iter().map(|c| async move {
                 let id = c.id.clone().unwrap_or_default();
-                let _ = self
+                // A clean shutdown first; the forced removal below stops it anyway and reports
+                // what fails.
+                if let Err(e) = self
                     .docker
                     .stop_container(
                         &id,
@@ -412,7 +415,10 @@ impl Local {
                             ..Default::default()
                         }),
                     )
-                    .await;
+                    .await
+                {
+                    tracing::debug!(container = %docker::container_name(c), error = %e, "stop failed");
+                }
                 self.docker
                     .remove_container(
                         &id,

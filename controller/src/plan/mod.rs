@@ -73,6 +73,17 @@ pub fn headless_service(cluster: &str) -> String {
     format!("{cluster}-hl")
 }
 
+/// Name of the one pod of StatefulSet `statefulset` (Kubernetes): it runs a single replica,
+/// ordinal 0.
+pub fn pod_name(statefulset: &str) -> String {
+    format!("{statefulset}-0")
+}
+
+/// Name of the data volume of instance `ordinal` of `cluster` (Docker).
+pub fn volume_name(cluster: &str, ordinal: u32) -> String {
+    format!("pgbalancer-{cluster}-{ordinal}-data")
+}
+
 /// Role of an instance in the plan.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Role {
@@ -238,7 +249,7 @@ impl Plan {
                     container: explicit
                         .and_then(|e| e.container_name.clone())
                         .unwrap_or_else(|| inst_name.clone()),
-                    volume: format!("pgbalancer-{name}-{ordinal}-data"),
+                    volume: volume_name(&name, ordinal),
                     ip: explicit
                         .and_then(|e| e.ip.as_deref())
                         .and_then(|ip| ip.parse().ok()),
@@ -327,7 +338,11 @@ impl Plan {
         without_local.spec.local = None;
         let mut plan = Plan::new(&without_local, primary);
         for inst in &mut plan.instances {
-            inst.host = format!("{}-0.{}", inst.name, headless_service(&plan.cluster));
+            inst.host = format!(
+                "{}.{}",
+                pod_name(&inst.name),
+                headless_service(&plan.cluster)
+            );
         }
         plan
     }

@@ -195,6 +195,7 @@ async fn debootstrap(suite: &str, tarball: &Path) -> Result<(), DockerError> {
         .await
         .map_err(|e| fail(format!("cannot create {}: {e}", dir.display())))?;
     let root = dir.join(format!("{suite}.rootfs"));
+    // Leftovers of an interrupted run, usually absent; debootstrap reports a root it cannot use.
     let _ = tokio::fs::remove_dir_all(&root).await;
     let mirror = std::env::var("PGBALANCER_DEBIAN_MIRROR")
         .unwrap_or_else(|_| "http://deb.debian.org/debian".into());
@@ -209,6 +210,7 @@ async fn debootstrap(suite: &str, tarball: &Path) -> Result<(), DockerError> {
     if !status.success() {
         return Err(fail(format!("debootstrap {suite} failed ({status})")));
     }
+    // Only makes the image smaller: the downloaded packages are not needed in it.
     let _ = tokio::fs::remove_dir_all(root.join("var/cache/apt/archives")).await;
     let partial = tarball.with_extension("tar.partial");
     let status = tokio::process::Command::new("tar")
@@ -226,7 +228,11 @@ async fn debootstrap(suite: &str, tarball: &Path) -> Result<(), DockerError> {
     tokio::fs::rename(&partial, tarball)
         .await
         .map_err(|e| fail(format!("cannot store {}: {e}", tarball.display())))?;
-    let _ = tokio::fs::remove_dir_all(&root).await;
+    // The tarball is stored: a root left behind only takes disk space, and the next run
+    // removes it.
+    if let Err(e) = tokio::fs::remove_dir_all(&root).await {
+        tracing::warn!(root = %root.display(), error = %e, "debootstrap root not removed");
+    }
     Ok(())
 }
 

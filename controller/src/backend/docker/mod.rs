@@ -268,7 +268,7 @@ impl DockerBackend {
         let inst = plan
             .instance(ordinal)
             .ok_or_else(|| DockerError::Missing(format!("instance {ordinal}")))?;
-        let volume = objects::volume_name(&plan.cluster, ordinal);
+        let volume = plan::volume_name(&plan.cluster, ordinal);
         self.docker
             .create_volume(VolumeCreateRequest {
                 name: Some(volume.clone()),
@@ -375,7 +375,7 @@ impl DockerBackend {
         if let Ok(id) = self.container_of(plan, labels::POSTGRES, ordinal).await {
             self.remove_container(&id).await?;
         }
-        let volume = objects::volume_name(&plan.cluster, ordinal);
+        let volume = plan::volume_name(&plan.cluster, ordinal);
         match self
             .docker
             .remove_volume(&volume, Some(RemoveVolumeOptions { force: true }))

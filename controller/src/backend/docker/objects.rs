@@ -20,11 +20,6 @@ use crate::render::{self, ConfigFile, DATA_VOLUME_DIR, IMAGE_UID};
 /// Health probes every half second so readiness shows within about a second.
 const HEALTH_INTERVAL_NS: i64 = 500_000_000;
 
-/// Name of the data volume of instance `ordinal` of `cluster`.
-pub fn volume_name(cluster: &str, ordinal: u32) -> String {
-    format!("pgbalancer-{cluster}-{ordinal}-data")
-}
-
 /// Labels of an instance container or volume.
 pub fn instance_labels(plan: &Plan, inst: &InstancePlan) -> HashMap<String, String> {
     let mut l: HashMap<String, String> =
@@ -201,10 +196,7 @@ pub fn instance_container(plan: &Plan, inst: &InstancePlan) -> ContainerCreateBo
         ])),
         stop_timeout: Some(60),
         host_config: Some(hardened(HostConfig {
-            binds: Some(vec![format!(
-                "{}:{DATA_VOLUME_DIR}",
-                volume_name(&plan.cluster, inst.ordinal)
-            )]),
+            binds: Some(vec![format!("{}:{DATA_VOLUME_DIR}", inst.volume)]),
             port_bindings: Some(published(
                 &plan.local.bind_address,
                 &[(POSTGRES_PORT, inst.host_port)],

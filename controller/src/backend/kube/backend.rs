@@ -347,7 +347,7 @@ impl KubeBackend<'_> {
             .map(|inst| objects::statefulset(plan, &self.owner, inst, &self.creds));
         let running = pod.is_some_and(pod_running);
         let mut seen = ObservedInstance {
-            name: pod.map_or_else(|| format!("{}-0", sts.name_any()), |p| p.name_any()),
+            name: pod.map_or_else(|| crate::plan::pod_name(&sts.name_any()), |p| p.name_any()),
             // Kubernetes restarts pods itself: a pod that does not run is "restarting".
             state: if running { "running" } else { "restarting" }.into(),
             running,

@@ -439,7 +439,7 @@ async fn credentials(
         .auth
         .secret_name
         .clone()
-        .unwrap_or_else(|| format!("{}-credentials", plan.cluster));
+        .unwrap_or_else(|| objects::credentials_name(&plan.cluster));
     if let Some(existing) = secrets.get_opt(&wanted).await? {
         return objects::credentials_from_secret(&existing).map_err(|e| {
             Error::Invalid(format!(

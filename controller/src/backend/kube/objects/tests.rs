@@ -221,7 +221,7 @@ fn pods_meet_pod_security_restricted_with_read_only_roots() {
                 .collect();
             for mount in container.volume_mounts.iter().flatten() {
                 assert!(
-                    volumes.contains(&mount.name.as_str()) || mount.name == "data",
+                    volumes.contains(&mount.name.as_str()) || mount.name == workloads::DATA_CLAIM,
                     "{}: {} is not a volume",
                     container.name,
                     mount.name

@@ -22,14 +22,18 @@ use crate::labels;
 use crate::plan::{self, InstancePlan, Plan, BALANCER_PORT, PCP_PORT, POSTGRES_PORT, REST_PORT};
 use crate::render::{self, DATA_VOLUME_DIR, IMAGE_UID};
 
-/// StatefulSet name of an instance (its pod is `<name>-0`).
+/// Name of the claim template of an instance's data, and of the pod volume it provides.
+pub(super) const DATA_CLAIM: &str = "data";
+
+/// StatefulSet name of an instance (its pod is [`plan::pod_name`]).
 pub fn statefulset_name(inst: &InstancePlan) -> String {
     inst.name.clone()
 }
 
-/// PVC name of an instance's data (`data-<statefulset>-0`).
+/// PVC name of an instance's data: the StatefulSet names it `<claim template>-<pod>`.
 pub fn data_pvc_name(cluster: &str, ordinal: u32) -> String {
-    format!("data-{cluster}-{ordinal}-0")
+    let pod = plan::pod_name(&plan::instance_name(cluster, ordinal));
+    format!("{DATA_CLAIM}-{pod}")
 }
 
 fn pod_security() -> PodSecurityContext {
@@ -196,7 +200,7 @@ fn fix_permissions(plan: &Plan) -> Container {
             ),
         ]),
         volume_mounts: Some(vec![VolumeMount {
-            name: "data".into(),
+            name: DATA_CLAIM.into(),
             mount_path: DATA_VOLUME_DIR.into(),
             ..Default::default()
         }]),
@@ -214,7 +218,7 @@ fn fix_permissions(plan: &Plan) -> Container {
     }
 }
 
-/// The claim template of an instance's data (the StatefulSet names it `data-<sts>-0`).
+/// The claim template of an instance's data (the StatefulSet names its PVC [`data_pvc_name`]).
 fn claim_template(plan: &Plan, inst: &InstancePlan) -> PersistentVolumeClaim {
     let requests = BTreeMap::from([(
         "storage".to_owned(),
@@ -222,7 +226,7 @@ fn claim_template(plan: &Plan, inst: &InstancePlan) -> PersistentVolumeClaim {
     )]);
     PersistentVolumeClaim {
         metadata: ObjectMeta {
-            name: Some("data".into()),
+            name: Some(DATA_CLAIM.into()),
             labels: Some(instance_labels(plan, inst)),
             ..Default::default()
         },
@@ -325,7 +329,7 @@ pub fn statefulset(
         volume_mounts: Some(
             vec![
                 VolumeMount {
-                    name: "data".into(),
+                    name: DATA_CLAIM.into(),
                     mount_path: DATA_VOLUME_DIR.into(),
                     ..Default::default()
                 },
