@@ -1,8 +1,11 @@
 //! pgbalancer: one `PgBalancerCluster` spec, run on Docker (`pgbalancer up`) or Kubernetes.
 //!
 //! `plan` and `render` are pure (spec → typed plan → config files); `reconcile` holds the
-//! decisions shared by every backend; `backend` holds the only code that talks to an engine;
-//! `local` and `cli` are the command-line front ends of the Docker mode.
+//! decisions shared by every backend and `status` the one status computation; `backend` holds
+//! the code that observes and changes a cluster on Docker or Kubernetes (besides it, only
+//! `local::ops` calls Docker, to list and remove a cluster's leftovers on `down`); `local` and
+//! `cli` are the command-line front ends of the Docker mode; `agent` runs in each balancer
+//! (REST API, supervision of pgpool or the native engine in `balancer`).
 #![forbid(unsafe_code)]
 
 pub mod agent;

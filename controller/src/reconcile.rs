@@ -391,7 +391,7 @@ fn change_primary(observed: &Observed, record: &Record) -> Option<Vec<Action>> {
                     .balancers
                     .iter()
                     .filter(|(_, b)| {
-                        b.running && b.nodes.iter().any(|n| n.slot == old && n.is_up())
+                        b.running && b.nodes.iter().flatten().any(|n| n.slot == old && n.is_up())
                     })
                     .map(|(&balancer, _)| Action::DetachBackend {
                         balancer,
@@ -486,7 +486,13 @@ pub fn decide(plan: &Plan, observed: &Observed, record: &Record) -> Vec<Action> 
         let attached: Vec<Action> = observed
             .balancers
             .iter()
-            .filter(|(_, b)| b.running && b.nodes.iter().any(|n| n.slot == ordinal && n.is_up()))
+            .filter(|(_, b)| {
+                b.running
+                    && b.nodes
+                        .iter()
+                        .flatten()
+                        .any(|n| n.slot == ordinal && n.is_up())
+            })
             .map(|(&balancer, _)| Action::DetachBackend {
                 balancer,
                 slot: ordinal,
@@ -524,11 +530,17 @@ pub fn decide(plan: &Plan, observed: &Observed, record: &Record) -> Vec<Action> 
             // Its node list, not whether it routes: a balancer whose primary node went down
             // (its health checks failed while the primary was cut off) routes nothing until
             // that node is attached again.
-            Some(seen) if seen.running && !seen.nodes.is_empty() => {
+            Some(
+                seen @ ObservedBalancer {
+                    running: true,
+                    nodes: Some(nodes),
+                    ..
+                },
+            ) => {
                 let missing = plan
                     .instances
                     .iter()
-                    .any(|i| !seen.nodes.iter().any(|n| n.slot == i.ordinal));
+                    .any(|i| !nodes.iter().any(|n| n.slot == i.ordinal));
                 if missing {
                     actions.push(Action::UpdateBackends(b.index));
                     continue;
@@ -541,10 +553,7 @@ pub fn decide(plan: &Plan, observed: &Observed, record: &Record) -> Vec<Action> 
                     continue;
                 }
                 for inst in &plan.instances {
-                    let down = seen
-                        .nodes
-                        .iter()
-                        .any(|n| n.slot == inst.ordinal && !n.is_up());
+                    let down = nodes.iter().any(|n| n.slot == inst.ordinal && !n.is_up());
                     if down && instance_ready(plan, observed, inst.ordinal) {
                         actions.push(Action::AttachBackend {
                             balancer: b.index,
@@ -579,6 +588,7 @@ fn stale_primary_node(plan: &Plan, observed: &Observed, seen: &ObservedBalancer)
     }
     seen.nodes
         .iter()
+        .flatten()
         .find(|n| n.role == "primary" && n.is_up() && n.slot != primary)
         .map(|n| n.slot)
         .filter(|slot| writes(*slot) == Some(Some(true)))
@@ -614,24 +624,22 @@ pub fn pending(plan: &Plan, observed: &Observed, record: &Record) -> Vec<String>
         match observed.balancers.get(&b.index) {
             None => out.push(format!("{} not created", b.container)),
             Some(seen) if !seen.routing => out.push(format!("{} not routing queries", b.container)),
-            // A routing pgpool always lists its nodes: none means they could not be seen
-            // (an operator outside the cluster network), which is unknown, not pending.
-            Some(seen) if seen.nodes.is_empty() => {}
-            Some(seen) => {
+            // Nodes that could not be seen (an operator outside the cluster network) are
+            // unknown, not pending.
+            Some(ObservedBalancer { nodes: None, .. }) => {}
+            Some(ObservedBalancer {
+                nodes: Some(nodes), ..
+            }) => {
                 let primary = plan.primary();
-                let writes_to = seen.nodes.iter().find(|n| n.role == "primary");
-                if !seen.nodes.is_empty() && writes_to.is_none_or(|n| n.slot != primary.ordinal) {
+                let writes_to = nodes.iter().find(|n| n.role == "primary");
+                if writes_to.is_none_or(|n| n.slot != primary.ordinal) {
                     out.push(format!(
                         "{} does not send writes to {} yet",
                         b.container, primary.name
                     ));
                 }
                 for inst in &plan.instances {
-                    if !seen
-                        .nodes
-                        .iter()
-                        .any(|n| n.slot == inst.ordinal && n.is_up())
-                    {
+                    if !nodes.iter().any(|n| n.slot == inst.ordinal && n.is_up()) {
                         out.push(format!(
                             "{} node {} ({}) not up",
                             b.container, inst.ordinal, inst.name

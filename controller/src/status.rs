@@ -154,7 +154,7 @@ pub fn compute(
             let node = observed
                 .balancers
                 .values()
-                .find_map(|b| b.nodes.iter().find(|n| n.slot == inst.ordinal));
+                .find_map(|b| b.nodes.iter().flatten().find(|n| n.slot == inst.ordinal));
             InstanceStatus {
                 name: inst.name.clone(),
                 role: role.as_str().to_owned(),

@@ -110,8 +110,10 @@ pub struct ObservedBalancer {
     pub up_to_date: bool,
     /// A query through it was answered.
     pub routing: bool,
-    /// Its backend nodes (`SHOW POOL_NODES`).
-    pub nodes: Vec<PoolNode>,
+    /// Its backend nodes (`SHOW POOL_NODES`, or its agent's `/api/v1/nodes`); `None` when
+    /// they could not be seen (not running, an operator outside the cluster network, an agent
+    /// that did not answer).
+    pub nodes: Option<Vec<PoolNode>>,
     /// Published host port of the SQL endpoint.
     pub host_port: Option<u16>,
     /// Published host port of the agent's REST API.

@@ -178,7 +178,7 @@ pub fn status_document(view: &ClusterView, show_secrets: bool) -> StatusDocument
                 port: seen.and_then(|s| s.host_port),
                 lag_bytes: st.lag_bytes,
                 balancer_node: first_balancer
-                    .and_then(|b| b.nodes.iter().find(|n| n.slot == inst.ordinal))
+                    .and_then(|b| b.nodes.iter().flatten().find(|n| n.slot == inst.ordinal))
                     .map(|n| NodeDoc {
                         slot: n.slot,
                         status: n.status.clone(),

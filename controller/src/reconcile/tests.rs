@@ -54,10 +54,19 @@ fn balancer(nodes: Vec<PoolNode>) -> ObservedBalancer {
         running: true,
         up_to_date: true,
         routing: true,
-        nodes,
+        nodes: Some(nodes),
         host_port: Some(19999),
         rest_port: None,
     }
+}
+
+/// The node list of balancer 0, which the test observation has.
+fn nodes_of(observed: &mut Observed) -> &mut Vec<PoolNode> {
+    observed
+        .balancers
+        .get_mut(&0)
+        .and_then(|b| b.nodes.as_mut())
+        .expect("balancer 0 with nodes")
 }
 
 fn converged(replicas: u32) -> Observed {
@@ -116,12 +125,7 @@ fn scale_up_adds_the_slot_then_attaches_it() {
         decide(&plan(3), &observed, &Record::settled(0)),
         [Action::UpdateBackends(0)]
     );
-    observed
-        .balancers
-        .get_mut(&0)
-        .unwrap()
-        .nodes
-        .push(node(3, "down"));
+    nodes_of(&mut observed).push(node(3, "down"));
     assert_eq!(
         decide(&plan(3), &observed, &Record::settled(0)),
         [Action::AttachBackend {
@@ -138,7 +142,7 @@ fn a_primary_node_down_is_attached_although_the_balancer_routes_nothing() {
     let mut observed = converged(2);
     let b = observed.balancers.get_mut(&0).unwrap();
     b.routing = false;
-    b.nodes[0] = node(0, "down");
+    b.nodes.as_mut().unwrap()[0] = node(0, "down");
     assert_eq!(
         decide(&plan(2), &observed, &Record::settled(0)),
         [Action::AttachBackend {
@@ -165,7 +169,7 @@ fn scale_down_detaches_before_removing_and_never_touches_the_primary() {
             }
         ]
     );
-    for n in &mut observed.balancers.get_mut(&0).unwrap().nodes {
+    for n in nodes_of(&mut observed) {
         if n.slot > 0 {
             n.status = "down".into();
         }
@@ -190,7 +194,7 @@ fn changed_or_stopped_objects_are_replaced_or_started() {
 #[test]
 fn a_down_node_is_attached_only_once_its_instance_is_ready() {
     let mut observed = converged(1);
-    observed.balancers.get_mut(&0).unwrap().nodes[1].status = "down".into();
+    nodes_of(&mut observed)[1].status = "down".into();
     observed.instances.get_mut(&1).unwrap().streaming = false;
     assert!(decide(&plan(1), &observed, &Record::settled(0)).is_empty());
     observed.instances.get_mut(&1).unwrap().streaming = true;
@@ -241,7 +245,7 @@ fn a_change_of_primary_detaches_then_fences_the_old_one_first() {
     );
     // A balancer that already let go of it (its health check did) is left alone.
     let mut observed = converged(2);
-    let nodes = &mut observed.balancers.get_mut(&0).unwrap().nodes;
+    let nodes = nodes_of(&mut observed);
     nodes.iter_mut().find(|n| n.slot == 0).unwrap().status = "down".into();
     assert_eq!(decide(&plan, &observed, &moving(0, 1)), [Action::Fence(0)]);
 }
@@ -593,7 +597,7 @@ fn a_balancer_that_still_takes_the_old_primary_for_primary_detaches_it_then_reat
         }]
     );
     // pgpool searched and found 1; node 0 is down until attached back.
-    let nodes = &mut observed.balancers.get_mut(&0).unwrap().nodes;
+    let nodes = nodes_of(&mut observed);
     nodes[0].status = "down".into();
     nodes[0].role = "standby".into();
     nodes[1].role = "primary".into();
@@ -792,4 +796,19 @@ fn an_in_cluster_primary_pod_that_restarts_is_failed_over_and_fenced() {
             Action::Promote(2)
         ]
     );
+}
+
+#[test]
+fn unseen_balancer_nodes_are_unknown_and_an_empty_list_is_not() {
+    let mut observed = kube_converged(1);
+    observed.balancers.get_mut(&0).unwrap().nodes = None;
+    let record = Record::settled(0);
+    assert_eq!(decide(&plan(1), &observed, &record), []);
+    assert!(pending(&plan(1), &observed, &record).is_empty());
+    observed.balancers.get_mut(&0).unwrap().nodes = Some(Vec::new());
+    assert_eq!(
+        decide(&plan(1), &observed, &record),
+        [Action::UpdateBackends(0)]
+    );
+    assert!(!pending(&plan(1), &observed, &record).is_empty());
 }

@@ -56,15 +56,17 @@ fn balancer() -> ObservedBalancer {
         running: true,
         up_to_date: true,
         routing: true,
-        nodes: (0..3)
-            .map(|slot| PoolNode {
-                slot,
-                status: "up".into(),
-                role: if slot == 0 { "primary" } else { "standby" }.into(),
-                replication_delay: 64 * i64::from(slot),
-                ..Default::default()
-            })
-            .collect(),
+        nodes: Some(
+            (0..3)
+                .map(|slot| PoolNode {
+                    slot,
+                    status: "up".into(),
+                    role: if slot == 0 { "primary" } else { "standby" }.into(),
+                    replication_delay: 64 * i64::from(slot),
+                    ..Default::default()
+                })
+                .collect(),
+        ),
         ..Default::default()
     }
 }

@@ -232,7 +232,7 @@ impl DockerBackend {
                 probed = tokio::time::timeout(bound, probe) => {
                     if let Ok(Some((routing, nodes))) = probed {
                         seen.routing = routing;
-                        seen.nodes = nodes;
+                        seen.nodes = Some(nodes);
                     }
                 }
                 () = cut => tracing::debug!(balancer = index, "probe cut short: no primary up"),

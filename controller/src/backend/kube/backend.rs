@@ -416,8 +416,14 @@ impl Backend for KubeBackend<'_> {
             let running = pod_running(&pod);
             let ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone());
             let nodes = match (self.in_cluster, running, ip) {
-                (true, true, Some(ip)) => agent::nodes(&ip).await.unwrap_or_default(),
-                _ => Vec::new(),
+                (true, true, Some(ip)) => match agent::nodes(&ip).await {
+                    Ok(nodes) => Some(nodes),
+                    Err(e) => {
+                        tracing::debug!(pod = %pod.name_any(), error = %e, "balancer nodes unseen");
+                        None
+                    }
+                },
+                _ => None,
             };
             observed.balancers.insert(
                 index as u32,
