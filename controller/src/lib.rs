@@ -18,6 +18,7 @@ pub mod labels;
 pub mod local;
 pub mod pg;
 pub mod plan;
+pub mod pool_node;
 pub mod reconcile;
 pub mod render;
 pub mod status;

@@ -9,7 +9,8 @@ use std::time::Duration;
 use thiserror::Error;
 use tokio_postgres::{Client, Config, NoTls, SimpleQueryMessage};
 
-use crate::backend::{PoolNode, WalReceiver};
+use crate::backend::WalReceiver;
+use crate::pool_node::{PoolNode, RowError};
 
 /// Longest a connection attempt may take, DNS and authentication included.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(1500);
@@ -35,6 +36,9 @@ pub enum PgError {
         #[source]
         source: tokio_postgres::Error,
     },
+    /// A balancer answered `SHOW POOL_NODES` with a row that names no node.
+    #[error("unreadable SHOW POOL_NODES answer")]
+    PoolNodes(#[source] RowError),
 }
 
 fn query(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> PgError {
@@ -230,29 +234,19 @@ pub async fn promote(client: &Client) -> Result<bool, PgError> {
     Ok(row.get(0))
 }
 
-/// `SHOW POOL_NODES` through a balancer.
+/// `SHOW POOL_NODES` through a balancer (pgpool or the native engine).
 pub async fn pool_nodes(client: &Client) -> Result<Vec<PoolNode>, PgError> {
     let messages = client
         .simple_query("SHOW POOL_NODES")
         .await
         .map_err(query("SHOW POOL_NODES"))?;
-    Ok(messages
-        .into_iter()
+    messages
+        .iter()
         .filter_map(|m| match m {
             SimpleQueryMessage::Row(row) => Some(row),
             _ => None,
         })
-        .map(|row| {
-            let text = |name: &str| row.try_get(name).ok().flatten().unwrap_or("").to_owned();
-            let number = |name: &str| text(name).parse::<i64>().unwrap_or(0);
-            PoolNode {
-                slot: text("node_id").parse().unwrap_or(u32::MAX),
-                host: text("hostname"),
-                status: text("status"),
-                role: text("role"),
-                select_count: number("select_cnt"),
-                replication_delay: number("replication_delay"),
-            }
-        })
-        .collect())
+        .map(|row| PoolNode::from_row(|name| row.try_get(name).ok().flatten()))
+        .collect::<Result<_, _>>()
+        .map_err(PgError::PoolNodes)
 }

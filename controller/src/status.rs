@@ -161,7 +161,7 @@ pub fn compute(
                 ready: instance_ready(plan, observed, inst.ordinal),
                 lag_bytes: if role == Role::Replica {
                     seen.and_then(|s| s.lag_bytes)
-                        .or_else(|| node.map(|n| n.replication_delay))
+                        .or_else(|| node.and_then(|n| n.replication_delay))
                 } else {
                     None
                 },

@@ -20,8 +20,9 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use super::metrics::{self, Snapshot};
-use super::pgpool::{self, Node};
+use super::pgpool;
 use super::Agent;
+use crate::pool_node::PoolNode;
 
 type Shared = State<Arc<Agent>>;
 
@@ -58,7 +59,7 @@ fn not_ours(reason: &'static str) -> impl Fn() -> std::future::Ready<Response> +
     move || std::future::ready(error(StatusCode::NOT_IMPLEMENTED, reason))
 }
 
-fn status_word(node: &Node) -> &'static str {
+fn status_word(node: &PoolNode) -> &'static str {
     if node.is_up() {
         "up"
     } else {
@@ -66,22 +67,18 @@ fn status_word(node: &Node) -> &'static str {
     }
 }
 
-fn node_json(n: &Node) -> Value {
-    json!({
-        "id": n.id,
-        "host": n.host,
-        "port": n.port,
-        "status": status_word(n),
-        "weight": n.lb_weight,
-        "role": n.role,
-        "replication_lag": n.replication_delay,
-        "replication_state": n.replication_state,
-        "select_count": n.select_cnt,
-        "last_status_change": n.last_status_change,
-    })
+/// A node as the API shows it: the node's own JSON shape (its keys are the API's), with the
+/// status reduced to `up` or `down`.
+fn node_json(n: &PoolNode) -> Value {
+    let shown = PoolNode {
+        status: status_word(n).into(),
+        ..n.clone()
+    };
+    // A struct of strings, numbers and options always serializes.
+    serde_json::to_value(shown).unwrap_or_default()
 }
 
-async fn live_nodes(agent: &Agent) -> Result<Vec<Node>, Response> {
+async fn live_nodes(agent: &Agent) -> Result<Vec<PoolNode>, Response> {
     let nodes = agent
         .engine
         .nodes(&agent.config)
@@ -92,14 +89,14 @@ async fn live_nodes(agent: &Agent) -> Result<Vec<Node>, Response> {
 
 /// pgpool keeps a removed slot until it restarts; a slot gone from `pgpool.conf` and no
 /// longer up is a scaled-down instance, not a failed one, so it is not reported.
-fn current(agent: &Agent, nodes: Vec<Node>) -> Vec<Node> {
+fn current(agent: &Agent, nodes: Vec<PoolNode>) -> Vec<PoolNode> {
     let Ok(conf) = std::fs::read_to_string(agent.config.path("pgpool.conf")) else {
         return nodes;
     };
     let configured = pgpool::configured_backends(&conf);
     nodes
         .into_iter()
-        .filter(|n| n.is_up() || configured.iter().any(|(slot, _)| *slot == n.id))
+        .filter(|n| n.is_up() || configured.iter().any(|(slot, _)| *slot == n.slot))
         .collect()
 }
 
@@ -155,7 +152,7 @@ async fn node(State(agent): Shared, Path(id): Path<String>) -> Response {
         Err(r) => return r,
     };
     match live_nodes(&agent).await {
-        Ok(nodes) => match nodes.iter().find(|n| n.id == id) {
+        Ok(nodes) => match nodes.iter().find(|n| n.slot == id) {
             Some(n) => Json(node_json(n)).into_response(),
             None => error(StatusCode::NOT_FOUND, format!("node {id} not found")),
         },
@@ -198,7 +195,7 @@ async fn change_target(
     agent: &Agent,
     headers: &HeaderMap,
     id: &str,
-) -> Result<(u32, Vec<Node>), Response> {
+) -> Result<(u32, Vec<PoolNode>), Response> {
     authorized(agent, headers)?;
     let id = parse_id(id)?;
     Ok((id, live_nodes(agent).await?))
@@ -209,7 +206,7 @@ async fn attach(State(agent): Shared, headers: HeaderMap, Path(id): Path<String>
         Ok(target) => target,
         Err(r) => return r,
     };
-    let Some(node) = nodes.iter().find(|n| n.id == id) else {
+    let Some(node) = nodes.iter().find(|n| n.slot == id) else {
         return error(StatusCode::NOT_FOUND, format!("node {id} not found"));
     };
     agent.manually_detached.lock().await.remove(&id);
@@ -241,7 +238,7 @@ async fn detach(
         Ok(target) => target,
         Err(r) => return r,
     };
-    let Some(node) = nodes.iter().find(|n| n.id == id) else {
+    let Some(node) = nodes.iter().find(|n| n.slot == id) else {
         return error(StatusCode::NOT_FOUND, format!("node {id} not found"));
     };
     let force = options.force;
@@ -285,7 +282,7 @@ async fn detach_now(agent: &Agent, id: u32) -> Response {
 async fn settled(agent: &Agent, id: u32, up: bool, verb: &str) -> Response {
     for _ in 0..50 {
         if let Ok(nodes) = live_nodes(agent).await {
-            if let Some(n) = nodes.iter().find(|n| n.id == id && n.is_up() == up) {
+            if let Some(n) = nodes.iter().find(|n| n.slot == id && n.is_up() == up) {
                 return Json(
                     json!({ "message": format!("node {id} {verb}"), "node": node_json(n) }),
                 )
@@ -333,7 +330,8 @@ async fn health_stats(State(agent): Shared) -> Response {
                 .into_response()
         }
     };
-    let selects: i64 = nodes.iter().map(|n| n.select_cnt).sum();
+    // Nodes whose count is unknown add nothing; the engines read over SQL count every node.
+    let selects: i64 = nodes.iter().filter_map(|n| n.select_count).sum();
     let now = Instant::now();
     let rate = {
         let mut last = agent.last_sample.lock().await;
@@ -360,7 +358,7 @@ async fn health_stats(State(agent): Shared) -> Response {
         "checks": {
             "pgpool_process": if agent.engine.is_running() { "running" } else { "down" },
             "backend_connectivity": format!("{up} of {} nodes up", nodes.len()),
-            "primary": primary.map(|p| format!("node {}", p.id)).unwrap_or_else(|| "none".into()),
+            "primary": primary.map(|p| format!("node {}", p.slot)).unwrap_or_else(|| "none".into()),
         },
         "stats": {
             "total_connections": procs.len().max(clients),
@@ -397,5 +395,58 @@ async fn healthz(State(agent): Shared) -> Response {
         }
         Ok(_) => error(StatusCode::SERVICE_UNAVAILABLE, "no primary is up"),
         Err(r) => r,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(status: &str) -> PoolNode {
+        PoolNode {
+            slot: 1,
+            host: "demo-1".into(),
+            port: Some(5432),
+            status: status.into(),
+            role: "standby".into(),
+            lb_weight: Some(0.5),
+            select_count: Some(7),
+            replication_delay: Some(128),
+            replication_state: Some("streaming".into()),
+            last_status_change: Some("2026-11-29 12:00:01".into()),
+        }
+    }
+
+    #[test]
+    fn a_node_has_the_documented_keys_and_value_types() {
+        let expected = json!({
+            "id": 1,
+            "host": "demo-1",
+            "port": 5432,
+            "status": "up",
+            "weight": 0.5,
+            "role": "standby",
+            "replication_lag": 128,
+            "replication_state": "streaming",
+            "select_count": 7,
+            "last_status_change": "2026-11-29 12:00:01",
+        });
+        let shown = node_json(&node("waiting"));
+        assert_eq!(shown, expected);
+        assert_eq!(shown.to_string(), expected.to_string());
+        assert_eq!(node_json(&node("unused"))["status"], "down");
+    }
+
+    #[test]
+    fn an_unknown_value_is_null_under_its_key() {
+        let shown = node_json(&PoolNode {
+            select_count: None,
+            replication_delay: None,
+            ..node("up")
+        });
+        assert_eq!(shown.as_object().map(|o| o.len()), Some(10));
+        assert!(shown["select_count"].is_null() && shown["replication_lag"].is_null());
+        let read: PoolNode = serde_json::from_value(shown).unwrap();
+        assert_eq!((read.slot, read.select_count), (1, None));
     }
 }

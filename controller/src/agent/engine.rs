@@ -5,10 +5,11 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::pgpool::{self, Node, Process};
+use super::pgpool::{self, Process};
 use super::supervisor::Supervisor;
 use super::AgentConfig;
 use crate::balancer;
+use crate::pool_node::PoolNode;
 
 /// Which engine serves clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -31,7 +32,7 @@ pub enum Engine {
 /// What the engine serves now.
 pub struct Live {
     /// Backends.
-    pub nodes: Vec<Node>,
+    pub nodes: Vec<PoolNode>,
     /// Pool processes (pgpool only).
     pub processes: Vec<Process>,
     /// Client sessions being served.
@@ -66,15 +67,15 @@ impl Engine {
     }
 
     /// The backends as the engine sees them.
-    pub async fn nodes(&self, config: &AgentConfig) -> Result<Vec<Node>, String> {
+    pub async fn nodes(&self, config: &AgentConfig) -> Result<Vec<PoolNode>, String> {
         match self {
             Engine::Pgpool(_) => match pgpool::connect(config).await {
                 Ok(client) => pgpool::nodes(&client).await,
                 // pgpool refuses SQL while every backend is down; PCP still answers.
                 Err(_) => pgpool::nodes_via_pcp(config).await,
             }
-            .map_err(|e| e.to_string()),
-            Engine::Native(engine) => Ok(native_nodes(engine)),
+            .map_err(|e| pgpool::report(&e)),
+            Engine::Native(engine) => Ok(balancer::show::nodes(engine)),
         }
     }
 
@@ -94,10 +95,10 @@ impl Engine {
                         version,
                     })
                 };
-                live.await.map_err(|e| e.to_string())
+                live.await.map_err(|e| pgpool::report(&e))
             }
             Engine::Native(engine) => Ok(Live {
-                nodes: native_nodes(engine),
+                nodes: balancer::show::nodes(engine),
                 processes: Vec::new(),
                 clients: engine.clients.load(Ordering::Relaxed) as usize,
                 version: format!("pgbalancer native {}", env!("CARGO_PKG_VERSION")),
@@ -122,7 +123,7 @@ impl Engine {
                 pgpool::pcp(config, tool, Some(id))
                     .await
                     .map(|_| ())
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| pgpool::report(&e))
             }
             Engine::Native(engine) => match engine.backend(id) {
                 Some(b) => {
@@ -141,11 +142,9 @@ impl Engine {
             Engine::Pgpool(_) => pgpool::pcp(config, "pcp_reload_config", None)
                 .await
                 .map(|_| ())
-                .map_err(|e| e.to_string()),
-            Engine::Native(engine) => {
-                super::native::apply(config, engine);
-                Ok(())
-            }
+                .map_err(|e| pgpool::report(&e)),
+            Engine::Native(engine) => super::native::apply(config, engine)
+                .map_err(|e| crate::local::controller::error_chain(&e)),
         }
     }
 
@@ -155,24 +154,4 @@ impl Engine {
             s.stop(config).await;
         }
     }
-}
-
-fn native_nodes(engine: &balancer::Engine) -> Vec<Node> {
-    let views = balancer::show::nodes(engine);
-    let weight = 1.0 / views.len().max(1) as f64;
-    views
-        .into_iter()
-        .map(|v| Node {
-            id: v.id,
-            host: v.host,
-            port: v.port,
-            status: v.status.into(),
-            lb_weight: weight,
-            role: v.role.into(),
-            select_cnt: v.select_cnt as i64,
-            replication_delay: v.replication_delay as i64,
-            replication_state: String::new(),
-            last_status_change: v.last_status_change,
-        })
-        .collect()
 }

@@ -11,7 +11,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use super::pgpool::{Node, Process};
+use super::pgpool::Process;
+use crate::pool_node::PoolNode;
 
 /// `Content-Type` of [`render`]'s output: the Prometheus text format, version 0.0.4.
 pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
@@ -23,7 +24,7 @@ pub struct Snapshot<'a> {
     /// Restarts of pgpool by the agent.
     pub restarts: u64,
     /// Backends.
-    pub nodes: &'a [Node],
+    pub nodes: &'a [PoolNode],
     /// Pool processes.
     pub processes: &'a [Process],
 }
@@ -36,10 +37,10 @@ struct NodeLabels {
     role: String,
 }
 
-impl From<&Node> for NodeLabels {
-    fn from(n: &Node) -> Self {
+impl From<&PoolNode> for NodeLabels {
+    fn from(n: &PoolNode) -> Self {
         NodeLabels {
-            node: n.id,
+            node: n.slot,
             host: n.host.clone(),
             role: n.role.clone(),
         }
@@ -53,11 +54,18 @@ fn gauge(v: i64) -> Gauge {
     g
 }
 
-/// One series per node, its value taken from the node.
-fn per_node<M: Default>(nodes: &[Node], set: impl Fn(&M, &Node)) -> Family<NodeLabels, M> {
+/// One series per node whose `value` is known, set from it: a node whose value is unknown
+/// has no sample rather than a made-up one.
+fn per_node<M: Default, V>(
+    nodes: &[PoolNode],
+    value: impl Fn(&PoolNode) -> Option<V>,
+    set: impl Fn(&M, V),
+) -> Family<NodeLabels, M> {
     let family = Family::default();
     for n in nodes {
-        set(&family.get_or_create(&NodeLabels::from(n)), n);
+        if let Some(v) = value(n) {
+            set(&family.get_or_create(&NodeLabels::from(n)), v);
+        }
     }
     family
 }
@@ -83,37 +91,57 @@ pub fn render(s: &Snapshot<'_>) -> String {
     registry.register(
         "pgbalancer_node_up",
         "1 when the backend node takes queries",
-        per_node(s.nodes, |g: &Gauge, n| {
-            g.set(n.is_up().into());
-        }),
+        per_node(
+            s.nodes,
+            |n| Some(i64::from(n.is_up())),
+            |g: &Gauge, v| {
+                g.set(v);
+            },
+        ),
     );
     registry.register(
         "pgbalancer_node_primary",
         "1 when the backend node is the primary",
-        per_node(s.nodes, |g: &Gauge, n| {
-            g.set((n.role == "primary").into());
-        }),
+        per_node(
+            s.nodes,
+            |n| Some(i64::from(n.role == "primary")),
+            |g: &Gauge, v| {
+                g.set(v);
+            },
+        ),
     );
     registry.register(
         "pgbalancer_node_replication_lag_bytes",
         "Replication delay of the node in bytes",
-        per_node(s.nodes, |g: &Gauge, n| {
-            g.set(n.replication_delay);
-        }),
+        per_node(
+            s.nodes,
+            |n| n.replication_delay,
+            |g: &Gauge, v| {
+                g.set(v);
+            },
+        ),
     );
     registry.register(
         "pgbalancer_node_select",
         "SELECT statements routed to the node",
-        per_node(s.nodes, |c: &Counter, n| {
-            c.inc_by(u64::try_from(n.select_cnt).unwrap_or(0));
-        }),
+        per_node(
+            s.nodes,
+            |n| n.select_count.and_then(|c| u64::try_from(c).ok()),
+            |c: &Counter, v| {
+                c.inc_by(v);
+            },
+        ),
     );
     registry.register(
         "pgbalancer_node_weight",
         "Normalised load-balance weight of the node",
-        per_node(s.nodes, |g: &Gauge<f64, AtomicU64>, n| {
-            g.set(n.lb_weight);
-        }),
+        per_node(
+            s.nodes,
+            |n| n.lb_weight,
+            |g: &Gauge<f64, AtomicU64>, v| {
+                g.set(v);
+            },
+        ),
     );
     let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
     registry.register(
@@ -135,18 +163,18 @@ pub fn render(s: &Snapshot<'_>) -> String {
 mod tests {
     use super::*;
 
-    fn node(id: u32, host: &str, role: &str, status: &str) -> Node {
-        Node {
-            id,
+    fn node(id: u32, host: &str, role: &str, status: &str) -> PoolNode {
+        PoolNode {
+            slot: id,
             host: host.into(),
-            port: 5432,
+            port: Some(5432),
             status: status.into(),
-            lb_weight: 0.5,
+            lb_weight: Some(0.5),
             role: role.into(),
-            select_cnt: 7,
-            replication_delay: 128,
-            replication_state: "streaming".into(),
-            last_status_change: String::new(),
+            select_count: Some(7),
+            replication_delay: Some(128),
+            replication_state: Some("streaming".into()),
+            last_status_change: None,
         }
     }
 
@@ -235,6 +263,32 @@ mod tests {
             text.contains(
                 "pgbalancer_node_up{node=\"3\",host=\"a\\\"b\\\\c\",role=\"standby\"} 1\n"
             ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn an_unknown_value_leaves_out_the_node_sample_not_zero() {
+        let mut unknown = node(1, "db-1", "standby", "up");
+        unknown.select_count = None;
+        unknown.replication_delay = None;
+        let nodes = vec![node(0, "db-0", "primary", "up"), unknown];
+        let text = render(&Snapshot {
+            pgpool_up: true,
+            restarts: 0,
+            nodes: &nodes,
+            processes: &[],
+        });
+        let samples = |metric: &str| {
+            text.lines()
+                .filter(|l| l.starts_with(&format!("{metric}{{")))
+                .count()
+        };
+        assert_eq!(samples("pgbalancer_node_up"), 2, "{text}");
+        assert_eq!(samples("pgbalancer_node_select_total"), 1, "{text}");
+        assert_eq!(
+            samples("pgbalancer_node_replication_lag_bytes"),
+            1,
             "{text}"
         );
     }

@@ -62,11 +62,18 @@ impl AgentConfig {
         self.config_dir.join(name)
     }
 
-    /// A secret from `secrets/`, trimmed; empty when absent.
+    /// A secret from `secrets/`, trimmed; empty when absent (not configured: no API token
+    /// disables changes) or unreadable, which is logged.
     pub fn secret(&self, name: &str) -> String {
-        std::fs::read_to_string(self.config_dir.join("secrets").join(name))
-            .map(|s| s.trim().to_owned())
-            .unwrap_or_default()
+        let path = self.config_dir.join("secrets").join(name);
+        match std::fs::read_to_string(&path) {
+            Ok(s) => s.trim().to_owned(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read secret");
+                String::new()
+            }
+        }
     }
 }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crate::balancer::monitor::MonitorConfig;
 use crate::balancer::{self, Settings};
+use crate::local::controller::error_chain;
 use crate::plan::MONITOR_USER;
 
 use super::AgentConfig;
@@ -89,7 +90,13 @@ pub async fn start(
     config: &AgentConfig,
     settings: Settings,
 ) -> std::io::Result<Arc<balancer::Engine>> {
-    let conf = parse_conf(&std::fs::read_to_string(config.path("pgpool.conf")).unwrap_or_default());
+    // Without pgpool.conf there is no port to listen on and no backend: the agent stops, as
+    // pgpool would, rather than serve defaults.
+    let path = config.path("pgpool.conf");
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        std::io::Error::new(e.kind(), format!("cannot read {}: {e}", path.display()))
+    })?;
+    let conf = parse_conf(&text);
     let settings = Settings {
         max_lag_bytes: conf.max_lag_bytes.unwrap_or(settings.max_lag_bytes),
         load_balance: conf.load_balance,
@@ -104,12 +111,15 @@ pub async fn start(
             interval,
         },
     );
-    apply(config, &engine);
+    let unreadable = apply(config, &engine).err().map(|e| error_chain(&e));
+    if let Some(e) = &unreadable {
+        tracing::warn!(error = %e, "starting without what the file configures");
+    }
     let listener = std::net::TcpListener::bind(("0.0.0.0", conf.port))?;
     listener.set_nonblocking(true)?;
     data_plane(engine.clone(), listener)?;
     tracing::info!(port = conf.port, "native balancer serving");
-    tokio::spawn(follow(config.clone(), engine.clone()));
+    tokio::spawn(follow(config.clone(), engine.clone(), unreadable));
     Ok(engine)
 }
 
@@ -136,20 +146,49 @@ fn data_plane(
     Ok(())
 }
 
-/// Applies the files as they are now.
-pub fn apply(config: &AgentConfig, engine: &balancer::Engine) {
-    if let Ok(conf) = std::fs::read_to_string(config.path("pgpool.conf")) {
-        engine.configure_backends(&parse_conf(&conf).backends);
-    }
-    let users = std::fs::read_to_string(config.path("secrets/pool_passwd")).unwrap_or_default();
-    engine.configure_users(&parse_pool_passwd(&users));
+/// A file the native engine follows that cannot be read.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read {path}")]
+pub struct ReadError {
+    path: String,
+    #[source]
+    source: std::io::Error,
 }
 
-async fn follow(config: AgentConfig, engine: Arc<balancer::Engine>) {
+fn read(config: &AgentConfig, name: &str) -> Result<String, ReadError> {
+    let path = config.path(name);
+    std::fs::read_to_string(&path).map_err(|source| ReadError {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Applies the files as they are now. A file that cannot be read leaves what it configures
+/// as it was (an unreadable `pool_passwd` must not turn every user away) and is the error.
+pub fn apply(config: &AgentConfig, engine: &balancer::Engine) -> Result<(), ReadError> {
+    let conf = read(config, "pgpool.conf").map(|conf| {
+        engine.configure_backends(&parse_conf(&conf).backends);
+    });
+    let users = read(config, "secrets/pool_passwd").map(|users| {
+        engine.configure_users(&parse_pool_passwd(&users));
+    });
+    conf.and(users)
+}
+
+/// Applies the files every sync interval; a read failure is logged when it starts or changes
+/// (`last` is the one at start), not at every pass.
+async fn follow(config: AgentConfig, engine: Arc<balancer::Engine>, mut last: Option<String>) {
     let interval = Duration::from_secs(config.sync_interval.max(1));
     loop {
         tokio::time::sleep(interval).await;
-        apply(&config, &engine);
+        let now = apply(&config, &engine).err().map(|e| error_chain(&e));
+        if now != last {
+            match &now {
+                Some(e) => tracing::warn!(error = %e, "keeping the previous configuration"),
+                None => tracing::info!("configuration files readable again"),
+            }
+            last = now;
+        }
     }
 }
 

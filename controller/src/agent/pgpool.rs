@@ -4,22 +4,28 @@
 use std::time::Duration;
 
 use thiserror::Error;
-use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+use tokio_postgres::{Client, SimpleQueryMessage};
 
 use super::AgentConfig;
+use crate::pg::{self, PgError};
 use crate::plan::{BALANCER_PORT, MONITOR_USER, PCP_PORT, PCP_USER};
+use crate::pool_node::PoolNode;
 
-/// A failure talking to pgpool.
+/// A failure talking to pgpool. Messages do not repeat their source: report them with
+/// [`report`].
 #[derive(Debug, Error)]
 pub enum PgpoolError {
-    /// SQL to pgpool failed.
-    #[error("pgpool does not answer: {0}")]
+    /// Connecting to pgpool or reading its nodes failed.
+    #[error("pgpool does not answer")]
+    Pg(#[from] PgError),
+    /// A statement to pgpool failed.
+    #[error("pgpool does not answer")]
     Sql(#[from] tokio_postgres::Error),
     /// A PCP command failed.
     #[error("{tool} failed: {output}")]
     Pcp { tool: String, output: String },
     /// A PCP command could not run.
-    #[error("cannot run {tool}: {source}")]
+    #[error("cannot run {tool}")]
     Spawn {
         tool: String,
         #[source]
@@ -27,36 +33,9 @@ pub enum PgpoolError {
     },
 }
 
-/// One backend as pgpool sees it.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct Node {
-    /// Node id (slot).
-    pub id: u32,
-    /// Backend host.
-    pub host: String,
-    /// Backend port.
-    pub port: u16,
-    /// `up`, `waiting`, `down`, `unused`.
-    pub status: String,
-    /// Normalised load-balance weight (0-1).
-    pub lb_weight: f64,
-    /// `primary` or `standby`.
-    pub role: String,
-    /// SELECTs sent to it.
-    pub select_cnt: i64,
-    /// Replication delay in bytes, as pgpool's streaming check measures it.
-    pub replication_delay: i64,
-    /// `streaming`, `catchup` or empty.
-    pub replication_state: String,
-    /// Last status change.
-    pub last_status_change: String,
-}
-
-impl Node {
-    /// Takes queries.
-    pub fn is_up(&self) -> bool {
-        matches!(self.status.as_str(), "up" | "waiting")
-    }
+/// `e` and its causes on one line, as the REST API and the logs show it.
+pub fn report(e: &PgpoolError) -> String {
+    crate::local::controller::error_chain(e)
 }
 
 /// A pool process.
@@ -77,18 +56,14 @@ impl Process {
 
 /// Connects to pgpool as the monitoring role.
 pub async fn connect(config: &AgentConfig) -> Result<Client, PgpoolError> {
-    let (client, conn) = tokio_postgres::Config::new()
-        .host("127.0.0.1")
-        .port(BALANCER_PORT)
-        .user(MONITOR_USER)
-        .password(config.secret("monitor-password"))
-        .dbname("postgres")
-        .application_name("pgbalancer-agent")
-        .connect_timeout(Duration::from_secs(2))
-        .connect(NoTls)
-        .await?;
-    tokio::spawn(conn);
-    Ok(client)
+    Ok(pg::connect(
+        "127.0.0.1",
+        BALANCER_PORT,
+        MONITOR_USER,
+        &config.secret("monitor-password"),
+        "postgres",
+    )
+    .await?)
 }
 
 fn rows(messages: Vec<SimpleQueryMessage>) -> Vec<tokio_postgres::SimpleQueryRow> {
@@ -101,38 +76,22 @@ fn rows(messages: Vec<SimpleQueryMessage>) -> Vec<tokio_postgres::SimpleQueryRow
         .collect()
 }
 
-/// `SHOW POOL_NODES`.
-pub async fn nodes(client: &Client) -> Result<Vec<Node>, PgpoolError> {
-    Ok(rows(client.simple_query("SHOW POOL_NODES").await?)
-        .iter()
-        .map(|r| {
-            let t = |name: &str| r.try_get(name).ok().flatten().unwrap_or("").to_owned();
-            Node {
-                id: t("node_id").parse().unwrap_or(u32::MAX),
-                host: t("hostname"),
-                port: t("port").parse().unwrap_or(0),
-                status: t("status"),
-                lb_weight: t("lb_weight").parse().unwrap_or(0.0),
-                role: t("role"),
-                select_cnt: t("select_cnt").parse().unwrap_or(0),
-                replication_delay: t("replication_delay").parse().unwrap_or(0),
-                replication_state: t("replication_state"),
-                last_status_change: t("last_status_change"),
-            }
-        })
-        .collect())
+/// `SHOW POOL_NODES`, read by the parser every balancer reader shares.
+pub async fn nodes(client: &Client) -> Result<Vec<PoolNode>, PgpoolError> {
+    Ok(pg::pool_nodes(client).await?)
 }
 
 /// The nodes through PCP (`pcp_node_info -a`), which answers even when pgpool refuses SQL
 /// because every backend is down (a balancer that started before its instances).
-pub async fn nodes_via_pcp(config: &AgentConfig) -> Result<Vec<Node>, PgpoolError> {
+pub async fn nodes_via_pcp(config: &AgentConfig) -> Result<Vec<PoolNode>, PgpoolError> {
     let output = pcp(config, "pcp_node_info", None).await?;
     Ok(parse_node_info(&output))
 }
 
 /// Parses `pcp_node_info -a` lines: `host port status weight status_name backend_status role
-/// backend_role replication_delay replication_state replication_sync_state date time`.
-pub fn parse_node_info(output: &str) -> Vec<Node> {
+/// backend_role replication_delay replication_state replication_sync_state date time`. PCP
+/// gives no select count; its `none` replication state is what `SHOW POOL_NODES` shows empty.
+pub fn parse_node_info(output: &str) -> Vec<PoolNode> {
     output
         .lines()
         .filter(|l| !l.trim().is_empty())
@@ -142,21 +101,19 @@ pub fn parse_node_info(output: &str) -> Vec<Node> {
             if f.len() < 8 {
                 return None;
             }
-            Some(Node {
-                id: id as u32,
+            Some(PoolNode {
+                slot: id as u32,
                 host: f[0].to_owned(),
-                port: f[1].parse().unwrap_or(0),
+                port: f[1].parse().ok(),
                 status: f[4].to_owned(),
-                lb_weight: f[3].parse().unwrap_or(0.0),
                 role: f[6].to_owned(),
-                select_cnt: 0,
-                replication_delay: f.get(8).and_then(|v| v.parse().ok()).unwrap_or(0),
+                lb_weight: f[3].parse().ok(),
+                select_count: None,
+                replication_delay: f.get(8).and_then(|v| v.parse().ok()),
                 replication_state: f
                     .get(9)
-                    .filter(|v| **v != "none")
-                    .map(|v| v.to_string())
-                    .unwrap_or_default(),
-                last_status_change: f.get(11..13).map(|d| d.join(" ")).unwrap_or_default(),
+                    .map(|v| if *v == "none" { "" } else { v }.to_owned()),
+                last_status_change: f.get(11..13).map(|d| d.join(" ")),
             })
         })
         .collect()
@@ -181,6 +138,7 @@ pub async fn version(client: &Client) -> Result<String, PgpoolError> {
     Ok(rows(client.simple_query("SHOW POOL_VERSION").await?)
         .first()
         .and_then(|r| r.get(0).map(str::to_owned))
+        // pgpool answers one row; an answer without one shows as an empty version.
         .unwrap_or_default())
 }
 
@@ -292,14 +250,28 @@ mod tests {
         assert_eq!(nodes.len(), 2);
         assert_eq!(
             (
-                nodes[1].id,
+                nodes[1].slot,
                 nodes[1].host.as_str(),
                 nodes[1].status.as_str()
             ),
             (1, "db-1.hl", "down")
         );
         assert_eq!(nodes[0].role, "primary");
-        assert_eq!(nodes[1].last_status_change, "2026-11-29 12:00:01");
+        assert_eq!(
+            nodes[1].last_status_change.as_deref(),
+            Some("2026-11-29 12:00:01")
+        );
+        assert_eq!(
+            (
+                nodes[0].port,
+                nodes[0].lb_weight,
+                nodes[0].replication_delay
+            ),
+            (Some(5432), Some(0.5), Some(0))
+        );
+        assert_eq!(nodes[0].replication_state.as_deref(), Some(""));
+        // PCP does not count SELECTs: unknown, not zero.
+        assert_eq!(nodes[0].select_count, None);
     }
 
     #[test]

@@ -76,7 +76,9 @@ impl Supervisor {
                                     "pgpool's pid file is gone while it runs (it is no longer \
                                      whole): restarting it"
                                 );
-                                let _ = child.start_kill();
+                                if let Err(e) = child.start_kill() {
+                                    tracing::warn!(error = %e, "cannot kill pgpool");
+                                }
                                 child.wait().await
                             }
                         };

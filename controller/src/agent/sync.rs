@@ -11,10 +11,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_postgres::NoTls;
-
 use super::pgpool::{self, configured_backends};
 use super::Agent;
+use crate::pg;
 use crate::plan::{MONITOR_USER, POSTGRES_PORT};
 
 /// Runs the loop forever.
@@ -25,7 +24,7 @@ pub async fn run(agent: Arc<Agent>) {
     loop {
         tokio::time::sleep(interval).await;
         if let Err(e) = step(&agent, &mut applied).await {
-            tracing::debug!(error = %e, "backend sync step failed");
+            tracing::debug!(error = pgpool::report(&e), "backend sync step failed");
         }
     }
 }
@@ -51,23 +50,31 @@ async fn step(agent: &Agent, applied: &mut Option<String>) -> Result<(), pgpool:
     let detached = agent.manually_detached.lock().await.clone();
     let none_up = !nodes.iter().any(|n| n.is_up());
     for node in &nodes {
-        let configured = wanted.iter().any(|(slot, _)| *slot == node.id);
+        let configured = wanted.iter().any(|(slot, _)| *slot == node.slot);
         if configured
             && !node.is_up()
-            && !detached.contains(&node.id)
+            && !detached.contains(&node.slot)
             && answers(agent, &node.host)
                 .await
                 .is_some_and(|standby| standby || none_up)
         {
-            match pgpool::pcp(&agent.config, "pcp_attach_node", Some(node.id)).await {
-                Ok(_) => tracing::info!(node = node.id, host = %node.host, "attached"),
-                Err(e) => tracing::warn!(node = node.id, error = %e, "attach failed"),
+            match pgpool::pcp(&agent.config, "pcp_attach_node", Some(node.slot)).await {
+                Ok(_) => tracing::info!(node = node.slot, host = %node.host, "attached"),
+                Err(e) => tracing::warn!(
+                    node = node.slot,
+                    error = pgpool::report(&e),
+                    "attach failed"
+                ),
             }
         }
         if !configured && node.is_up() && node.role != "primary" {
-            match pgpool::pcp(&agent.config, "pcp_detach_node", Some(node.id)).await {
-                Ok(_) => tracing::info!(node = node.id, "detached: no longer configured"),
-                Err(e) => tracing::warn!(node = node.id, error = %e, "detach failed"),
+            match pgpool::pcp(&agent.config, "pcp_detach_node", Some(node.slot)).await {
+                Ok(_) => tracing::info!(node = node.slot, "detached: no longer configured"),
+                Err(e) => tracing::warn!(
+                    node = node.slot,
+                    error = pgpool::report(&e),
+                    "detach failed"
+                ),
             }
         }
     }
@@ -77,24 +84,18 @@ async fn step(agent: &Agent, applied: &mut Option<String>) -> Result<(), pgpool:
 /// Whether the backend is a standby, when it accepts a monitoring connection (so pgpool can
 /// use it); `None` when it does not answer.
 async fn answers(agent: &Agent, host: &str) -> Option<bool> {
-    let connect = tokio_postgres::Config::new()
-        .host(host)
-        .port(POSTGRES_PORT)
-        .user(MONITOR_USER)
-        .password(agent.config.secret("monitor-password"))
-        .dbname("postgres")
-        .connect_timeout(Duration::from_secs(1))
-        .connect(NoTls)
-        .await;
-    match connect {
-        Ok((client, conn)) => {
-            tokio::spawn(conn);
-            let row = client
-                .query_one("SELECT pg_is_in_recovery()", &[])
-                .await
-                .ok()?;
-            row.try_get(0).ok()
-        }
-        Err(_) => None,
-    }
+    let client = pg::connect(
+        host,
+        POSTGRES_PORT,
+        MONITOR_USER,
+        &agent.config.secret("monitor-password"),
+        "postgres",
+    )
+    .await
+    .ok()?;
+    let row = client
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .ok()?;
+    row.try_get(0).ok()
 }

@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 
 use crate::plan::{Plan, Role};
+pub use crate::pool_node::PoolNode;
 
 /// What a backend saw.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -118,30 +119,6 @@ pub struct ObservedBalancer {
     pub host_port: Option<u16>,
     /// Published host port of the agent's REST API.
     pub rest_port: Option<u16>,
-}
-
-/// A row of `SHOW POOL_NODES`.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct PoolNode {
-    /// Slot (node id), which is the instance ordinal.
-    pub slot: u32,
-    /// Backend hostname.
-    pub host: String,
-    /// `up`, `waiting`, `down` or `unused`.
-    pub status: String,
-    /// `primary` or `standby`.
-    pub role: String,
-    /// SELECTs routed to it.
-    pub select_count: i64,
-    /// Replication delay as pgpool measures it, in bytes.
-    pub replication_delay: i64,
-}
-
-impl PoolNode {
-    /// The node takes queries.
-    pub fn is_up(&self) -> bool {
-        matches!(self.status.as_str(), "up" | "waiting")
-    }
 }
 
 /// One change a backend applies.

@@ -74,8 +74,8 @@ pub struct NodeDoc {
     pub slot: u32,
     /// `up`, `waiting`, `down`.
     pub status: String,
-    /// SELECTs routed to it.
-    pub select_count: i64,
+    /// SELECTs routed to it; `null` when the balancer does not count them.
+    pub select_count: Option<i64>,
 }
 
 /// The balancers.
@@ -279,7 +279,10 @@ pub fn status_table(doc: &StatusDocument) -> String {
         let node = i
             .balancer_node
             .as_ref()
-            .map(|n| format!("{} (selects {})", n.status, n.select_count))
+            .map(|n| match n.select_count {
+                Some(count) => format!("{} (selects {count})", n.status),
+                None => n.status.clone(),
+            })
             .unwrap_or_else(|| "-".into());
         let _ = writeln!(
             out,

@@ -62,7 +62,7 @@ fn balancer() -> ObservedBalancer {
                     slot,
                     status: "up".into(),
                     role: if slot == 0 { "primary" } else { "standby" }.into(),
-                    replication_delay: 64 * i64::from(slot),
+                    replication_delay: Some(64 * i64::from(slot)),
                     ..Default::default()
                 })
                 .collect(),

@@ -10,6 +10,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
+use serde::Deserialize;
+
 use crate::backend::PoolNode;
 use crate::plan::REST_PORT;
 
@@ -59,12 +61,15 @@ pub async fn nodes(ip: &str) -> Result<Vec<PoolNode>, String> {
     if !status.is_success() {
         return Err(format!("agent at {ip} answered {status}"));
     }
-    let value: serde_json::Value =
+    let answer: NodesAnswer =
         serde_json::from_slice(&body).map_err(|e| format!("agent at {ip}: {e}"))?;
-    Ok(value["nodes"]
-        .as_array()
-        .map(|nodes| nodes.iter().filter_map(pool_node).collect())
-        .unwrap_or_default())
+    Ok(answer.nodes)
+}
+
+/// The body of `GET /api/v1/nodes`: the nodes in the shape the agent serializes them.
+#[derive(serde::Deserialize)]
+struct NodesAnswer {
+    nodes: Vec<PoolNode>,
 }
 
 /// Attaches or detaches (`verb`) node `slot` through the agent at `ip`.
@@ -81,16 +86,10 @@ pub async fn node_action(ip: &str, slot: u32, verb: &str, token: &str) -> Result
     }
 }
 
-/// One node of the agent's answer, in the shape shared with the Docker backend and the agent.
+/// One node of the agent's answer, in the type shared with the Docker backend and the agent;
+/// `None` when it is not a node.
 pub fn pool_node(n: &serde_json::Value) -> Option<PoolNode> {
-    Some(PoolNode {
-        slot: u32::try_from(n["id"].as_u64()?).ok()?,
-        host: n["host"].as_str().unwrap_or_default().to_owned(),
-        status: n["status"].as_str()?.to_owned(),
-        role: n["role"].as_str().unwrap_or_default().to_owned(),
-        select_count: n["select_count"].as_i64().unwrap_or(0),
-        replication_delay: n["replication_lag"].as_i64().unwrap_or(0),
-    })
+    PoolNode::deserialize(n).ok()
 }
 
 #[cfg(test)]
@@ -106,8 +105,33 @@ mod tests {
             (node.slot, node.status.as_str(), node.role.as_str()),
             (2, "up", "standby")
         );
-        assert_eq!((node.select_count, node.replication_delay), (7, 64));
+        assert_eq!(
+            (node.select_count, node.replication_delay),
+            (Some(7), Some(64))
+        );
         assert!(pool_node(&serde_json::json!({"id": "x"})).is_none());
+        // What the agent did not send is unknown, not zero.
+        assert_eq!((node.port, node.lb_weight), (None, None));
+    }
+
+    #[test]
+    fn the_nodes_answer_reads_back_what_the_agent_serializes() {
+        let sent = PoolNode {
+            slot: 1,
+            host: "demo-1-0.demo-hl".into(),
+            port: Some(5432),
+            status: "down".into(),
+            role: "standby".into(),
+            lb_weight: Some(0.5),
+            select_count: None,
+            replication_delay: Some(0),
+            replication_state: Some(String::new()),
+            last_status_change: Some("2026-11-29 12:00:01".into()),
+        };
+        let body = serde_json::json!({ "nodes": [&sent] }).to_string();
+        let answer: NodesAnswer = serde_json::from_str(&body).unwrap();
+        assert_eq!(answer.nodes, [sent]);
+        assert!(serde_json::from_str::<NodesAnswer>(r#"{"nodes":[{"id":1}]}"#).is_err());
     }
 
     #[tokio::test]
