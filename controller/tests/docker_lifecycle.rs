@@ -95,6 +95,46 @@ async fn cluster_lifecycle_on_docker() {
     assert!(!primary_recovering);
     assert_replicas_have_rows(&doc, &password, 5).await;
 
+    // Replicas stream from whichever instance holds the `<name>-rw` alias, not a fixed host.
+    let superuser = doc["secrets"]["superuserPassword"].as_str().unwrap();
+    for replica in doc["replicas"].as_array().unwrap() {
+        let client = connect(port(replica), "postgres", superuser, "postgres").await;
+        let sender: Option<String> = client
+            .query_one("SELECT sender_host FROM pg_stat_wal_receiver", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            sender.as_deref(),
+            Some(&*format!("{NAME}-rw")),
+            "{}",
+            replica["name"]
+        );
+    }
+
+    // The same conditions as a PgBalancerCluster's, with transition times the controller keeps.
+    let ready_since = |doc: &Value| {
+        doc["conditions"]
+            .as_array()
+            .and_then(|c| {
+                c.iter()
+                    .find(|c| c["type"] == "Ready" && c["status"] == "True")
+            })
+            .map(|c| c["lastTransitionTime"].clone())
+    };
+    assert!(ready_since(&doc).is_some(), "{doc:#}");
+    let kept = eventually(30, || async {
+        let first = ready_since(&s.status(NAME));
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        first.is_some() && first == ready_since(&s.status(NAME))
+    })
+    .await;
+    assert!(
+        kept,
+        "Ready's transition time is not kept: {:#}",
+        s.status(NAME)
+    );
+
     // A second up changes nothing.
     let before = container_ids(NAME);
     assert_success(&s.pgbalancer(&["up", "-f", file]));

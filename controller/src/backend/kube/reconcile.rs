@@ -198,17 +198,30 @@ async fn reconcile_inner(
     );
     apply(&backend, &plan, &actions, ctx, cluster).await?;
     let new = write_observed_status(ctx, cluster, &clusters, &plan, &observed, &record).await?;
-    let phase = new.phase.as_deref();
-    Ok(Requeue::requeue(
-        if !actions.is_empty() || phase != Some(Phase::Running.as_str()) {
-            Duration::from_secs(2)
-        } else if ctx.in_cluster {
-            // Silent failures (a hung server) show only to SQL: look again regularly.
-            Duration::from_secs(10)
-        } else {
-            Duration::from_secs(300)
-        },
-    ))
+    let running = new.phase.as_deref() == Some(Phase::Running.as_str());
+    Ok(Requeue::requeue(requeue_after(
+        !actions.is_empty() || record.changing() || !down_for.is_zero(),
+        running,
+        ctx.in_cluster,
+    )))
+}
+
+/// When to look again with nothing else happening. Every child and pod is watched, so a
+/// change there starts a reconcile at once; the timer covers what only time or SQL shows:
+/// - 2 s while something is being done, a change of primary runs, or the failover delay of a
+///   lost primary is counting;
+/// - otherwise, inside the cluster network, 5 s until Running and 10 s after (a hung server
+///   or a balancer's node list shows only to SQL and the agents);
+/// - outside it (no SQL), 60 s until Running and 300 s after: everything seen is watched.
+fn requeue_after(busy: bool, running: bool, in_cluster: bool) -> Duration {
+    let secs = match (busy, in_cluster, running) {
+        (true, _, _) => 2,
+        (false, true, false) => 5,
+        (false, true, true) => 10,
+        (false, false, false) => 60,
+        (false, false, true) => 300,
+    };
+    Duration::from_secs(secs)
 }
 
 /// A switchover asked for with the `pgbalancer.io/switchover` annotation (`kubectl pgbalancer
