@@ -449,8 +449,9 @@ async fn operator_against_a_real_api_server() {
         }
         let (ok, out) = kubectl(&["-n", &ns, "delete", "pgbc", "demo", "--wait=true"]);
         assert!(ok, "{out}");
+        // Pods end after their grace period: generous.
         assert!(
-            eventually(90, || async {
+            eventually(180, || async {
                 names(&sets, sel).await.is_empty()
                     && names(&services, sel).await.is_empty()
                     && names(&maps, sel).await.is_empty()
