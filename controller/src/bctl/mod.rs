@@ -124,14 +124,22 @@ impl Bctl {
         format!("http://{}:{}/api/v1", self.host, self.port)
     }
 
-    /// `--token`, or else the contents of `--token-file`.
+    /// `--token`, or else the contents of `--token-file`. No such file (outside a balancer
+    /// container, where the default path exists) means no token: the agent then answers 401
+    /// and says so. A file that exists but cannot be read is an error naming it.
     fn token(&self) -> Result<String, BctlError> {
         let token = match &self.token {
             Some(token) => token.clone(),
-            None => std::fs::read_to_string(&self.token_file).map_err(|e| BctlError::Token {
-                path: self.token_file.clone(),
-                message: e.to_string(),
-            })?,
+            None => match std::fs::read_to_string(&self.token_file) {
+                Ok(token) => token,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+                Err(e) => {
+                    return Err(BctlError::Token {
+                        path: self.token_file.clone(),
+                        message: e.to_string(),
+                    })
+                }
+            },
         };
         Ok(token.trim().to_owned())
     }

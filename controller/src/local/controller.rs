@@ -146,17 +146,21 @@ async fn tick_cluster(
     let observed = backend.observe(&plan).await?;
     let observed_in = started.elapsed();
     let mut record = stored.record();
-    let computed = status::compute(
-        &plan,
-        &observed,
-        &record,
-        Some(&stored.previous_status()),
-        None,
-        Time(k8s_openapi::jiff::Timestamp::now()),
-    );
-    if computed.conditions != stored.conditions {
-        stored.conditions = computed.conditions;
-        state.save(&stored)?;
+    // Conditions only from ticks that probed the balancers: on the others their routing is
+    // not seen, and the conditions would flap.
+    if probe_balancers {
+        let computed = status::compute(
+            &plan,
+            &observed,
+            &record,
+            Some(&stored.previous_status()),
+            None,
+            Time(k8s_openapi::jiff::Timestamp::now()),
+        );
+        if computed.conditions != stored.conditions {
+            stored.conditions = computed.conditions;
+            state.save(&stored)?;
+        }
     }
     if let Some(conflict) = conflict(&plan, &observed, &record) {
         mem.problem(name, conflict);

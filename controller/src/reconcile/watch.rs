@@ -6,7 +6,8 @@
 //! - how long the recorded primary has been down (reset as soon as it answers) and the WAL
 //!   position it last wrote, which [`failover`] needs;
 //! - whether a failover is due now, and the reason it is recorded with;
-//! - which of `decide`'s actions the loop holds back.
+//! - which of `decide`'s actions the local controller holds back ([`held_back`]; the operator
+//!   holds back only what [`hold_for_failover`] does, see `backend::kube::reconcile`).
 
 use std::time::{Duration, Instant};
 

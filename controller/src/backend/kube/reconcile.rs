@@ -23,7 +23,7 @@ use crate::backend::{Action, Backend, BackendError, Observed};
 use crate::credentials::Credentials;
 use crate::labels;
 use crate::plan::Plan;
-use crate::reconcile::watch::{down_reason, held_back, Watch};
+use crate::reconcile::watch::{down_reason, Watch};
 use crate::reconcile::{self as core, ChangeKind, FailoverPolicy, Record};
 use crate::status::{self, Phase};
 
@@ -189,7 +189,10 @@ async fn reconcile_inner(
         )
         .await;
     }
-    let actions = held_back(
+    // A replacement pod of a lost primary gets no role while a failover may still start.
+    // Unlike the local controller, the operator attaches standby nodes itself: it detaches an
+    // old primary through the agent's API, which then leaves that node to whoever detached it.
+    let actions = core::hold_for_failover(
         core::decide(&plan, &observed, &record),
         &observed,
         &record,
