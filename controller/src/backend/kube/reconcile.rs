@@ -307,10 +307,12 @@ async fn validated(
     Err(Error::Invalid(message))
 }
 
-/// Applies one decision through the core's [`core::apply_all`] (the steps of a change of
-/// primary in order, stopping at the first that fails; the rest side by side). Steps that may
-/// succeed later are logged and retried next time; the first other failure is returned after
-/// the Events of the steps that were carried out.
+/// Applies one decision in order, one action at a time: a balancer's agent gets one node
+/// change at a time (pgpool handles simultaneous attaches of several nodes badly: it may end
+/// up with no primary). Steps that may succeed later are logged and retried next time; a step
+/// of a change of primary that did not succeed ends the decision: the next one is never taken
+/// without it. The local controller applies through the core's `apply_all` instead, where at
+/// most one node is attached at a time (the agents attach standbys there).
 async fn apply(
     backend: &KubeBackend<'_>,
     plan: &Plan,
@@ -318,19 +320,18 @@ async fn apply(
     ctx: &Context,
     cluster: &PgBalancerCluster,
 ) -> Result<(), Error> {
-    let mut failed = None;
-    for (action, result) in core::apply_all(backend, plan, actions).await {
-        match result {
-            Ok(()) => tracing::info!(%action, "applied"),
+    for &action in actions {
+        tracing::info!(%action, "applying");
+        match backend.apply(plan, action).await {
+            Ok(()) => {}
             Err(e) if e.is_transient() => {
                 tracing::info!(%action, error = %e, "will retry");
+                if action.is_ordered() {
+                    break;
+                }
                 continue;
             }
-            Err(e) => {
-                tracing::warn!(%action, error = %e, "failed");
-                failed.get_or_insert(e);
-                continue;
-            }
+            Err(e) => return Err(e),
         }
         let (type_, reason) = match action {
             Action::RemoveInstance(_) => (EventType::Normal, "ScaledDown"),
@@ -340,7 +341,7 @@ async fn apply(
         };
         event(ctx, cluster, type_, reason, &action.to_string()).await;
     }
-    failed.map_or(Ok(()), Err)
+    Ok(())
 }
 
 /// Computes status from the observation and writes it when it changed.
