@@ -307,9 +307,9 @@ async fn validated(
     Err(Error::Invalid(message))
 }
 
-/// Applies one decision in order, one action at a time: a balancer's agent gets one node
-/// change at a time (pgpool handles simultaneous attaches of several nodes badly: it may end
-/// up with no primary). Steps that may succeed later are logged and retried next time; a step
+/// Applies one decision in order, one action at a time, so a balancer's agent gets one node
+/// change at a time: simultaneous attaches of several nodes on one pgpool are not known to be
+/// safe (they may leave it without a primary; not confirmed). Steps that may succeed later are logged and retried next time; a step
 /// of a change of primary that did not succeed ends the decision: the next one is never taken
 /// without it. The local controller applies through the core's `apply_all` instead, where at
 /// most one node is attached at a time (the agents attach standbys there).
