@@ -108,6 +108,7 @@ async fn the_native_engine_serves_like_one_server_and_follows_a_failover() {
     wrong_password_is_refused(balancer).await;
     scale_under_readers(&s, balancer, &password).await;
     failover_under_a_writer(&s, balancer, &password, &superuser).await;
+    switchover_under_a_writer(&s, balancer, &password, &superuser).await;
     assert_success(&s.pgbalancer(&["down", NAME]));
 }
 
@@ -455,6 +456,57 @@ async fn failover_under_a_writer(s: &Scenario, balancer: u16, password: &str, su
     );
     eprintln!(
         "MEASURED native failover: writes failed for {:.1} s, {} failed writes",
+        write_gap(&outcome.ledger).as_secs_f64(),
+        outcome.failed_writes()
+    );
+}
+
+/// A planned switchover with the native engine: node changes go through the agent, as with
+/// pgpool. The command succeeds, writes resume on the new primary, nothing acknowledged is
+/// lost, and the old primary comes back as a replica the engine routes to.
+async fn switchover_under_a_writer(s: &Scenario, balancer: u16, password: &str, superuser: &str) {
+    let settled = |d: &Value| {
+        d["phase"] == "Running"
+            && d["replicas"]
+                .as_array()
+                .is_some_and(|r| r.iter().all(|r| r["balancerNode"]["status"] == "up"))
+    };
+    let (ready, before) = status_until(s, NAME, 120, settled).await;
+    assert!(ready, "not settled after the failover: {before}");
+    let old = primary(&before).expect("a primary");
+    let ids_before = container_ids(NAME);
+    let traffic = Traffic::start(NAME, balancer, password, superuser).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let at = Instant::now();
+    let out = s.pgbalancer(&["switchover", NAME]);
+    assert_success(&out);
+    let resumed = eventually(60, || async { traffic.acked_since(at) >= 10 }).await;
+    let outcome = traffic.finish().await;
+    assert!(resumed, "writes did not resume after the switchover");
+    assert!(
+        outcome.most_writable <= 1,
+        "two instances accepted writes at once"
+    );
+    let (back, doc) = status_until(s, NAME, 120, |d| {
+        settled(d)
+            && primary(d).is_some_and(|p| p != old)
+            && d["replicas"]
+                .as_array()
+                .is_some_and(|r| r.iter().any(|r| r["name"] == old.as_str()))
+    })
+    .await;
+    assert!(
+        back,
+        "the old primary {old} is not a replica up in the balancer: {doc}"
+    );
+    acknowledged_writes_present(port(&doc["primary"]), password, &outcome.ledger).await;
+    assert_eq!(
+        container_ids(NAME),
+        ids_before,
+        "a switchover recreated containers"
+    );
+    eprintln!(
+        "MEASURED native switchover: writes failed for {:.1} s, {} failed writes",
         write_gap(&outcome.ledger).as_secs_f64(),
         outcome.failed_writes()
     );

@@ -121,9 +121,29 @@ async fn wait_healthy(secs: u64, what: &str) -> f64 {
     let ok = eventually(secs, || async { healthy() }).await;
     assert!(
         ok,
-        "not healthy {secs} s after {what}: {}\n{}",
+        "not healthy {secs} s after {what}: {}\n{}\nbalancer logs:\n{}\noperator logs:\n{}",
         status()["status"],
-        kubectl(&["-n", NS, "get", "pods,statefulsets,pvc", "-o", "wide"]).1
+        kubectl(&["-n", NS, "get", "pods,statefulsets,pvc", "-o", "wide"]).1,
+        kubectl(&[
+            "-n",
+            NS,
+            "logs",
+            "--prefix",
+            "--tail=40",
+            "-l",
+            "app.kubernetes.io/component=balancer"
+        ])
+        .1,
+        kubectl(&[
+            "-n",
+            "pgbalancer-system",
+            "logs",
+            "--prefix",
+            "--tail=60",
+            "-l",
+            "app.kubernetes.io/name=pgbalancer-operator"
+        ])
+        .1
     );
     started.elapsed().as_secs_f64()
 }

@@ -45,9 +45,14 @@ fi
 if [ "$cmd" = pause-apiserver ]; then
   pid=$(cat "$dir/kube-apiserver.pid")
   mapfile -d '' args <"/proc/$pid/cmdline"
+  # The outage lasts SECONDS from the moment the server stops answering: an API server slow to
+  # drain its connections (it can take 15 s) is killed after 3.
+  from=$(date +%s.%N)
   kill "$pid"
+  for _ in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -9 "$pid" 2>/dev/null || true
   for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  sleep "${2:-30}"
+  sleep "$(awk -v from="$from" -v now="$(date +%s.%N)" -v s="${2:-30}" 'BEGIN { r = s - (now - from); print (r > 0 ? r : 0) }')"
   run kube-apiserver "${args[@]}"
   ready
   exit 0

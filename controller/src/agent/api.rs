@@ -220,12 +220,20 @@ async fn attach(State(agent): Shared, headers: HeaderMap, Path(id): Path<String>
     }
 }
 
-/// `?force=true` on a detach: the operator moving the primary detaches the old one first, so
-/// that pgpool searches for the new primary instead of failing sessions on the old one.
+/// Options of a detach:
+/// - `?force=true`: the primary or the last node up too. The operator moving the primary
+///   detaches the old one first, so that pgpool searches for the new primary instead of
+///   failing sessions on the old one.
+/// - `?release=true`: the node is not held detached: the backend sync attaches it again once
+///   it answers as a standby while configured (the local controller detaching an old primary
+///   before it is fenced). Without it a detached node stays detached until attached through
+///   the API.
 #[derive(serde::Deserialize, Default)]
 struct DetachOptions {
     #[serde(default)]
     force: bool,
+    #[serde(default)]
+    release: bool,
 }
 
 async fn detach(
@@ -241,7 +249,7 @@ async fn detach(
     let Some(node) = nodes.iter().find(|n| n.slot == id) else {
         return error(StatusCode::NOT_FOUND, format!("node {id} not found"));
     };
-    let force = options.force;
+    let (force, hold) = (options.force, !options.release);
     if !node.is_up() {
         return error(
             StatusCode::CONFLICT,
@@ -249,7 +257,7 @@ async fn detach(
         );
     }
     if force {
-        return detach_now(&agent, id).await;
+        return detach_now(&agent, id, hold).await;
     }
     if node.role == "primary" {
         return error(
@@ -263,11 +271,16 @@ async fn detach(
             format!("node {id} is the last node up"),
         );
     }
-    detach_now(&agent, id).await
+    detach_now(&agent, id, hold).await
 }
 
-async fn detach_now(agent: &Agent, id: u32) -> Response {
-    agent.manually_detached.lock().await.insert(id);
+/// Detaches node `id`, holding it detached (see [`DetachOptions`]) when `hold`.
+async fn detach_now(agent: &Agent, id: u32, hold: bool) -> Response {
+    if hold {
+        agent.manually_detached.lock().await.insert(id);
+    } else {
+        agent.manually_detached.lock().await.remove(&id);
+    }
     match agent.engine.set_attached(&agent.config, id, false).await {
         Ok(()) => settled(agent, id, false, "detached").await,
         Err(e) => {

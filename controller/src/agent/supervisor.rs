@@ -13,7 +13,7 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest pause between restarts of a pgpool that keeps exiting.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// A pgpool that ran this long is restarted after [`FIRST_BACKOFF`] again.
-const STABLE_AFTER: Duration = Duration::from_secs(30);
+const STABLE_AFTER: Duration = Duration::from_secs(10);
 
 /// Handle to the supervised pgpool.
 pub struct Supervisor {
@@ -53,6 +53,11 @@ impl Supervisor {
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
                 first = false;
+                // No pgpool of this agent runs now (none yet, or its group was ended), so a pid
+                // file is stale: left by a pgpool killed with its container, whose restart kept
+                // the file. pgpool refuses to start while the pid in it is alive, and in a
+                // restarted container that pid is often another process.
+                remove_stale_pid_file(pid_file(&cfg.path("pgpool.conf")));
                 started = std::time::Instant::now();
                 // Its own process group: when the parent dies its children must go with it.
                 let child = tokio::process::Command::new(&cfg.pgpool)
@@ -155,6 +160,18 @@ async fn end_orphans(group: u32) {
     }
 }
 
+/// Removes the pid file at `path`, if any, saying so.
+fn remove_stale_pid_file(path: Option<std::path::PathBuf>) {
+    let Some(path) = path else { return };
+    match std::fs::remove_file(&path) {
+        Ok(()) => tracing::info!(path = %path.display(), "removed a stale pgpool pid file"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove a stale pgpool pid file")
+        }
+    }
+}
+
 /// `pid_file_name` of the pgpool.conf at `conf`, if set.
 fn pid_file(conf: &std::path::Path) -> Option<std::path::PathBuf> {
     let text = std::fs::read_to_string(conf).ok()?;
@@ -191,6 +208,18 @@ async fn lost_pid_file(path: Option<std::path::PathBuf>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stale_pid_file_is_removed_and_a_missing_one_is_fine() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid = dir.path().join("pgpool.pid");
+        std::fs::write(&pid, "8\n").unwrap();
+        remove_stale_pid_file(Some(pid.clone()));
+        assert!(!pid.exists());
+        remove_stale_pid_file(Some(pid.clone()));
+        remove_stale_pid_file(None);
+        assert!(!pid.exists());
+    }
 
     #[test]
     fn the_pid_file_is_read_from_pgpool_conf() {

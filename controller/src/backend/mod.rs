@@ -4,6 +4,7 @@
 //! index, balancer nodes by slot) and applies one [`Action`] at a time. Every decision about
 //! what to do lives in `reconcile`, the same for every backend.
 
+pub mod agent_client;
 pub mod docker;
 pub mod kube;
 

@@ -35,6 +35,9 @@ pub enum DockerError {
     /// Something the plan needs is missing or taken.
     #[error("{0}")]
     Conflict(String),
+    /// A balancer agent refused or did not answer a node change.
+    #[error("{0}")]
+    Agent(String),
     /// A container expected by an action does not exist (yet).
     #[error("container for {0} not found")]
     Missing(String),
@@ -52,7 +55,10 @@ impl BackendError for DockerError {
     fn is_transient(&self) -> bool {
         matches!(
             self,
-            DockerError::Exec { .. } | DockerError::Sql(_) | DockerError::Missing(_)
+            DockerError::Exec { .. }
+                | DockerError::Sql(_)
+                | DockerError::Agent(_)
+                | DockerError::Missing(_)
         )
     }
 }

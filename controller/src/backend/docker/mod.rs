@@ -6,7 +6,6 @@
 
 pub mod controller;
 mod error;
-mod exec;
 pub mod images;
 pub mod objects;
 mod ports;
@@ -28,11 +27,11 @@ use futures::future::join_all;
 
 pub use error::DockerError;
 
-use crate::backend::{Action, Backend, Observed, ObservedBalancer, ObservedInstance};
+use crate::backend::{agent_client, Action, Backend, Observed, ObservedBalancer, ObservedInstance};
 use crate::credentials::Credentials;
 use crate::labels;
 use crate::pg;
-use crate::plan::{self, Plan, Role, BALANCER_PORT, PCP_PORT, PCP_USER, POSTGRES_PORT, SUPERUSER};
+use crate::plan::{self, Plan, Role, BALANCER_PORT, POSTGRES_PORT, REST_PORT, SUPERUSER};
 use crate::render::CONFIG_DIR;
 
 /// Connects to the engine named by `DOCKER_HOST` (or the local socket) and settles the API
@@ -507,29 +506,40 @@ impl DockerBackend {
             .ok_or_else(|| DockerError::Missing(format!("published port of instance {ordinal}")))
     }
 
-    async fn pcp(
+    /// Attaches or detaches (`verb`, with its query) a node through balancer `index`'s agent,
+    /// at its published REST port: the agent knows its engine (pgpool through PCP, or the
+    /// native engine's own node set) and answers once the change shows.
+    async fn agent_call(
         &self,
         plan: &Plan,
         index: u32,
-        tool: &str,
-        node: Option<u32>,
+        slot: u32,
+        verb: &str,
     ) -> Result<(), DockerError> {
-        let id = self.container_of(plan, labels::BALANCER, index).await?;
-        let port = PCP_PORT.to_string();
-        let node = node.map(|n| n.to_string());
-        let mut cmd = vec![tool, "-w", "-h", "127.0.0.1", "-p", &port, "-U", PCP_USER];
-        if let Some(n) = &node {
-            cmd.extend(["-n", n]);
-        }
-        exec::run(&self.docker, &id, &cmd).await.map(|_| ())
+        let port = self
+            .containers(&plan.cluster)
+            .await?
+            .iter()
+            .find(|c| {
+                label(c, labels::COMPONENT) == Some(labels::BALANCER)
+                    && ordinal_of(c) == Some(index)
+            })
+            .and_then(|c| public_port(c, REST_PORT))
+            .ok_or_else(|| DockerError::Missing(format!("REST port of balancer {index}")))?;
+        let agent = agent_client::authority(plan.connect_address(), port);
+        agent_client::node_action(&agent, slot, verb, &self.creds.api_token)
+            .await
+            .map_err(DockerError::Agent)
     }
 
+    /// Uploads the balancer's files with the planned backends. The agent notices the changed
+    /// `pgpool.conf` within its sync interval and has its engine reload it (new slots appear
+    /// down, then are attached once they answer).
     async fn update_backends(&self, plan: &Plan, index: u32) -> Result<(), DockerError> {
         let id = self.container_of(plan, labels::BALANCER, index).await?;
         let files = objects::balancer_files(plan, &self.creds)
             .map_err(|e| DockerError::Conflict(format!("configuration archive: {e}")))?;
-        self.upload(&id, files).await?;
-        self.pcp(plan, index, "pcp_reload_config", None).await
+        self.upload(&id, files).await
     }
 
     /// Removes and creates the container again; its host ports stay as they were (unless the
@@ -675,17 +685,16 @@ impl Backend for DockerBackend {
             }
             Action::UpdateBackends(i) => self.update_backends(plan, i).await,
             Action::AttachBackend { balancer, slot } => {
-                self.pcp(plan, balancer, "pcp_attach_node", Some(slot))
-                    .await
+                self.agent_call(plan, balancer, slot, "attach").await
             }
             Action::DetachBackend { balancer, slot } => {
                 // A slot leaving the plan: the new file first, so the balancer's agent does not
                 // re-attach it. A planned one (the old primary, detached before it is fenced)
-                // is re-attached by the agent only once it answers as a standby.
+                // is released: the agent attaches it again once it answers as a standby.
                 if plan.instance(slot).is_none() {
                     self.update_backends(plan, balancer).await?;
                 }
-                self.pcp(plan, balancer, "pcp_detach_node", Some(slot))
+                self.agent_call(plan, balancer, slot, "detach?force=true&release=true")
                     .await
             }
             Action::MarkRole(o) => {

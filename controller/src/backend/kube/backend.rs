@@ -17,15 +17,16 @@ use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::balancer;
 use super::metrics::Metrics;
 use super::objects::{self, Owner};
 use super::reconcile::Error;
-use super::{agent, balancer};
+use crate::backend::agent_client as agent;
 use crate::backend::{Action, Backend, Observed, ObservedBalancer, ObservedInstance};
 use crate::credentials::Credentials;
 use crate::labels;
 use crate::pg;
-use crate::plan::{InstancePlan, Plan, Role, POSTGRES_PORT, SUPERUSER};
+use crate::plan::{InstancePlan, Plan, Role, POSTGRES_PORT, REST_PORT, SUPERUSER};
 
 /// One cluster's view of the API server.
 pub struct KubeBackend<'a> {
@@ -416,13 +417,15 @@ impl Backend for KubeBackend<'_> {
             let running = pod_running(&pod);
             let ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone());
             let nodes = match (self.in_cluster, running, ip) {
-                (true, true, Some(ip)) => match agent::nodes(&ip).await {
-                    Ok(nodes) => Some(nodes),
-                    Err(e) => {
-                        tracing::debug!(pod = %pod.name_any(), error = %e, "balancer nodes unseen");
-                        None
+                (true, true, Some(ip)) => {
+                    match agent::nodes(&agent::authority(&ip, REST_PORT)).await {
+                        Ok(nodes) => Some(nodes),
+                        Err(e) => {
+                            tracing::debug!(pod = %pod.name_any(), error = %e, "balancer nodes unseen");
+                            None
+                        }
                     }
-                },
+                }
                 _ => None,
             };
             observed.balancers.insert(
@@ -520,8 +523,13 @@ impl KubeBackend<'_> {
             .status
             .and_then(|s| s.pod_ip)
             .ok_or_else(|| Error::Agent(format!("balancer pod {index} has no address")))?;
-        agent::node_action(&ip, slot, verb, &self.creds.api_token)
-            .await
-            .map_err(Error::Agent)
+        agent::node_action(
+            &agent::authority(&ip, REST_PORT),
+            slot,
+            verb,
+            &self.creds.api_token,
+        )
+        .await
+        .map_err(Error::Agent)
     }
 }

@@ -6,7 +6,6 @@
 //! same decisions Docker's converge loop makes; `operator` wires watches, leader election,
 //! metrics and health endpoints.
 
-pub mod agent;
 pub mod backend;
 pub mod balancer;
 pub mod leader;

@@ -84,9 +84,48 @@ pub enum OperatorError {
     /// The CRD is not installed.
     #[error("the PgBalancerCluster CRD is not installed (kubectl apply -f manifests/crd.yaml)")]
     NoCrd(#[source] kube::Error),
+    /// The API server answered a list of clusters with a refusal (RBAC, authentication).
+    #[error("the API server refused to list PgBalancerClusters")]
+    Refused(#[source] kube::Error),
     /// The health server could not start.
     #[error("cannot listen on {0}")]
     Listen(String, #[source] std::io::Error),
+}
+
+/// Waits until the API server answers a list of clusters. An API server that does not answer
+/// yet (it restarts, or the node's network is not up) is waited for, every 2 s, with one log
+/// line; a missing CRD or a refusal ends the operator with the reason, as nothing will change
+/// it.
+async fn reachable(clusters: &Api<PgBalancerCluster>) -> Result<(), OperatorError> {
+    let mut said = false;
+    loop {
+        match clusters
+            .list(&kube::api::ListParams::default().limit(1))
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(kube::Error::Api(status)) if status.code == 404 => {
+                return Err(OperatorError::NoCrd(kube::Error::Api(status)))
+            }
+            Err(e) if !transient(&e) => return Err(OperatorError::Refused(e)),
+            Err(e) => {
+                if !said {
+                    tracing::warn!(error = %e, "the API server does not answer yet; waiting");
+                    said = true;
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            }
+        }
+    }
+}
+
+/// Whether a failed API call may succeed later by itself: no answer at all, or an answer that
+/// says the server is busy or not ready. A 404 (no CRD) or 403 (RBAC) will not.
+fn transient(e: &kube::Error) -> bool {
+    match e {
+        kube::Error::Api(status) => status.code == 429 || status.code >= 500,
+        _ => true,
+    }
 }
 
 /// An API for one namespace, or all of them.
@@ -112,10 +151,7 @@ pub async fn run_with(client: Client, config: OperatorConfig) -> Result<(), Oper
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
-    clusters
-        .list(&kube::api::ListParams::default().limit(1))
-        .await
-        .map_err(OperatorError::NoCrd)?;
+    reachable(&clusters).await?;
     let identity = config.identity.clone().unwrap_or_else(|| {
         format!(
             "pgbalancer-operator-{}",

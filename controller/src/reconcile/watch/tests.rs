@@ -248,3 +248,117 @@ fn only_the_primary_node_is_attached_by_the_loop() {
         [attach(0)]
     );
 }
+
+fn with_balancer(mut observed: Observed, roles: &[(u32, &str, &str)]) -> Observed {
+    let nodes = roles
+        .iter()
+        .map(|&(slot, status, role)| crate::backend::PoolNode {
+            slot,
+            host: format!("demo-{slot}"),
+            status: status.into(),
+            role: role.into(),
+            ..Default::default()
+        })
+        .collect();
+    observed.balancers.insert(
+        0,
+        crate::backend::ObservedBalancer {
+            name: "demo-balancer".into(),
+            running: true,
+            nodes: Some(nodes),
+            ..Default::default()
+        },
+    );
+    observed
+}
+
+#[test]
+fn a_balancer_that_has_the_primary_up_but_not_as_primary_gets_it_detached_after_the_grace() {
+    let p = plan(1);
+    let record = Record::settled(0);
+    let instances = || vec![(0, serving(0, 5000)), (1, serving(1, 5000))];
+    let stuck = with_balancer(
+        observed(instances()),
+        &[(0, "up", "standby"), (1, "up", "standby")],
+    );
+    let t0 = Instant::now();
+    let mut watch = Watch::default();
+    assert!(watch
+        .unrecognised_primary(&p, &stuck, &record, t0)
+        .is_empty());
+    let almost = t0 + UNRECOGNISED_PRIMARY_GRACE - Duration::from_secs(1);
+    assert!(watch
+        .unrecognised_primary(&p, &stuck, &record, almost)
+        .is_empty());
+    let due = t0 + UNRECOGNISED_PRIMARY_GRACE;
+    assert_eq!(
+        watch.unrecognised_primary(&p, &stuck, &record, due),
+        [Action::DetachBackend {
+            balancer: 0,
+            slot: 0
+        }]
+    );
+    // Once acted on, the grace starts again.
+    assert!(watch
+        .unrecognised_primary(&p, &stuck, &record, due + Duration::from_secs(1))
+        .is_empty());
+
+    // A balancer that finds the primary in between starts a fresh grace.
+    let mut watch = Watch::default();
+    let fine = with_balancer(
+        observed(instances()),
+        &[(0, "up", "primary"), (1, "up", "standby")],
+    );
+    assert!(watch
+        .unrecognised_primary(&p, &stuck, &record, t0)
+        .is_empty());
+    assert!(watch
+        .unrecognised_primary(&p, &fine, &record, almost)
+        .is_empty());
+    assert!(watch
+        .unrecognised_primary(&p, &stuck, &record, due)
+        .is_empty());
+}
+
+#[test]
+fn no_primary_in_the_balancer_is_left_alone_while_the_primary_changes_or_does_not_write() {
+    let p = plan(1);
+    let t0 = Instant::now();
+    let later = t0 + UNRECOGNISED_PRIMARY_GRACE * 2;
+    let roles = [(0, "up", "standby"), (1, "up", "standby")];
+    // A change of primary runs: the balancer's search is part of it.
+    let mut changing = Record::settled(0);
+    changing.target = 1;
+    let stuck = with_balancer(
+        observed(vec![(0, serving(0, 5)), (1, serving(1, 5))]),
+        &roles,
+    );
+    let mut watch = Watch::default();
+    assert!(watch
+        .unrecognised_primary(&p, &stuck, &changing, t0)
+        .is_empty());
+    assert!(watch
+        .unrecognised_primary(&p, &stuck, &changing, later)
+        .is_empty());
+    // The recorded primary does not answer: that is the failover's business.
+    let lost = with_balancer(observed(vec![(0, stopped(0)), (1, serving(1, 5))]), &roles);
+    let mut watch = Watch::default();
+    let record = Record::settled(0);
+    assert!(watch
+        .unrecognised_primary(&p, &lost, &record, t0)
+        .is_empty());
+    assert!(watch
+        .unrecognised_primary(&p, &lost, &record, later)
+        .is_empty());
+    // The primary's node is down: `decide` attaches it, which makes the balancer search.
+    let down = with_balancer(
+        observed(vec![(0, serving(0, 5)), (1, serving(1, 5))]),
+        &[(0, "down", "standby"), (1, "up", "standby")],
+    );
+    assert!(watch
+        .unrecognised_primary(&p, &down, &record, t0)
+        .is_empty());
+    assert!(watch
+        .unrecognised_primary(&p, &down, &record, later)
+        .is_empty());
+}

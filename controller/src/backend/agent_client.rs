@@ -1,6 +1,7 @@
-//! Calls to the balancer agents' REST API from the operator (IO, async, bounded in time):
-//! the node list, and node attach/detach with the cluster's API token. Only made from inside
-//! the cluster network, where pod addresses are reachable.
+//! Calls to a balancer agent's REST API (IO, async, bounded in time): the node list, and
+//! node attach/detach with the cluster's API token. Both backends change balancer nodes only
+//! through here, whatever the engine: the operator at pod addresses (from inside the cluster
+//! network), the local controller at the agent's published port.
 
 use std::time::Duration;
 
@@ -13,12 +14,21 @@ use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 
 use crate::backend::PoolNode;
-use crate::plan::REST_PORT;
 
 /// Longest one call may take, connection included.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Sends `method path` to the agent at `ip`; the status and body, or why it failed.
+/// `host:port` for a URL, with an IPv6 address in brackets.
+pub fn authority(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// Sends `method path` to the agent at `ip` (an [`authority`]); the status and body, or why it
+/// failed.
 async fn call(
     ip: &str,
     method: Method,
@@ -29,7 +39,7 @@ async fn call(
         Client::builder(TokioExecutor::new()).build_http();
     let mut request = Request::builder()
         .method(method)
-        .uri(format!("http://{ip}:{REST_PORT}{path}"));
+        .uri(format!("http://{ip}{path}"));
     if let Some(token) = token {
         request = request.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
     }
@@ -55,7 +65,7 @@ async fn call(
     Ok(response)
 }
 
-/// The agent's nodes (`GET /api/v1/nodes`).
+/// The agent's nodes (`GET /api/v1/nodes`) at `ip` (an [`authority`]).
 pub async fn nodes(ip: &str) -> Result<Vec<PoolNode>, String> {
     let (status, body) = call(ip, Method::GET, "/api/v1/nodes", None).await?;
     if !status.is_success() {
@@ -72,7 +82,8 @@ struct NodesAnswer {
     nodes: Vec<PoolNode>,
 }
 
-/// Attaches or detaches (`verb`) node `slot` through the agent at `ip`.
+/// Attaches or detaches (`verb`, with its query) node `slot` through the agent at `ip` (an
+/// [`authority`]).
 pub async fn node_action(ip: &str, slot: u32, verb: &str, token: &str) -> Result<(), String> {
     let path = format!("/api/v1/nodes/{slot}/{verb}");
     let (status, body) = call(ip, Method::POST, &path, Some(token)).await?;
@@ -95,6 +106,12 @@ pub fn pool_node(n: &serde_json::Value) -> Option<PoolNode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn authorities_bracket_ipv6() {
+        assert_eq!(authority("10.1.0.7", 8080), "10.1.0.7:8080");
+        assert_eq!(authority("::1", 8080), "[::1]:8080");
+    }
 
     #[test]
     fn agent_nodes_become_pool_nodes() {
