@@ -21,16 +21,7 @@ step "psycopg2's own test suite, for the native balancer (cached after the first
 step "Kubernetes 1.20.2 from Debian's source (cached after the first run)"
 ./tests/k8s/build-kubernetes.sh
 step "operator image (static binary on scratch)"
-rustup target list --installed | grep -q x86_64-unknown-linux-musl || rustup target add x86_64-unknown-linux-musl
-command -v musl-gcc >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq musl-tools >/dev/null
-# The release build's dependencies are cached outside the checkout (the slowest step of a
-# fresh clone); the binary is copied where the Dockerfile expects it.
-musl_target=${PGBALANCER_MUSL_TARGET:-/var/cache/pgbalancer/target-musl}
-CARGO_TARGET_DIR=$musl_target CC_x86_64_unknown_linux_musl=musl-gcc \
-  cargo build --quiet --release --target x86_64-unknown-linux-musl --bin pgbalancer
-mkdir -p target/x86_64-unknown-linux-musl/release
-cp "$musl_target/x86_64-unknown-linux-musl/release/pgbalancer" target/x86_64-unknown-linux-musl/release/
-docker build -q -t pgbalancer/operator:0.1.0 . >/dev/null
+./tests/k8s/operator-image.sh
 
 step "starting the test Kubernetes"
 trap './tests/k8s/node.sh stop || true; ./tests/k8s/control-plane.sh stop || true' EXIT

@@ -14,6 +14,8 @@ pub mod balancer;
 pub mod bctl;
 pub mod cli;
 pub mod credentials;
+#[cfg(test)]
+mod fixtures;
 pub mod labels;
 pub mod local;
 pub mod pg;

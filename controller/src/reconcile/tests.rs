@@ -1,64 +1,9 @@
 //! Tests of the reconcile decisions on hand-built observations.
 
 use super::*;
-use crate::backend::{ObservedBalancer, ObservedInstance, PoolNode};
+use crate::backend::{ObservedInstance, PoolNode};
+use crate::fixtures::{balancer, node, plan, serving as ready};
 use crate::plan::Role;
-use pgbalancer_crd::parse_documents;
-
-fn plan(replicas: i32) -> Plan {
-    let text = format!(
-        "apiVersion: pgbalancer.io/v1alpha1\nkind: PgBalancerCluster\nmetadata: {{name: demo}}\nspec: {{replicas: {replicas}}}\n"
-    );
-    Plan::new(&parse_documents(&text).unwrap()[0], 0)
-}
-
-fn ready(ordinal: u32) -> ObservedInstance {
-    ObservedInstance {
-        name: format!("demo-{ordinal}"),
-        state: "running".into(),
-        health: "healthy".into(),
-        running: true,
-        up_to_date: true,
-        accepting: true,
-        in_recovery: Some(ordinal != 0),
-        streaming: ordinal != 0,
-        lag_bytes: Some(0),
-        host_port: Some(15432 + ordinal as u16),
-        timeline: Some(1),
-        received_lsn: Some(1000),
-        replayed_lsn: Some(1000),
-        marked: Some(if ordinal == 0 {
-            Role::Primary
-        } else {
-            Role::Replica
-        }),
-        ..Default::default()
-    }
-}
-
-fn node(slot: u32, status: &str) -> PoolNode {
-    PoolNode {
-        slot,
-        host: format!("demo-{slot}"),
-        status: status.into(),
-        role: if slot == 0 { "primary" } else { "standby" }.into(),
-        ..PoolNode::default()
-    }
-}
-
-fn balancer(nodes: Vec<PoolNode>) -> ObservedBalancer {
-    ObservedBalancer {
-        name: "demo-balancer".into(),
-        state: "running".into(),
-        health: "healthy".into(),
-        running: true,
-        up_to_date: true,
-        routing: true,
-        nodes: Some(nodes),
-        host_port: Some(19999),
-        rest_port: None,
-    }
-}
 
 /// The node list of balancer 0, which the test observation has.
 fn nodes_of(observed: &mut Observed) -> &mut Vec<PoolNode> {
@@ -211,7 +156,7 @@ fn plan_with_primary(replicas: i32, primary: u32) -> Plan {
     let text = format!(
         "apiVersion: pgbalancer.io/v1alpha1\nkind: PgBalancerCluster\nmetadata: {{name: demo}}\nspec: {{replicas: {replicas}}}\n"
     );
-    Plan::new(&parse_documents(&text).unwrap()[0], primary)
+    Plan::new(&pgbalancer_crd::parse_documents(&text).unwrap()[0], primary)
 }
 
 fn moving(from: u32, to: u32) -> Record {

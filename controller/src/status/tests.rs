@@ -2,11 +2,10 @@
 
 use super::*;
 use crate::backend::{ObservedBalancer, ObservedInstance, PoolNode};
-use pgbalancer_crd::parse_documents;
+use crate::fixtures;
 
 fn plan() -> Plan {
-    let text = "apiVersion: pgbalancer.io/v1alpha1\nkind: PgBalancerCluster\nmetadata: {name: demo}\nspec: {replicas: 2}\n";
-    Plan::new(&parse_documents(text).unwrap()[0], 0)
+    fixtures::plan(2)
 }
 
 fn now(second: i64) -> Time {
@@ -15,23 +14,7 @@ fn now(second: i64) -> Time {
 
 /// As Docker sees it: SQL answers.
 fn docker_instance(ordinal: u32) -> ObservedInstance {
-    ObservedInstance {
-        name: format!("demo-{ordinal}"),
-        state: "running".into(),
-        running: true,
-        up_to_date: true,
-        accepting: true,
-        in_recovery: Some(ordinal != 0),
-        streaming: ordinal != 0,
-        lag_bytes: Some(0),
-        timeline: Some(1),
-        marked: Some(if ordinal == 0 {
-            Role::Primary
-        } else {
-            Role::Replica
-        }),
-        ..Default::default()
-    }
+    fixtures::serving(ordinal)
 }
 
 /// As an operator outside the cluster network sees it: pods and labels, no SQL.
@@ -155,7 +138,7 @@ fn a_moving_primary_is_switching_over_with_both_names() {
         kind: ChangeKind::Switchover,
     };
     let text = "apiVersion: pgbalancer.io/v1alpha1\nkind: PgBalancerCluster\nmetadata: {name: demo}\nspec: {replicas: 2}\n";
-    let plan = Plan::new(&parse_documents(text).unwrap()[0], 1);
+    let plan = Plan::new(&pgbalancer_crd::parse_documents(text).unwrap()[0], 1);
     let s = compute(
         &plan,
         &observed(docker_instance),

@@ -4,32 +4,14 @@ use std::collections::BTreeMap;
 
 use super::*;
 use crate::backend::ObservedInstance;
+use crate::fixtures::{self, plan};
 use crate::plan::Role;
-
-fn plan(replicas: i32) -> Plan {
-    let text = format!(
-        "apiVersion: pgbalancer.io/v1alpha1\nkind: PgBalancerCluster\nmetadata: {{name: demo}}\nspec: {{replicas: {replicas}}}\n"
-    );
-    Plan::new(&pgbalancer_crd::parse_documents(&text).unwrap()[0], 0)
-}
 
 fn serving(ordinal: u32, lsn: u64) -> ObservedInstance {
     ObservedInstance {
-        name: format!("demo-{ordinal}"),
-        state: "running".into(),
-        running: true,
-        up_to_date: true,
-        accepting: true,
-        in_recovery: Some(ordinal != 0),
-        streaming: ordinal != 0,
         received_lsn: Some(lsn),
         replayed_lsn: Some(lsn),
-        marked: Some(if ordinal == 0 {
-            Role::Primary
-        } else {
-            Role::Replica
-        }),
-        ..Default::default()
+        ..fixtures::serving(ordinal)
     }
 }
 

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Fault figures on Kubernetes: runs the fault suite (controller/tests/kube_faults.rs: a replica
+# pod deleted, one of two balancer pods deleted, the leading operator killed during scale up and
+# down five times, the API server stopped for 30 s) RUNS times (default 3) on the test
+# Kubernetes with a real node, the operator in the cluster and the traffic from a client pod.
+# Prints every measurement, then per scenario the median and the largest of: failed writes,
+# the longest write gap, failed reads, and the seconds until healthy (converged) again.
+# About 10 minutes a run. Starts its own Kubernetes; do not run beside the tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+
+runs=${RUNS:-3}
+./scripts/host-setup.sh >/dev/null
+cargo build --quiet --bins
+./target/debug/pgbalancer images build >/dev/null
+./tests/k8s/build-kubernetes.sh >/dev/null
+./tests/k8s/operator-image.sh
+work=$(mktemp -d)
+trap './tests/k8s/node.sh stop || true; ./tests/k8s/control-plane.sh stop || true; rm -rf "$work"' EXIT
+./tests/k8s/node.sh stop
+bridge=$(ip -4 -o addr show docker0 | awk '{print $4}' | cut -d/ -f1)
+PGBALANCER_K8S_BIND=0.0.0.0 PGBALANCER_K8S_ADVERTISE="$bridge" ./tests/k8s/control-plane.sh start >/dev/null
+./tests/k8s/node.sh start
+export KUBECONFIG=${PGBALANCER_K8S_DIR:-/tmp/pgbalancer-k8s}/kubeconfig PGBALANCER_E2E=1
+
+for run in $(seq 1 "$runs"); do
+  if ! cargo test --quiet --test kube_faults -- --nocapture >"$work/run.log" 2>&1; then
+    echo "run $run failed:" >&2
+    tail -40 "$work/run.log" >&2
+    exit 1
+  fi
+  grep '^MEASURED k8s' "$work/run.log" | sed "s/^MEASURED k8s /run $run: /" | tee -a "$work/measured"
+done
+
+# "run N: SCENARIO: F failed writes, longest write gap G s, R of T reads failed, healthy again
+# after H s" and "run N: operator killed D s into a scale to K: converged after H s".
+echo
+printf '%-40s %14s %14s %14s %16s\n' scenario "failed writes" "write gap s" "failed reads" "healthy after s"
+sed -E 's/^run [0-9]+: //; s/killed [0-9.]+ s into/killed during/' "$work/measured" | awk -F': ' '
+  # The number right after the text matched by `before` (a regular expression).
+  function num(text, before,   m) {
+    if (!match(text, before "[0-9.]+")) return ""
+    m = substr(text, RSTART, RLENGTH); sub(/.*[^0-9.]/, "", m); return m
+  }
+  {
+    s = $1; rest = $2
+    if (!(s in seen)) { seen[s] = 1; name[++n] = s }
+    if (rest ~ /failed writes/) {
+      F[s] = F[s] " " num(rest, "^"); G[s] = G[s] " " num(rest, "gap "); R[s] = R[s] " " num(rest, "s, ")
+    }
+    H[s] = H[s] " " num(rest, "after ")
+  }
+  function stat(list,   a, k, i, j, t) {
+    k = split(list, a, " "); if (k == 0) return "-"
+    for (i = 1; i <= k; i++) for (j = i + 1; j <= k; j++) if (a[j] + 0 < a[i] + 0) { t = a[i]; a[i] = a[j]; a[j] = t }
+    return a[int((k + 1) / 2)] " / " a[k]
+  }
+  END { for (i = 1; i <= n; i++) { s = name[i]; printf "%-40s %14s %14s %14s %16s\n", s, stat(F[s]), stat(G[s]), stat(R[s]), stat(H[s]) } }'
+echo "(median / largest over $runs runs)"
