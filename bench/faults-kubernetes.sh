@@ -18,10 +18,7 @@ cargo build --quiet --bins
 ./tests/k8s/operator-image.sh
 work=$(mktemp -d)
 trap './tests/k8s/node.sh stop || true; ./tests/k8s/control-plane.sh stop || true; rm -rf "$work"' EXIT
-./tests/k8s/node.sh stop
-bridge=$(ip -4 -o addr show docker0 | awk '{print $4}' | cut -d/ -f1)
-PGBALANCER_K8S_BIND=0.0.0.0 PGBALANCER_K8S_ADVERTISE="$bridge" ./tests/k8s/control-plane.sh start >/dev/null
-./tests/k8s/node.sh start
+./tests/k8s/with-node.sh
 export KUBECONFIG=${PGBALANCER_K8S_DIR:-/tmp/pgbalancer-k8s}/kubeconfig PGBALANCER_E2E=1
 
 for run in $(seq 1 "$runs"); do
