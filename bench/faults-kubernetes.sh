@@ -27,6 +27,11 @@ for run in $(seq 1 "$runs"); do
     tail -40 "$work/run.log" >&2
     exit 1
   fi
+  if ! grep -q '^MEASURED k8s' "$work/run.log"; then
+    echo "run $run printed no measurements:" >&2
+    tail -40 "$work/run.log" >&2
+    exit 1
+  fi
   grep '^MEASURED k8s' "$work/run.log" | sed "s/^MEASURED k8s /run $run: /" | tee -a "$work/measured"
 done
 

@@ -282,7 +282,12 @@ async fn detach_now(agent: &Agent, id: u32, hold: bool) -> Response {
         agent.manually_detached.lock().await.remove(&id);
     }
     match agent.engine.set_attached(&agent.config, id, false).await {
-        Ok(()) => settled(agent, id, false, "detached").await,
+        Ok(()) => {
+            if !hold {
+                agent.engine.release(id);
+            }
+            settled(agent, id, false, "detached").await
+        }
         Err(e) => {
             agent.manually_detached.lock().await.remove(&id);
             error(StatusCode::BAD_GATEWAY, e)

@@ -127,12 +127,23 @@ impl Engine {
             }
             Engine::Native(engine) => match engine.backend(id) {
                 Some(b) => {
+                    b.released.store(false, Ordering::Relaxed);
                     b.detached.store(!attached, Ordering::Relaxed);
                     b.epoch.fetch_add(1, Ordering::Relaxed);
                     Ok(())
                 }
                 None => Err(format!("node {id} is not configured")),
             },
+        }
+    }
+
+    /// Lets a detached node be attached again once it answers as a standby: pgpool's nodes
+    /// by the backend sync loop (nothing to do here), the native engine's by its monitor.
+    pub fn release(&self, id: u32) {
+        if let Engine::Native(engine) = self {
+            if let Some(b) = engine.backend(id) {
+                b.released.store(true, Ordering::Relaxed);
+            }
         }
     }
 

@@ -15,8 +15,20 @@ use serde::Deserialize;
 
 use crate::backend::PoolNode;
 
-/// Longest one call may take, connection included.
-const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest a read may take, connection included.
+const READ_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest a node change may take: the agent answers once the engine shows it (within 10 s).
+const CHANGE_TIMEOUT: Duration = Duration::from_secs(12);
+
+/// A node change that did not happen.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ChangeError {
+    /// The agent refused the token (401, 403): trying again will not help.
+    pub refused: bool,
+    /// What happened.
+    pub message: String,
+}
 
 /// `host:port` for a URL, with an IPv6 address in brackets.
 pub fn authority(host: &str, port: u16) -> String {
@@ -34,6 +46,7 @@ async fn call(
     method: Method,
     path: &str,
     token: Option<&str>,
+    timeout: Duration,
 ) -> Result<(StatusCode, bytes::Bytes), String> {
     let client: Client<HttpConnector, Empty<bytes::Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
@@ -46,7 +59,7 @@ async fn call(
     let request = request
         .body(Empty::new())
         .map_err(|e| format!("request to {ip}: {e}"))?;
-    let response = tokio::time::timeout(CALL_TIMEOUT, async {
+    let response = tokio::time::timeout(timeout, async {
         let response = client
             .request(request)
             .await
@@ -61,13 +74,13 @@ async fn call(
         Ok::<_, String>((status, body))
     })
     .await
-    .map_err(|_| format!("agent at {ip} did not answer within {CALL_TIMEOUT:?}"))??;
+    .map_err(|_| format!("agent at {ip} did not answer within {timeout:?}"))??;
     Ok(response)
 }
 
 /// The agent's nodes (`GET /api/v1/nodes`) at `ip` (an [`authority`]).
 pub async fn nodes(ip: &str) -> Result<Vec<PoolNode>, String> {
-    let (status, body) = call(ip, Method::GET, "/api/v1/nodes", None).await?;
+    let (status, body) = call(ip, Method::GET, "/api/v1/nodes", None, READ_TIMEOUT).await?;
     if !status.is_success() {
         return Err(format!("agent at {ip} answered {status}"));
     }
@@ -84,16 +97,24 @@ struct NodesAnswer {
 
 /// Attaches or detaches (`verb`, with its query) node `slot` through the agent at `ip` (an
 /// [`authority`]).
-pub async fn node_action(ip: &str, slot: u32, verb: &str, token: &str) -> Result<(), String> {
+pub async fn node_action(ip: &str, slot: u32, verb: &str, token: &str) -> Result<(), ChangeError> {
     let path = format!("/api/v1/nodes/{slot}/{verb}");
-    let (status, body) = call(ip, Method::POST, &path, Some(token)).await?;
+    let (status, body) = call(ip, Method::POST, &path, Some(token), CHANGE_TIMEOUT)
+        .await
+        .map_err(|message| ChangeError {
+            refused: false,
+            message,
+        })?;
     if status.is_success() {
         Ok(())
     } else {
-        Err(format!(
-            "{verb} node {slot} at {ip}: {status}: {}",
-            String::from_utf8_lossy(&body).trim()
-        ))
+        Err(ChangeError {
+            refused: matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN),
+            message: format!(
+                "{verb} node {slot} at {ip}: {status}: {}",
+                String::from_utf8_lossy(&body).trim()
+            ),
+        })
     }
 }
 
@@ -155,7 +176,7 @@ mod tests {
     async fn an_unreachable_agent_is_an_error_within_the_bound() {
         // 192.0.2.0/24 is TEST-NET-1: never routed.
         let started = std::time::Instant::now();
-        assert!(nodes("192.0.2.1").await.is_err());
-        assert!(started.elapsed() < CALL_TIMEOUT + Duration::from_secs(1));
+        assert!(nodes(&authority("192.0.2.1", 8080)).await.is_err());
+        assert!(started.elapsed() < READ_TIMEOUT + Duration::from_secs(1));
     }
 }

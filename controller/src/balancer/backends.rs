@@ -48,6 +48,8 @@ pub struct Backend {
     pub seen: Mutex<Seen>,
     /// Detached through the API: takes no new queries.
     pub detached: std::sync::atomic::AtomicBool,
+    /// Detached and released: the monitor attaches it again once it answers as a standby.
+    pub released: std::sync::atomic::AtomicBool,
     /// Query batches running on it now.
     pub in_flight: AtomicU32,
     /// Read batches sent to it.
@@ -68,6 +70,7 @@ impl Backend {
             port,
             seen: Mutex::new(Seen::default()),
             detached: Default::default(),
+            released: Default::default(),
             in_flight: AtomicU32::new(0),
             selects: AtomicU64::new(0),
             sessions: AtomicU32::new(0),

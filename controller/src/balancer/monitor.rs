@@ -97,6 +97,13 @@ fn mark(backend: &Backend, answer: Option<(bool, u64, Instant)>) {
         backend.epoch.fetch_add(1, Ordering::Relaxed);
     }
     seen.up = up;
+    if answer.is_some_and(|(in_recovery, _, _)| in_recovery)
+        && backend.released.swap(false, Ordering::Relaxed)
+    {
+        backend.detached.store(false, Ordering::Relaxed);
+        backend.epoch.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(node = backend.id, host = %backend.host, "attached again: answers as a standby");
+    }
     if let Some((in_recovery, lsn, sampled)) = answer {
         if seen.in_recovery.is_some_and(|r| r != in_recovery) {
             seen.changed = SystemTime::now();
@@ -105,5 +112,30 @@ fn mark(backend: &Backend, answer: Option<(bool, u64, Instant)>) {
         seen.in_recovery = Some(in_recovery);
         seen.lsn = lsn;
         seen.sampled = Some(sampled);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_released_node_is_attached_again_once_it_answers_as_a_standby() {
+        let b = Backend::new(0, "demo-0", 5432);
+        b.detached.store(true, Ordering::Relaxed);
+        b.released.store(true, Ordering::Relaxed);
+        // Still writable (not fenced yet), then gone: stays detached.
+        mark(&b, Some((false, 100, Instant::now())));
+        mark(&b, None);
+        assert!(!b.attached());
+        mark(&b, Some((true, 100, Instant::now())));
+        assert!(b.attached());
+        assert!(!b.released.load(Ordering::Relaxed));
+
+        // Detached and held: a standby answer changes nothing.
+        let held = Backend::new(1, "demo-1", 5432);
+        held.detached.store(true, Ordering::Relaxed);
+        mark(&held, Some((true, 100, Instant::now())));
+        assert!(!held.attached());
     }
 }

@@ -30,6 +30,9 @@ pub struct Watch {
     /// Per balancer: since when its primary's node has been up without the balancer taking
     /// it for the primary.
     unrecognised_since: BTreeMap<u32, Instant>,
+    /// Per balancer: how often that node was detached for it in a row without the balancer
+    /// finding the primary since; each time the grace doubles (at most 16 times as long).
+    unrecognised_repairs: BTreeMap<u32, u32>,
 }
 
 /// How long a balancer may keep the recorded primary's node up without taking it for the
@@ -65,7 +68,8 @@ impl Watch {
     }
 
     /// The balancers that have had the recorded primary's node up for
-    /// [`UNRECOGNISED_PRIMARY_GRACE`] without taking it, or any node, for the primary, while
+    /// [`UNRECOGNISED_PRIMARY_GRACE`] (doubled after each repair that did not help) without
+    /// taking it, or any node, for the primary, while
     /// that primary writes and no change of primary runs: each gets that node detached. pgpool
     /// searches for the primary only for `search_primary_node_timeout` after a node event; a
     /// search that ended while the primary did not answer (a cut network, a pod marked not
@@ -85,19 +89,27 @@ impl Watch {
                 .is_some_and(|seen| seen.accepting && seen.in_recovery == Some(false));
         let mut actions = Vec::new();
         for (&index, seen) in &observed.balancers {
-            let stuck = writes
-                && seen.running
-                && seen.nodes.as_ref().is_some_and(|nodes| {
-                    nodes.iter().any(|n| n.slot == primary && n.is_up())
-                        && !nodes.iter().any(|n| n.role == "primary" && n.is_up())
-                });
+            // Nodes not seen this time (the local controller reads them every few ticks, an
+            // agent may not answer) neither start nor end the grace.
+            let Some(nodes) = seen.nodes.as_ref().filter(|_| writes && seen.running) else {
+                if !writes || !seen.running {
+                    self.unrecognised_since.remove(&index);
+                }
+                continue;
+            };
+            let stuck = nodes.iter().any(|n| n.slot == primary && n.is_up())
+                && !nodes.iter().any(|n| n.role == "primary" && n.is_up());
             if !stuck {
                 self.unrecognised_since.remove(&index);
+                self.unrecognised_repairs.remove(&index);
                 continue;
             }
             let since = *self.unrecognised_since.entry(index).or_insert(now);
-            if now.saturating_duration_since(since) >= UNRECOGNISED_PRIMARY_GRACE {
+            let repairs = self.unrecognised_repairs.get(&index).copied().unwrap_or(0);
+            let grace = UNRECOGNISED_PRIMARY_GRACE * (1 << repairs.min(4));
+            if now.saturating_duration_since(since) >= grace {
                 self.unrecognised_since.remove(&index);
+                self.unrecognised_repairs.insert(index, repairs + 1);
                 actions.push(Action::DetachBackend {
                     balancer: index,
                     slot: primary,
@@ -105,6 +117,8 @@ impl Watch {
             }
         }
         self.unrecognised_since
+            .retain(|index, _| observed.balancers.contains_key(index));
+        self.unrecognised_repairs
             .retain(|index, _| observed.balancers.contains_key(index));
         actions
     }

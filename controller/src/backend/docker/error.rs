@@ -21,14 +21,6 @@ pub enum DockerError {
         #[source]
         source: bollard::errors::Error,
     },
-    /// A command run inside a container exited non-zero.
-    #[error("`{command}` in {container} exited with {code}: {output}")]
-    Exec {
-        container: String,
-        command: String,
-        code: i64,
-        output: String,
-    },
     /// A SQL probe or statement failed.
     #[error(transparent)]
     Sql(#[from] crate::pg::PgError),
@@ -36,8 +28,8 @@ pub enum DockerError {
     #[error("{0}")]
     Conflict(String),
     /// A balancer agent refused or did not answer a node change.
-    #[error("{0}")]
-    Agent(String),
+    #[error(transparent)]
+    Agent(#[from] crate::backend::agent_client::ChangeError),
     /// A container expected by an action does not exist (yet).
     #[error("container for {0} not found")]
     Missing(String),
@@ -53,12 +45,9 @@ impl DockerError {
 
 impl BackendError for DockerError {
     fn is_transient(&self) -> bool {
-        matches!(
-            self,
-            DockerError::Exec { .. }
-                | DockerError::Sql(_)
-                | DockerError::Agent(_)
-                | DockerError::Missing(_)
-        )
+        if let DockerError::Agent(e) = self {
+            return !e.refused;
+        }
+        matches!(self, DockerError::Sql(_) | DockerError::Missing(_))
     }
 }

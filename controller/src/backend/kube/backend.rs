@@ -530,6 +530,6 @@ impl KubeBackend<'_> {
             &self.creds.api_token,
         )
         .await
-        .map_err(Error::Agent)
+        .map_err(|e| Error::Agent(e.message))
     }
 }

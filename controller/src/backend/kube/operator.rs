@@ -94,12 +94,14 @@ pub enum OperatorError {
 
 /// Waits until the API server answers a list of clusters. An API server that does not answer
 /// yet (it restarts, or the node's network is not up) is waited for, every 2 s, with one log
-/// line; a missing CRD or a refusal ends the operator with the reason, as nothing will change
-/// it.
+/// line; a refusal (401, 403) for at most [`REFUSALS_FOR`], as a restarting API server may
+/// refuse until its caches are filled. A missing CRD, a lasting refusal or a local error ends
+/// the operator with the reason.
 async fn reachable(clusters: &Api<PgBalancerCluster>) -> Result<(), OperatorError> {
     let mut said = false;
+    let mut refused_since = None;
     loop {
-        match clusters
+        let e = match clusters
             .list(&kube::api::ListParams::default().limit(1))
             .await
         {
@@ -107,24 +109,56 @@ async fn reachable(clusters: &Api<PgBalancerCluster>) -> Result<(), OperatorErro
             Err(kube::Error::Api(status)) if status.code == 404 => {
                 return Err(OperatorError::NoCrd(kube::Error::Api(status)))
             }
-            Err(e) if !transient(&e) => return Err(OperatorError::Refused(e)),
-            Err(e) => {
-                if !said {
-                    tracing::warn!(error = %e, "the API server does not answer yet; waiting");
-                    said = true;
-                }
-                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            Err(e) => e,
+        };
+        match Failure::of(&e) {
+            Failure::Lasting => return Err(OperatorError::Refused(e)),
+            Failure::Refused
+                if refused_since
+                    .get_or_insert_with(std::time::Instant::now)
+                    .elapsed()
+                    > REFUSALS_FOR =>
+            {
+                return Err(OperatorError::Refused(e))
             }
+            Failure::Refused | Failure::Passing => {}
         }
+        if !said {
+            tracing::warn!(error = %e, "the API server does not answer yet; waiting");
+            said = true;
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
     }
 }
 
-/// Whether a failed API call may succeed later by itself: no answer at all, or an answer that
-/// says the server is busy or not ready. A 404 (no CRD) or 403 (RBAC) will not.
-fn transient(e: &kube::Error) -> bool {
-    match e {
-        kube::Error::Api(status) => status.code == 429 || status.code >= 500,
-        _ => true,
+/// How long [`reachable`] waits while the API server refuses.
+const REFUSALS_FOR: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// What a failed API call at start says about the next one.
+#[derive(Debug, PartialEq, Eq)]
+enum Failure {
+    /// No answer, or busy / not ready (429, 5xx): may pass by itself.
+    Passing,
+    /// 401 or 403: lasting unless the API server is still starting.
+    Refused,
+    /// Any other answer (400, 404, …) or a local error (configuration, TLS, decoding).
+    Lasting,
+}
+
+impl Failure {
+    fn of(e: &kube::Error) -> Self {
+        match e {
+            kube::Error::Api(status) if status.code == 429 || status.code >= 500 => {
+                Failure::Passing
+            }
+            kube::Error::Api(status) if status.code == 401 || status.code == 403 => {
+                Failure::Refused
+            }
+            kube::Error::HyperError(_) | kube::Error::Service(_) | kube::Error::ReadEvents(_) => {
+                Failure::Passing
+            }
+            _ => Failure::Lasting,
+        }
     }
 }
 
@@ -151,6 +185,43 @@ pub async fn run_with(client: Client, config: OperatorConfig) -> Result<(), Oper
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
+    // Health and metrics are served while the API server is still waited for: a liveness
+    // probe must not restart an operator that only waits.
+    let metrics = Arc::new(Metrics::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .map_err(|e| OperatorError::Listen(config.listen.clone(), e))?;
+    let (served_metrics, ready_flag) = (metrics.clone(), ready.clone());
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let text = served_metrics.render();
+                std::future::ready(([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text))
+            }),
+        )
+        .route("/healthz", get(|| std::future::ready("ok\n")))
+        .route(
+            "/readyz",
+            get(move || {
+                let ok = ready_flag.load(Ordering::SeqCst);
+                std::future::ready(if ok {
+                    (axum::http::StatusCode::OK, "ok\n")
+                } else {
+                    (
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                        "waiting for the leader lease\n",
+                    )
+                })
+            }),
+        );
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "the metrics and health server stopped");
+        }
+    });
+
     reachable(&clusters).await?;
     let identity = config.identity.clone().unwrap_or_else(|| {
         format!(
@@ -158,7 +229,6 @@ pub async fn run_with(client: Client, config: OperatorConfig) -> Result<(), Oper
             crate::credentials::Credentials::generate().api_token[..8].to_lowercase()
         )
     });
-    let ready = Arc::new(AtomicBool::new(false));
     let pdb_supported = client
         .list_api_group_resources("policy/v1")
         .await
@@ -192,7 +262,7 @@ pub async fn run_with(client: Client, config: OperatorConfig) -> Result<(), Oper
         in_cluster,
         watches: Default::default(),
         client: client.clone(),
-        metrics: Metrics::default(),
+        metrics,
         recorder: Recorder::new(
             client.clone(),
             Reporter {
@@ -201,39 +271,6 @@ pub async fn run_with(client: Client, config: OperatorConfig) -> Result<(), Oper
             },
         ),
     });
-    let listener = tokio::net::TcpListener::bind(&config.listen)
-        .await
-        .map_err(|e| OperatorError::Listen(config.listen.clone(), e))?;
-    let (metrics_ctx, ready_flag) = (ctx.clone(), ready.clone());
-    let app = Router::new()
-        .route(
-            "/metrics",
-            get(move || {
-                let text = metrics_ctx.metrics.render();
-                std::future::ready(([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text))
-            }),
-        )
-        .route("/healthz", get(|| std::future::ready("ok\n")))
-        .route(
-            "/readyz",
-            get(move || {
-                let ok = ready_flag.load(Ordering::SeqCst);
-                std::future::ready(if ok {
-                    (axum::http::StatusCode::OK, "ok\n")
-                } else {
-                    (
-                        axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                        "waiting for the leader lease\n",
-                    )
-                })
-            }),
-        );
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "the metrics and health server stopped");
-        }
-    });
-
     // As PID 1 in a container, SIGTERM is ignored unless handled: a standby waiting for the
     // lease exits at once; the leader gets a few seconds to finish the reconcile in flight.
     let leading = ready.clone();
@@ -308,7 +345,27 @@ pub async fn run_with(client: Client, config: OperatorConfig) -> Result<(), Oper
 mod tests {
     use clap::Parser;
 
-    use super::OperatorConfig;
+    use super::{Failure, OperatorConfig};
+
+    #[test]
+    fn failures_at_start_are_waited_for_only_when_they_may_pass() {
+        let api = |code| {
+            kube::Error::Api(
+                kube::core::Status::failure("x", "y")
+                    .with_code(code)
+                    .boxed(),
+            )
+        };
+        assert_eq!(Failure::of(&api(503)), Failure::Passing);
+        assert_eq!(Failure::of(&api(429)), Failure::Passing);
+        assert_eq!(Failure::of(&api(403)), Failure::Refused);
+        assert_eq!(Failure::of(&api(401)), Failure::Refused);
+        assert_eq!(Failure::of(&api(400)), Failure::Lasting);
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        assert_eq!(Failure::of(&kube::Error::ReadEvents(io)), Failure::Passing);
+        let bad: serde_json::Error = serde_json::from_str::<u8>("x").unwrap_err();
+        assert_eq!(Failure::of(&kube::Error::SerdeError(bad)), Failure::Lasting);
+    }
 
     #[derive(Parser)]
     struct Command {

@@ -71,8 +71,8 @@ impl BackendError for Error {
 pub struct Context {
     /// API client.
     pub client: Client,
-    /// Metrics.
-    pub metrics: Metrics,
+    /// Metrics (shared with the metrics endpoint).
+    pub metrics: Arc<Metrics>,
     /// Event recorder.
     pub recorder: Recorder,
     /// The API server serves `policy/v1` PodDisruptionBudgets (absent before Kubernetes 1.21).

@@ -280,10 +280,36 @@ fn a_balancer_that_has_the_primary_up_but_not_as_primary_gets_it_detached_after_
             slot: 0
         }]
     );
-    // Once acted on, the grace starts again.
+    // Once acted on, the grace starts again, twice as long while it did not help.
     assert!(watch
         .unrecognised_primary(&p, &stuck, &record, due + Duration::from_secs(1))
         .is_empty());
+    let second = due + Duration::from_secs(1) + UNRECOGNISED_PRIMARY_GRACE;
+    assert!(watch
+        .unrecognised_primary(&p, &stuck, &record, second)
+        .is_empty());
+    let second = due + Duration::from_secs(1) + UNRECOGNISED_PRIMARY_GRACE * 2;
+    assert_eq!(
+        watch
+            .unrecognised_primary(&p, &stuck, &record, second)
+            .len(),
+        1
+    );
+
+    // Ticks that do not see the nodes keep the grace running.
+    let mut watch = Watch::default();
+    let mut unseen = stuck.clone();
+    unseen.balancers.get_mut(&0).unwrap().nodes = None;
+    assert!(watch
+        .unrecognised_primary(&p, &stuck, &record, t0)
+        .is_empty());
+    assert!(watch
+        .unrecognised_primary(&p, &unseen, &record, almost)
+        .is_empty());
+    assert_eq!(
+        watch.unrecognised_primary(&p, &stuck, &record, due).len(),
+        1
+    );
 
     // A balancer that finds the primary in between starts a fresh grace.
     let mut watch = Watch::default();
