@@ -51,7 +51,9 @@ YAML
 status() { "$bin" status "$name" -o json --show-secrets 2>/dev/null; }
 export PGPASSWORD; PGPASSWORD=$(status | jq -r .secrets.password)
 port=$(status | jq -r .balancer.port)
-sql() { PGCONNECT_TIMEOUT=1 psql -X -q -A -t -h 127.0.0.1 -p "$port" -U app -d app -v ON_ERROR_STOP=1 "$@"; }
+# Every statement is bounded: one that hangs (a pgpool session once waited 7 min after a
+# replica restart) counts as failed after 10 s.
+sql() { PGCONNECT_TIMEOUT=1 timeout 10 psql -X -q -A -t -h 127.0.0.1 -p "$port" -U app -d app -v ON_ERROR_STOP=1 "$@"; }
 sql -c "CREATE TABLE IF NOT EXISTS ledger (id bigint PRIMARY KEY)" >/dev/null
 
 now() { date +%s.%N; }
@@ -160,7 +162,15 @@ for scenario in $scenarios; do
     failed=$(grep -c ' fail ' "$work/writes" || true)
     rfail=$(grep -c fail "$work/reads" || true)
     grep ' ok ' "$work/writes" | awk '{ print $3 }' | sort -n >"$work/acked"
-    sql -c "SELECT id FROM ledger WHERE id >= $(head -n 1 "$work/writes" | awk '{ print $3 }') ORDER BY id" | sort -n >"$work/present"
+    # Read back through the balancer; a connection may time out right after a fault (at most
+    # 30 tries, 1 s apart).
+    for _ in $(seq 1 30); do
+      if sql -c "SELECT id FROM ledger WHERE id >= $(head -n 1 "$work/writes" | awk '{ print $3 }') ORDER BY id" 2>/dev/null \
+        | sort -n >"$work/present"; then
+        break
+      fi
+      sleep 1
+    done
     lost=$(comm -23 "$work/acked" "$work/present" | wc -l)
     printf '%-16s %5s %7s %7s %7s %5s %6s %9s\n' "$scenario" "$round" "$failed" "$gap" "$rfail" "$lost" "$(cat "$work/split")" "$healthy_s"
     echo "$gap" >>"$work/$scenario.gap"; echo "$lost" >>"$work/$scenario.lost"
