@@ -495,15 +495,28 @@ impl DockerBackend {
     }
 
     async fn instance_port(&self, plan: &Plan, ordinal: u32) -> Result<u16, DockerError> {
+        self.published(plan, labels::POSTGRES, ordinal, POSTGRES_PORT)
+            .await
+    }
+
+    /// The host port published for container `port` of `component` `ordinal`.
+    async fn published(
+        &self,
+        plan: &Plan,
+        component: &str,
+        ordinal: u32,
+        port: u16,
+    ) -> Result<u16, DockerError> {
         self.containers(&plan.cluster)
             .await?
             .iter()
             .find(|c| {
-                label(c, labels::COMPONENT) == Some(labels::POSTGRES)
-                    && ordinal_of(c) == Some(ordinal)
+                label(c, labels::COMPONENT) == Some(component) && ordinal_of(c) == Some(ordinal)
             })
-            .and_then(|c| public_port(c, POSTGRES_PORT))
-            .ok_or_else(|| DockerError::Missing(format!("published port of instance {ordinal}")))
+            .and_then(|c| public_port(c, port))
+            .ok_or_else(|| {
+                DockerError::Missing(format!("published port {port} of {component} {ordinal}"))
+            })
     }
 
     /// Attaches or detaches (`verb`, with its query) a node through balancer `index`'s agent,
@@ -517,15 +530,8 @@ impl DockerBackend {
         verb: &str,
     ) -> Result<(), DockerError> {
         let port = self
-            .containers(&plan.cluster)
-            .await?
-            .iter()
-            .find(|c| {
-                label(c, labels::COMPONENT) == Some(labels::BALANCER)
-                    && ordinal_of(c) == Some(index)
-            })
-            .and_then(|c| public_port(c, REST_PORT))
-            .ok_or_else(|| DockerError::Missing(format!("REST port of balancer {index}")))?;
+            .published(plan, labels::BALANCER, index, REST_PORT)
+            .await?;
         let agent = agent_client::authority(plan.connect_address(), port);
         agent_client::node_action(&agent, slot, verb, &self.creds.api_token)
             .await
