@@ -102,6 +102,8 @@ pub struct Candidate {
     pub lsn: u64,
     /// Batches in flight.
     pub in_flight: u32,
+    /// Open session connections.
+    pub sessions: u32,
     /// Reads sent so far (spreads ties).
     pub selects: u64,
     /// When the check that gave `lsn` was sent.
@@ -118,19 +120,32 @@ pub fn choose_primary(candidates: &[Candidate]) -> Option<usize> {
     writable.next().is_none().then_some(first.index)
 }
 
-/// The usable standby with the least load that has replayed `min_lsn` and lags the primary
-/// by at most `max_lag` bytes.
+/// A usable standby that has replayed `min_lsn` and lags the primary by at most `max_lag`
+/// bytes: `keep` (the one the session reads from now) while it qualifies, else the one with
+/// the least load.
+///
+/// Keeping a session on one replica spreads load by sessions, as pgpool does: moving every
+/// read to the least-loaded replica would give each session a server connection on every
+/// replica, which costs the servers a process each and measured twice the servers' CPU per
+/// read.
 pub fn choose_replica(
     candidates: &[Candidate],
     primary_lsn: Option<u64>,
     min_lsn: u64,
     max_lag: u64,
+    keep: Option<usize>,
 ) -> Option<usize> {
-    candidates
+    let eligible = candidates
         .iter()
         .filter(|c| c.usable && c.in_recovery == Some(true) && c.lsn >= min_lsn)
-        .filter(|c| primary_lsn.is_none_or(|p| p.saturating_sub(c.lsn) <= max_lag))
-        .min_by_key(|c| (c.in_flight, c.selects, c.index))
+        .filter(|c| primary_lsn.is_none_or(|p| p.saturating_sub(c.lsn) <= max_lag));
+    if let Some(keep) = keep {
+        if eligible.clone().any(|c| c.index == keep) {
+            return Some(keep);
+        }
+    }
+    eligible
+        .min_by_key(|c| (c.in_flight, c.sessions, c.selects, c.index))
         .map(|c| c.index)
 }
 
@@ -192,6 +207,7 @@ impl Backends {
                     in_recovery: seen.in_recovery,
                     lsn: seen.lsn,
                     in_flight: b.in_flight.load(Ordering::Relaxed),
+                    sessions: b.sessions.load(Ordering::Relaxed),
                     selects: b.selects.load(Ordering::Relaxed),
                     sampled: seen.sampled,
                 }
@@ -211,6 +227,7 @@ mod tests {
             in_recovery: rec,
             lsn,
             in_flight: load,
+            sessions: 0,
             selects: 0,
             sampled: None,
         }
@@ -255,15 +272,40 @@ mod tests {
             c(3, false, Some(true), 100, 0),
         ];
         // Least load among those caught up enough.
-        assert_eq!(choose_replica(&set, Some(100), 0, 1000), Some(1));
+        assert_eq!(choose_replica(&set, Some(100), 0, 1000, None), Some(1));
         // Read-your-writes: only a replica that replayed position 95.
-        assert_eq!(choose_replica(&set, Some(100), 95, 1000), Some(2));
+        assert_eq!(choose_replica(&set, Some(100), 95, 1000, None), Some(2));
         // Lag bound: 10 bytes behind is too far.
-        assert_eq!(choose_replica(&set, Some(100), 0, 5), Some(2));
+        assert_eq!(choose_replica(&set, Some(100), 0, 5, None), Some(2));
         // Nobody has replayed 101: the primary must serve the read.
-        assert_eq!(choose_replica(&set, Some(101), 101, 1000), None);
+        assert_eq!(choose_replica(&set, Some(101), 101, 1000, None), None);
         // An unknown primary position does not hold reads back.
-        assert_eq!(choose_replica(&set, None, 0, 0), Some(1));
+        assert_eq!(choose_replica(&set, None, 0, 0, None), Some(1));
+    }
+
+    #[test]
+    fn a_session_keeps_its_replica_while_it_qualifies() {
+        let mut set = [
+            c(0, true, Some(false), 100, 0),
+            c(1, true, Some(true), 100, 0),
+            c(2, true, Some(true), 100, 4),
+        ];
+        // Kept although another replica has less load.
+        assert_eq!(choose_replica(&set, Some(100), 0, 1000, Some(2)), Some(2));
+        // Not kept once it lags too far, or has not replayed what the read must see.
+        set[2].lsn = 90;
+        assert_eq!(choose_replica(&set, Some(100), 0, 5, Some(2)), Some(1));
+        assert_eq!(choose_replica(&set, Some(100), 95, 1000, Some(2)), Some(1));
+        // Not kept once it is no longer usable; the primary is never "kept" as a replica.
+        set[2].lsn = 100;
+        set[2].usable = false;
+        assert_eq!(choose_replica(&set, Some(100), 0, 1000, Some(2)), Some(1));
+        assert_eq!(choose_replica(&set, Some(100), 0, 1000, Some(0)), Some(1));
+        // A new session goes to the replica with fewer sessions when loads are equal.
+        set[2].usable = true;
+        set[2].in_flight = 0;
+        set[1].sessions = 3;
+        assert_eq!(choose_replica(&set, Some(100), 0, 1000, None), Some(2));
     }
 
     #[test]

@@ -241,7 +241,8 @@ impl Engine {
     /// Any usable replica (a session starting while there is no primary).
     pub fn replica_any(&self) -> Option<Arc<Backend>> {
         let set = self.backends.all();
-        choose_replica(&self.backends.candidates(&set), None, 0, u64::MAX).map(|i| set[i].clone())
+        choose_replica(&self.backends.candidates(&set), None, 0, u64::MAX, None)
+            .map(|i| set[i].clone())
     }
 
     /// The configured server in slot `id`.
@@ -257,9 +258,14 @@ impl Engine {
         }
     }
 
-    /// The server a read goes to, given the session's last acknowledged write: a replica
-    /// that has what the read must see, else the primary.
-    pub fn read_target(&self, session_wrote: Option<Instant>) -> Option<Arc<Backend>> {
+    /// The server a read goes to, given the session's last acknowledged write and the
+    /// replica it reads from now (`reader`, kept while it qualifies): a replica that has what
+    /// the read must see, else the primary.
+    pub fn read_target(
+        &self,
+        session_wrote: Option<Instant>,
+        reader: Option<u32>,
+    ) -> Option<Arc<Backend>> {
         let set = self.backends.all();
         let candidates = self.backends.candidates(&set);
         let primary = choose_primary(&candidates).map(|i| &candidates[i]);
@@ -274,6 +280,7 @@ impl Engine {
                 primary.map(|p| p.lsn),
                 lsn,
                 self.settings.max_lag_bytes,
+                reader.and_then(|id| set.iter().position(|b| b.id == id)),
             ),
             ReadFloor::PrimaryOnly => None,
         };
@@ -350,6 +357,7 @@ mod tests {
             in_recovery: Some(false),
             lsn,
             in_flight: 0,
+            sessions: 0,
             selects: 0,
             sampled: Some(sampled),
         }

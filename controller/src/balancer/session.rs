@@ -69,8 +69,13 @@ pub struct Session {
     setting_sent: HashMap<u32, Vec<u8>>,
     /// When this session's last write was acknowledged.
     wrote_at: Option<Instant>,
+    /// The server this session's last read went to.
+    reader: Option<u32>,
     cancel: Arc<CancelSlot>,
     copy_in: bool,
+    /// The server a COPY just ended on (`CopyDone` or `CopyFail` passed), until the client's
+    /// next message.
+    copy_done: Option<u32>,
 }
 
 enum Event {
@@ -110,8 +115,10 @@ impl Session {
             settings: Vec::new(),
             setting_sent: HashMap::new(),
             wrote_at: None,
+            reader: None,
             cancel,
             copy_in: false,
+            copy_done: None,
         }
     }
 
@@ -178,6 +185,10 @@ impl Session {
     }
 
     async fn on_client(&mut self, m: Message) -> Result<(), WireError> {
+        if !matches!(m.tag, b'S' | b'H') {
+            // A simple-protocol COPY ends without a Sync.
+            self.copy_done = None;
+        }
         match m.tag {
             b'Q' => {
                 let mut body = m.body();
@@ -249,6 +260,18 @@ impl Session {
                 self.batch.target = Some(target);
                 self.send_batch(target, None).await
             }
+            b'S' if self.copy_done.is_some()
+                && self.batch.target.is_none()
+                && self.batch.messages.is_empty() =>
+            {
+                // The Sync that ends an extended-protocol COPY belongs to the server that ran
+                // it: its ReadyForQuery answers the batch that started the COPY.
+                let id = self.copy_done.take().expect("checked");
+                match self.servers.get_mut(&id) {
+                    Some(server) => server.write(&m.frame).await,
+                    None => Ok(()),
+                }
+            }
             b'S' => {
                 let target = match self.batch.target {
                     Some(t) => t,
@@ -264,6 +287,7 @@ impl Session {
             b'd' | b'c' | b'f' => {
                 if matches!(m.tag, b'c' | b'f') {
                     self.copy_in = false;
+                    self.copy_done = self.current;
                 }
                 match self.current.and_then(|id| self.servers.get_mut(&id)) {
                     Some(server) => server.write(&m.frame).await,
@@ -551,7 +575,13 @@ impl Session {
         let wanted = if let Some(id) = self.txn.or(self.pinned) {
             Some(id)
         } else if class == Class::Read {
-            self.engine.read_target(self.wrote_at).map(|b| b.id)
+            let id = self
+                .engine
+                .read_target(self.wrote_at, self.reader)
+                .map(|b| b.id);
+            // Only a standby is ever kept (see `choose_replica`).
+            self.reader = id.or(self.reader);
+            id
         } else {
             self.engine.primary().map(|b| b.id)
         };
