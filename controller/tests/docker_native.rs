@@ -243,6 +243,22 @@ async fn one_server_semantics(balancer: u16, password: &str) {
             .unwrap();
         assert_eq!(sink.as_mut().finish().await.unwrap(), 3);
     }
+    // A COPY the server refuses before it starts (no CopyInResponse) leaves the session
+    // usable, its reads and writes answered in order.
+    let refused = c2
+        .copy_in::<_, bytes::Bytes>("COPY pg_class FROM STDIN")
+        .await;
+    assert!(refused.is_err(), "COPY into pg_class was accepted");
+    for i in 0..20 {
+        let one = tokio::time::timeout(
+            Duration::from_secs(20),
+            c2.query_one("SELECT $1::int", &[&i]),
+        )
+        .await
+        .expect("the session hung after a refused COPY")
+        .unwrap();
+        assert_eq!(one.get::<_, i32>(0), i);
+    }
     {
         use futures::StreamExt;
         let stream = c2

@@ -69,13 +69,17 @@ pub struct Session {
     setting_sent: HashMap<u32, Vec<u8>>,
     /// When this session's last write was acknowledged.
     wrote_at: Option<Instant>,
-    /// The server this session's last read went to.
+    /// The replica this session reads from.
     reader: Option<u32>,
     cancel: Arc<CancelSlot>,
-    copy_in: bool,
-    /// The server a COPY just ended on (`CopyDone` or `CopyFail` passed), until the client's
-    /// next message.
-    copy_done: Option<u32>,
+    /// The server in COPY-in mode (it sent `CopyInResponse`), and whether an extended-protocol
+    /// batch started the COPY.
+    copy_in: Option<(u32, bool)>,
+    /// Whether the unit sent last was an extended-protocol batch (not a simple query).
+    extended: bool,
+    /// An extended COPY ended: the messages up to the next `Sync` belong to the batch that
+    /// started it, whose `ReadyForQuery` that `Sync` brings.
+    sync_owed: bool,
 }
 
 enum Event {
@@ -117,8 +121,9 @@ impl Session {
             wrote_at: None,
             reader: None,
             cancel,
-            copy_in: false,
-            copy_done: None,
+            copy_in: None,
+            extended: false,
+            sync_owed: false,
         }
     }
 
@@ -185,9 +190,10 @@ impl Session {
     }
 
     async fn on_client(&mut self, m: Message) -> Result<(), WireError> {
-        if !matches!(m.tag, b'S' | b'H') {
-            // A simple-protocol COPY ends without a Sync.
-            self.copy_done = None;
+        match m.tag {
+            b'Q' | b'F' => self.extended = false,
+            b'H' | b'S' => self.extended = true,
+            _ => {}
         }
         match m.tag {
             b'Q' => {
@@ -260,14 +266,12 @@ impl Session {
                 self.batch.target = Some(target);
                 self.send_batch(target, None).await
             }
-            b'S' if self.copy_done.is_some()
-                && self.batch.target.is_none()
-                && self.batch.messages.is_empty() =>
-            {
-                // The Sync that ends an extended-protocol COPY belongs to the server that ran
-                // it: its ReadyForQuery answers the batch that started the COPY.
-                let id = self.copy_done.take().expect("checked");
-                match self.servers.get_mut(&id) {
+            b'S' if self.sync_owed => {
+                // PostgreSQL ignores a Sync sent during COPY-in; this one ends the batch that
+                // started the COPY (already counted), on the server that ran it.
+                self.sync_owed = false;
+                let batch = std::mem::take(&mut self.batch);
+                match batch.target.and_then(|id| self.servers.get_mut(&id)) {
                     Some(server) => server.write(&m.frame).await,
                     None => Ok(()),
                 }
@@ -286,8 +290,17 @@ impl Session {
             }
             b'd' | b'c' | b'f' => {
                 if matches!(m.tag, b'c' | b'f') {
-                    self.copy_in = false;
-                    self.copy_done = self.current;
+                    // After a Flush the batch is still open and its Sync counts it as usual.
+                    if let Some((id, true)) =
+                        self.copy_in.take().filter(|_| self.batch.target.is_none())
+                    {
+                        self.batch = Batch {
+                            target: Some(id),
+                            class: Some(Class::Write),
+                            ..Batch::default()
+                        };
+                        self.sync_owed = true;
+                    }
                 }
                 match self.current.and_then(|id| self.servers.get_mut(&id)) {
                     Some(server) => server.write(&m.frame).await,
@@ -481,7 +494,7 @@ impl Session {
                 if class.is_some() {
                     server.backend.in_flight.fetch_sub(1, Ordering::Relaxed);
                 }
-                self.copy_in = false;
+                self.copy_in = None;
                 self.txn = (status != b'I').then_some(id);
                 if class.is_some_and(|c| matches!(c, Class::Write | Class::Pin))
                     && Some(id) == primary
@@ -506,7 +519,7 @@ impl Session {
             b'E' => {
                 self.setting_sent.remove(&id);
             }
-            b'G' => self.copy_in = true,
+            b'G' => self.copy_in = Some((id, self.extended)),
             _ => {}
         }
         self.out.extend_from_slice(&m.frame);
@@ -522,6 +535,8 @@ impl Session {
             self.current = None;
         }
         self.batch = Batch::default();
+        self.sync_owed = false;
+        self.copy_in = None;
         let held_state = self.txn == Some(id) || self.pinned == Some(id);
         if held_state {
             let mut out = BytesMut::new();
@@ -575,13 +590,15 @@ impl Session {
         let wanted = if let Some(id) = self.txn.or(self.pinned) {
             Some(id)
         } else if class == Class::Read {
-            let id = self
-                .engine
-                .read_target(self.wrote_at, self.reader)
-                .map(|b| b.id);
-            // Only a standby is ever kept (see `choose_replica`).
-            self.reader = id.or(self.reader);
-            id
+            let chosen = self.engine.read_target(self.wrote_at, self.reader);
+            if let Some(b) = &chosen {
+                // A read the primary serves (no replica has what it must see yet) leaves the
+                // session's replica kept for the next one.
+                if self.reader != Some(b.id) && b.seen().in_recovery == Some(true) {
+                    self.reader = Some(b.id);
+                }
+            }
+            chosen.map(|b| b.id)
         } else {
             self.engine.primary().map(|b| b.id)
         };
