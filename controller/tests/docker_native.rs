@@ -181,6 +181,21 @@ async fn one_server_semantics(balancer: u16, password: &str) {
         );
     }
 
+    // The same with the read pipelined behind the write (sent before the write's answer).
+    for id in 300..400 {
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id];
+        let (wrote, seen) = tokio::join!(
+            c.execute("INSERT INTO ryw VALUES ($1)", &params),
+            c.query_one("SELECT count(*) FROM ryw WHERE id = $1", &params),
+        );
+        wrote.unwrap();
+        let seen: i64 = seen.unwrap().get(0);
+        assert_eq!(
+            seen, 1,
+            "write {id} not seen by the read pipelined behind it"
+        );
+    }
+
     // A transaction stays on one server: it sees its own uncommitted rows.
     c.batch_execute("BEGIN; INSERT INTO ryw VALUES (1000)")
         .await

@@ -587,6 +587,17 @@ impl Session {
     /// Chooses the server for a unit of `class`, connects to it if needed and replays the
     /// session's settings on it. `None` when no server can take it: the client got an error.
     async fn route(&mut self, class: Class) -> Result<Option<u32>, WireError> {
+        // A read pipelined behind anything else waits for its answer first: a `BEGIN`, a
+        // setting or a write decides where the read may go once it is acknowledged.
+        if class == Class::Read
+            && self.txn.or(self.pinned).is_none()
+            && self
+                .current
+                .and_then(|id| self.servers.get(&id))
+                .is_some_and(|s| s.pending.iter().any(|c| *c != Class::Read))
+        {
+            self.finish_current().await?;
+        }
         let wanted = if let Some(id) = self.txn.or(self.pinned) {
             Some(id)
         } else if class == Class::Read {
