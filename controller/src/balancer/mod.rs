@@ -260,12 +260,12 @@ impl Engine {
 
     /// The server a read goes to, given the session's last acknowledged write and the
     /// replica it reads from now (`reader`, kept while it qualifies): a replica that has what
-    /// the read must see, else the primary.
+    /// the read must see, else the primary. The flag says whether it is a replica.
     pub fn read_target(
         &self,
         session_wrote: Option<Instant>,
         reader: Option<u32>,
-    ) -> Option<Arc<Backend>> {
+    ) -> Option<(Arc<Backend>, bool)> {
         let set = self.backends.all();
         let candidates = self.backends.candidates(&set);
         let primary = choose_primary(&candidates).map(|i| &candidates[i]);
@@ -284,7 +284,10 @@ impl Engine {
             ),
             ReadFloor::PrimaryOnly => None,
         };
-        replica.or(primary.map(|p| p.index)).map(|i| set[i].clone())
+        match replica {
+            Some(i) => Some((set[i].clone(), true)),
+            None => primary.map(|p| (set[p.index].clone(), false)),
+        }
     }
 
     /// A new session's cancel key and slot. The key's process id is `pid`, the process id of

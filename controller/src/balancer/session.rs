@@ -602,14 +602,12 @@ impl Session {
             Some(id)
         } else if class == Class::Read {
             let chosen = self.engine.read_target(self.wrote_at, self.reader);
-            if let Some(b) = &chosen {
-                // A read the primary serves (no replica has what it must see yet) leaves the
-                // session's replica kept for the next one.
-                if self.reader != Some(b.id) && b.seen().in_recovery == Some(true) {
-                    self.reader = Some(b.id);
-                }
+            // A read the primary serves (no replica has what it must see yet) leaves the
+            // session's replica kept for the next one.
+            if let Some((b, true)) = &chosen {
+                self.reader = Some(b.id);
             }
-            chosen.map(|b| b.id)
+            chosen.map(|(b, _)| b.id)
         } else {
             self.engine.primary().map(|b| b.id)
         };
