@@ -212,6 +212,77 @@ async fn one_server_semantics(balancer: u16, password: &str) {
     assert_eq!(inside, 1, "a read inside a transaction left it");
     c.batch_execute("ROLLBACK").await.unwrap();
 
+    // A read-only transaction sees the session's writes, wherever it runs; a write inside it
+    // fails as on one server and the session goes on.
+    for id in 2000..2050 {
+        c.execute("INSERT INTO ryw VALUES ($1)", &[&id])
+            .await
+            .unwrap();
+        c.batch_execute("BEGIN READ ONLY").await.unwrap();
+        let seen: i64 = c
+            .query_one("SELECT count(*) FROM ryw WHERE id = $1", &[&id])
+            .await
+            .unwrap()
+            .get(0);
+        c.batch_execute("COMMIT").await.unwrap();
+        assert_eq!(seen, 1, "write {id} not seen by a read-only transaction");
+    }
+    c.batch_execute("BEGIN READ ONLY").await.unwrap();
+    let e = c
+        .execute("INSERT INTO ryw VALUES (2100)", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(e.as_db_error().unwrap().code().code(), "25006", "{e}");
+    c.batch_execute("ROLLBACK").await.unwrap();
+    c.execute("INSERT INTO ryw VALUES (2100)", &[])
+        .await
+        .unwrap();
+
+    // A session that has not written runs read-only transactions on replicas, whole; a
+    // setting made in one that commits holds on the primary too.
+    let r = connect(balancer as u64, "app", password, "app").await;
+    let mut on_replica = 0;
+    for _ in 0..20 {
+        r.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .await
+            .unwrap();
+        let first: bool = r
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let second: bool = r
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        r.batch_execute("COMMIT").await.unwrap();
+        assert_eq!(
+            first, second,
+            "a read-only transaction moved between servers"
+        );
+        on_replica += usize::from(first);
+    }
+    assert!(on_replica > 0, "no read-only transaction ran on a replica");
+    for statement in [
+        "BEGIN READ ONLY",
+        "SET application_name = 'ro-set'",
+        "COMMIT",
+    ] {
+        r.batch_execute(statement).await.unwrap();
+    }
+    r.batch_execute("BEGIN").await.unwrap();
+    let name: String = r
+        .query_one("SELECT current_setting('application_name')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    r.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(
+        name, "ro-set",
+        "a setting committed on a replica did not reach the primary"
+    );
+
     // An error in the extended protocol leaves the session usable.
     let e = c.query("SELECT 1/0", &[]).await.unwrap_err();
     assert_eq!(e.as_db_error().unwrap().code().code(), "22012");
@@ -451,7 +522,8 @@ async fn scale_under_readers(s: &Scenario, balancer: u16, password: &str) {
 
 async fn failover_under_a_writer(s: &Scenario, balancer: u16, password: &str, superuser: &str) {
     let ids_before = container_ids(NAME);
-    let traffic = Traffic::start(NAME, balancer, password, superuser).await;
+    // Ids past the failover's writer's, so that no write fails as a duplicate.
+    let traffic = Traffic::start_from(NAME, balancer, password, superuser, 1_000_000).await;
     let stopped_at = Instant::now();
     let doc = lose_primary(s, NAME, &["stop"]).await;
     let resumed = eventually(60, || async { traffic.acked_since(stopped_at) >= 10 }).await;
@@ -494,7 +566,8 @@ async fn switchover_under_a_writer(s: &Scenario, balancer: u16, password: &str, 
     assert!(ready, "not settled after the failover: {before}");
     let old = primary(&before).expect("a primary");
     let ids_before = container_ids(NAME);
-    let traffic = Traffic::start(NAME, balancer, password, superuser).await;
+    // Ids past the failover's writer's, so that no write fails as a duplicate.
+    let traffic = Traffic::start_from(NAME, balancer, password, superuser, 1_000_000).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let at = Instant::now();
     let out = s.pgbalancer(&["switchover", NAME]);

@@ -613,6 +613,7 @@ async fn operator_in_cluster_runs_a_real_cluster() {
     })
     .await;
     assert!(rejoined, "demo-1 did not rejoin as a replica");
+    native_engine(ns, &password, &run_plugin).await;
     let _ = kubectl(&["-n", ns, "delete", "pod", "sql-client", "--wait=false"]);
 
     // No secret in the resource, its status or description, Events, pod specs, the
@@ -681,6 +682,100 @@ async fn operator_in_cluster_runs_a_real_cluster() {
         kubectl(&["get", "pods,pvc,pv", "-A"]).1
     );
     uninstall_operator();
+}
+
+/// The native engine on Kubernetes (demo-0 primary, demo-1 its replica): `engine: native`
+/// rolls the balancer pods; through the Service a session reads each of its writes, reads are
+/// served by the replica, and after a switchover writes go on through the same balancer pods.
+async fn native_engine(ns: &str, password: &str, run_plugin: &dyn Fn(&[&str]) -> (bool, String)) {
+    let through_balancer = |sql: &str| psql_in_cluster(ns, "demo-balancer", 9999, password, sql);
+    let (ok, out) = kubectl(&[
+        "-n",
+        ns,
+        "patch",
+        "pgbc",
+        "demo",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"balancer":{"engine":"native"}}}"#,
+    ]);
+    assert!(ok, "{out}");
+    let started = Instant::now();
+    let native = eventually(180, || async {
+        (0..5).all(|_| {
+            through_balancer("SHOW POOL_VERSION")
+                .is_some_and(|v| v.starts_with("pgbalancer native"))
+        })
+    })
+    .await;
+    assert!(
+        native,
+        "the balancer Service does not reach the native engine: {}",
+        kubectl(&["-n", ns, "get", "pods", "-o", "wide"]).1
+    );
+    println!(
+        "BENCH k8s_engine_change_seconds {:.1}",
+        started.elapsed().as_secs_f64()
+    );
+
+    // Read-your-writes: one session, each statement its own query, each read right after
+    // its write.
+    assert!(through_balancer("CREATE TABLE ryw (id int PRIMARY KEY)").is_some());
+    let script: String = (1..=50)
+        .map(|i| {
+            format!("INSERT INTO ryw VALUES ({i});\nSELECT count(*) FROM ryw WHERE id = {i};\n")
+        })
+        .collect();
+    let seen = psql_script_in_cluster(ns, "demo-balancer", 9999, password, &script)
+        .expect("the read-your-writes session failed");
+    assert_eq!(seen.lines().filter(|l| *l == "1").count(), 50, "{seen}");
+
+    // Reads outside a transaction go to the replica.
+    let answers: Vec<_> = (0..20)
+        .map(|_| through_balancer("SELECT pg_is_in_recovery()"))
+        .collect();
+    assert!(answers.iter().all(Option::is_some), "{answers:?}");
+    assert!(
+        answers.iter().any(|a| a.as_deref() == Some("t")),
+        "no read reached the replica: {answers:?}"
+    );
+
+    // A switchover: the same balancer pods send writes to the new primary.
+    let pods = || {
+        let mut names = get_json(&[
+            "-n",
+            ns,
+            "get",
+            "pods",
+            "-l",
+            "app.kubernetes.io/component=balancer",
+        ])["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p["metadata"]["name"].as_str().map(str::to_owned))
+            .collect::<Vec<_>>();
+        names.sort();
+        names
+    };
+    let before = pods();
+    let (ok, out) = run_plugin(&["-n", ns, "switchover", "demo", "--to", "demo-1"]);
+    assert!(ok, "{out}");
+    let resumed = eventually(60, || async {
+        through_balancer("INSERT INTO ryw VALUES (51) RETURNING pg_is_in_recovery()").as_deref()
+            == Some("f")
+    })
+    .await;
+    assert!(
+        resumed,
+        "writes through the native engine did not resume after the switchover"
+    );
+    assert_eq!(
+        through_balancer("SELECT count(*) FROM ryw").as_deref(),
+        Some("51")
+    );
+    assert_eq!(pods(), before, "the balancer pods changed in a switchover");
 }
 
 fn patch_failover_delay(ns: &str, seconds: u32) {

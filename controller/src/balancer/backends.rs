@@ -56,6 +56,10 @@ pub struct Backend {
     pub selects: AtomicU64,
     /// Client sessions using it.
     pub sessions: AtomicU32,
+    /// Client sessions that read from it (hold a [`Reader`] for it). Counted when the replica
+    /// is chosen, before its connection opens, so sessions that start reading at the same
+    /// moment spread instead of all taking the first replica.
+    pub readers: AtomicU32,
     /// Moves on when the server went down or changed role: connections opened before are
     /// not used again.
     pub epoch: AtomicU64,
@@ -74,6 +78,7 @@ impl Backend {
             in_flight: AtomicU32::new(0),
             selects: AtomicU64::new(0),
             sessions: AtomicU32::new(0),
+            readers: AtomicU32::new(0),
             epoch: AtomicU64::new(0),
         }
     }
@@ -102,6 +107,8 @@ pub struct Candidate {
     pub lsn: u64,
     /// Batches in flight.
     pub in_flight: u32,
+    /// Sessions reading from it.
+    pub readers: u32,
     /// Open session connections.
     pub sessions: u32,
     /// Reads sent so far (spreads ties).
@@ -145,12 +152,36 @@ pub fn choose_replica(
         }
     }
     eligible
-        .min_by_key(|c| (c.in_flight, c.sessions, c.selects, c.index))
+        .min_by_key(|c| (c.in_flight, c.readers, c.sessions, c.selects, c.index))
         .map(|c| c.index)
 }
 
 /// How fresh a monitor's answer must be for its server to count as up.
 pub const FRESH: Duration = Duration::from_secs(3);
+
+/// A session's claim on the replica it reads from: counted in [`Backend::readers`] while it
+/// lives.
+#[derive(Debug)]
+pub struct Reader(Arc<Backend>);
+
+impl Reader {
+    /// Claims `backend` for one session's reads.
+    pub fn new(backend: Arc<Backend>) -> Self {
+        backend.readers.fetch_add(1, Ordering::Relaxed);
+        Self(backend)
+    }
+
+    /// The replica's slot.
+    pub fn id(&self) -> u32 {
+        self.0.id
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.0.readers.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 /// The whole set, replaced as a unit when the configuration changes.
 #[derive(Debug, Default)]
@@ -207,6 +238,7 @@ impl Backends {
                     in_recovery: seen.in_recovery,
                     lsn: seen.lsn,
                     in_flight: b.in_flight.load(Ordering::Relaxed),
+                    readers: b.readers.load(Ordering::Relaxed),
                     sessions: b.sessions.load(Ordering::Relaxed),
                     selects: b.selects.load(Ordering::Relaxed),
                     sampled: seen.sampled,
@@ -227,6 +259,7 @@ mod tests {
             in_recovery: rec,
             lsn,
             in_flight: load,
+            readers: 0,
             sessions: 0,
             selects: 0,
             sampled: None,
@@ -306,6 +339,38 @@ mod tests {
         set[2].in_flight = 0;
         set[1].sessions = 3;
         assert_eq!(choose_replica(&set, Some(100), 0, 1000, None), Some(2));
+        // Sessions that chose a replica but have not connected yet count first.
+        set[2].readers = 1;
+        assert_eq!(choose_replica(&set, Some(100), 0, 1000, None), Some(1));
+    }
+
+    #[test]
+    fn sessions_choosing_at_once_spread_over_the_replicas() {
+        let set = Backends::default();
+        set.configure(&[
+            (0, "p".into(), 5432),
+            (1, "r1".into(), 5432),
+            (2, "r2".into(), 5432),
+        ]);
+        let all = set.all();
+        let mut candidates = set.candidates(&all);
+        candidates[0].usable = true;
+        candidates[0].in_recovery = Some(false);
+        let mut readers = Vec::new();
+        for _ in 0..6 {
+            for c in &mut candidates[1..] {
+                c.usable = true;
+                c.in_recovery = Some(true);
+                c.readers = all[c.index].readers.load(Ordering::Relaxed);
+            }
+            let i = choose_replica(&candidates, Some(0), 0, 0, None).unwrap();
+            readers.push(Reader::new(all[i].clone()));
+        }
+        let on = |id| readers.iter().filter(|r| r.id() == id).count();
+        assert_eq!((on(1), on(2)), (3, 3));
+        readers.truncate(1);
+        assert_eq!(all[1].readers.load(Ordering::Relaxed), 1);
+        assert_eq!(all[2].readers.load(Ordering::Relaxed), 0);
     }
 
     #[test]

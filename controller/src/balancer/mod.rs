@@ -360,6 +360,7 @@ mod tests {
             in_recovery: Some(false),
             lsn,
             in_flight: 0,
+            readers: 0,
             sessions: 0,
             selects: 0,
             sampled: Some(sampled),

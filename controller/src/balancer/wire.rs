@@ -231,6 +231,39 @@ pub fn error_fields(body: &[u8]) -> (String, String, String) {
     (severity, code, message)
 }
 
+/// For an `ErrorResponse` body that ends its connection (severity `FATAL` or `PANIC`), the same
+/// error as a frame of severity `ERROR`, every other field as the server sent it.
+pub fn fatal_as_error(body: &[u8]) -> Option<BytesMut> {
+    let mut fields = Vec::new();
+    let mut fatal = false;
+    let mut rest = body;
+    while let Some((&field, tail)) = rest.split_first() {
+        if field == 0 {
+            break;
+        }
+        rest = tail;
+        let value = take_cstr(&mut rest).ok()?;
+        if matches!(field, b'S' | b'V') {
+            fatal |= matches!(value, "FATAL" | "PANIC");
+            fields.push((field, "ERROR"));
+        } else {
+            fields.push((field, value));
+        }
+    }
+    if !fatal {
+        return None;
+    }
+    let mut out = Vec::new();
+    for (field, value) in fields {
+        out.push(field);
+        cstr(&mut out, value);
+    }
+    out.push(0);
+    let mut frame = BytesMut::new();
+    put(&mut frame, b'E', &out);
+    Some(frame)
+}
+
 /// `ReadyForQuery` with a transaction status byte.
 pub fn ready(out: &mut BytesMut, status: u8) {
     put(out, b'Z', &[status]);
@@ -264,6 +297,38 @@ pub fn cancel_packet(pid: i32, secret: i32) -> [u8; 16] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fatal_error_becomes_the_same_error_of_severity_error() {
+        let mut fatal = BytesMut::new();
+        error(
+            &mut fatal,
+            "FATAL",
+            "57P01",
+            "terminating connection due to administrator command",
+        );
+        let frame = fatal_as_error(&fatal[5..]).expect("fatal");
+        let (severity, code, message) = error_fields(&frame[5..]);
+        assert_eq!(
+            (severity.as_str(), code.as_str(), message.as_str()),
+            (
+                "ERROR",
+                "57P01",
+                "terminating connection due to administrator command"
+            )
+        );
+        let mut expected = BytesMut::new();
+        error(
+            &mut expected,
+            "ERROR",
+            "57P01",
+            "terminating connection due to administrator command",
+        );
+        assert_eq!(frame, expected);
+        let mut plain = BytesMut::new();
+        error(&mut plain, "ERROR", "22012", "division by zero");
+        assert!(fatal_as_error(&plain[5..]).is_none());
+    }
 
     #[test]
     fn whole_messages_are_split_off_and_partial_ones_wait() {

@@ -116,6 +116,34 @@ pub fn psql_in_cluster(
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
+/// Runs the statements of `script` (psql reads it from its input, one query per statement)
+/// in one session as the application user on `host` from the client pod; its output, or
+/// `None` when psql failed.
+pub fn psql_script_in_cluster(
+    ns: &str,
+    host: &str,
+    port: u16,
+    password: &str,
+    script: &str,
+) -> Option<String> {
+    use std::io::Write;
+    let mut child = Command::new("kubectl")
+        .args(["-n", ns, "exec", "-i", "sql-client", "--", "env"])
+        .arg(format!("PGPASSWORD={password}"))
+        .args(["PGCONNECT_TIMEOUT=3", "psql", "-X", "-q", "-t", "-A"])
+        .args(["-v", "ON_ERROR_STOP=1", "-h", host, "-p", &port.to_string()])
+        .args(["-U", "app", "-d", "app", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .ok()?;
+    child.stdin.take()?.write_all(script.as_bytes()).ok()?;
+    let out = child.wait_with_output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
 /// `kubectl delete pod NAME` in `ns`, at once (`--grace-period=0 --force`) when `force`;
 /// without waiting for the pod to be gone.
 pub fn delete_pod(ns: &str, name: &str, force: bool) {
