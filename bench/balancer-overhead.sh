@@ -5,14 +5,17 @@
 # (session pooling: the pooling reference). Then -c 1 latency, reads per node, and the native
 # engine's memory per idle client session.
 #
-# DURATION seconds per pgbench (default 10), CLIENTS (default 8), IDLE idle sessions for the
-# memory figure (default 200). Needs the Docker engine (scripts/host-setup.sh), pgbench and
+# ROUNDS (default 3) repeats every measurement, the paths taking turns within each round, and
+# prints the median and each round's figure: ratios are taken within a round (the machine's
+# speed drifts between rounds as much as the paths differ). DURATION seconds per pgbench
+# (default 10), CLIENTS (default 8), IDLE idle sessions for the memory figure (default 200). Needs the Docker engine (scripts/host-setup.sh), pgbench and
 # psql; installs haproxy and pgbouncer from Debian when missing (they run on the host, in
 # front of the primary's published loopback port).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 
+rounds=${ROUNDS:-3}
 duration=${DURATION:-10}
 clients=${CLIENTS:-8}
 idle=${IDLE:-200}
@@ -98,19 +101,24 @@ run() { # port, extra args... -> "tps latency_ms"
     awk '/^latency average/ {lat=$4} /^tps/ {tps=int($3)} END {print tps, lat}'
 }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a > 0) printf "%.2f", b / a; else print "-" }'; }
+median() { tr ' ' '\n' | awk 'NF' | sort -g |
+  awk '{ v[NR] = $1 } END { if (!NR) print "-"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
-printf 'machine: %s cores, %s; pgbench -c %s -j 2 -T %s, scale 10, 2 replicas\n' "$(nproc)" \
-  "$(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo)" "$clients" "$duration"
+printf 'machine: %s cores, %s; pgbench -c %s -j 2 -T %s, scale 10, 2 replicas, %s rounds\n' "$(nproc)" \
+  "$(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo)" "$clients" "$duration" "$rounds"
+# Space-separated figures per path, one per round.
 declare -A s rw lat
 measure() { # name port
-  s[$1]=$(run "$2" -c "$clients" -S | cut -d' ' -f1)
-  rw[$1]=$(run "$2" -c "$clients" | cut -d' ' -f1)
-  lat[$1]=$(run "$2" -c 1 -S | cut -d' ' -f2)
+  s[$1]+="$(run "$2" -c "$clients" -S | cut -d' ' -f1) "
+  rw[$1]+="$(run "$2" -c "$clients" | cut -d' ' -f1) "
+  lat[$1]+="$(run "$2" -c 1 -S | cut -d' ' -f2) "
 }
-measure direct "$primary"
-measure native "$balancer"
-measure haproxy "$haproxy_port"
-measure pgbouncer "$bouncer_port"
+for _ in $(seq "$rounds"); do
+  measure direct "$primary"
+  measure native "$balancer"
+  measure haproxy "$haproxy_port"
+  measure pgbouncer "$bouncer_port"
+done
 native_nodes=$(psql -h 127.0.0.1 -p "$balancer" -U app app -At -F ' ' -c "SHOW POOL_NODES" |
   awk '{print "node " $1 " (" $7 "): " $9}')
 
@@ -132,12 +140,26 @@ wait 2>/dev/null || true
 
 cluster pgpool
 sleep 3
-measure pgpool "$balancer"
+for _ in $(seq "$rounds"); do
+  measure pgpool "$balancer"
+  # pgpool's rounds are paired with direct runs of their own (the cluster is another one).
+  measure direct-pgpool "$primary"
+done
 
-printf '\n%-10s %12s %6s %12s %6s %14s\n' path "select-only" ratio "TPC-B" ratio "-c 1 latency"
+# Per round: the path's figure over direct's in the same round.
+ratios() { # path-figures direct-figures
+  local -a a b; read -ra a <<<"$1"; read -ra b <<<"$2"
+  local i; for i in "${!a[@]}"; do ratio "${b[$i]:-0}" "${a[$i]}"; printf ' '; done
+}
+printf '\n%-10s %12s %6s %-16s %8s %6s %-16s %10s %-22s\n' path "select-only" ratio "(each round)" \
+  "TPC-B" ratio "(each round)" "-c 1 ms" "(each round)"
 for p in direct native pgpool haproxy pgbouncer; do
-  printf '%-10s %12s %6s %12s %6s %11s ms\n' "$p" "${s[$p]}" "$(ratio "${s[direct]}" "${s[$p]}")" \
-    "${rw[$p]}" "$(ratio "${rw[direct]}" "${rw[$p]}")" "${lat[$p]}"
+  d=direct; [ "$p" = pgpool ] && d=direct-pgpool
+  sr=$(ratios "${s[$p]}" "${s[$d]}"); rr=$(ratios "${rw[$p]}" "${rw[$d]}")
+  printf '%-10s %12s %6s %-16s %8s %6s %-16s %10s %-22s\n' "$p" \
+    "$(echo "${s[$p]}" | median)" "$(echo "$sr" | median)" "($(echo $sr))" \
+    "$(echo "${rw[$p]}" | median)" "$(echo "$rr" | median)" "($(echo $rr))" \
+    "$(echo "${lat[$p]}" | median)" "($(echo ${lat[$p]}))"
 done
 printf '\nnative reads per node (select-only and TPC-B runs): %s\n' "$(echo "$native_nodes" | paste -sd ';')"
 printf 'native engine memory: %s KiB per idle client session (%s sessions: RSS %s -> %s KiB)\n' \

@@ -348,10 +348,13 @@ async fn operator_in_cluster_runs_a_real_cluster() {
         replica_uid,
         "the promoted pod was recreated"
     );
+    // Pods of removed replicas may still be terminating (the kubelet reports them gone
+    // later): only the cluster's pods count.
     let labels = get_json(&["-n", ns, "get", "pods", "-l", sel])["items"]
         .as_array()
         .unwrap()
         .iter()
+        .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
         .map(|p| {
             (
                 p["metadata"]["name"].as_str().unwrap().to_owned(),
@@ -754,6 +757,7 @@ async fn native_engine(ns: &str, password: &str, run_plugin: &dyn Fn(&[&str]) ->
             .as_array()
             .into_iter()
             .flatten()
+            .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
             .filter_map(|p| p["metadata"]["name"].as_str().map(str::to_owned))
             .collect::<Vec<_>>();
         names.sort();

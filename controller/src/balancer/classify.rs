@@ -6,24 +6,17 @@
 //!   `WITH` without a data-modifying part; no row locks (`FOR UPDATE`/`SHARE`), no `SELECT INTO`,
 //!   and only function calls known not to write (or any call, when unknown functions are
 //!   configured to be read-only).
-//! - `ReadTxn`: `BEGIN`/`START TRANSACTION` opening a read-only transaction that a hot standby
-//!   accepts, possibly followed in the same string by reads and the transaction's end: routed
-//!   like a read, and the transaction then follows the server that took it.
 //! - `Set`: a session-level `SET`/`RESET`: runs on the primary and is replayed on every
 //!   replica connection the session uses, so reads see the same settings.
 //! - `Pin`: state that lives in one server (temporary tables, advisory locks, `LISTEN`,
-//!   SQL-level `PREPARE`, cursors `WITH HOLD`, `DISCARD`, `LOAD`): the session stays on the
-//!   primary.
-//! - `Write`: everything else, including any other `BEGIN` (the transaction then follows the
-//!   server) and cursors without `WITH HOLD` (they end with their transaction).
+//!   SQL-level `PREPARE`, cursors, `DISCARD`, `LOAD`): the session stays on the primary.
+//! - `Write`: everything else, including `BEGIN` (the transaction then follows the server).
 
 /// Where a statement may run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Class {
     /// Read-only: a replica may run it.
     Read,
-    /// Opens a read-only transaction a replica may hold: routed like a read.
-    ReadTxn,
     /// A session setting: primary, then replayed on replicas.
     Set,
     /// Must run on the primary.
@@ -48,23 +41,7 @@ pub fn classify(sql: &[u8], unknown: UnknownFunctions) -> Class {
     if statements.is_empty() {
         return Class::Read;
     }
-    // The end of a read-only transaction opened earlier in the same string keeps the whole
-    // string runnable on a replica; anywhere else `COMMIT` is a write (it may commit one).
-    let mut read_only_txn = false;
-    let classes: Vec<Class> = statements
-        .iter()
-        .map(|s| {
-            if read_only_begin(s) {
-                read_only_txn = true;
-                Class::ReadTxn
-            } else if read_only_txn && transaction_end(s) {
-                read_only_txn = false;
-                Class::Read
-            } else {
-                statement(s, unknown)
-            }
-        })
-        .collect();
+    let classes: Vec<Class> = statements.iter().map(|s| statement(s, unknown)).collect();
     let worst = classes.iter().copied().max().unwrap_or(Class::Read);
     // A setting mixed with other statements cannot be replayed on its own.
     if worst == Class::Set && classes.len() > 1 {
@@ -200,10 +177,8 @@ fn statement(tokens: &[Token], unknown: UnknownFunctions) -> Class {
         "SET" if matches!(second, "LOCAL" | "TRANSACTION" | "CONSTRAINTS") => Class::Write,
         "SET" if second == "SESSION" && word(tokens.get(2)) == "CHARACTERISTICS" => Class::Pin,
         "SET" | "RESET" => Class::Set,
-        "LISTEN" | "UNLISTEN" | "PREPARE" | "DEALLOCATE" | "DISCARD" | "LOAD" => Class::Pin,
-        "DECLARE" => declare(tokens, unknown),
-        // A cursor outside a transaction is one `WITH HOLD`, whose `DECLARE` pinned the session.
-        "FETCH" | "MOVE" | "CLOSE" => Class::Write,
+        "LISTEN" | "UNLISTEN" | "PREPARE" | "DEALLOCATE" | "DISCARD" | "DECLARE" | "LOAD"
+        | "FETCH" | "MOVE" | "CLOSE" => Class::Pin,
         "CREATE"
             if tokens[1..]
                 .iter()
@@ -215,78 +190,6 @@ fn statement(tokens: &[Token], unknown: UnknownFunctions) -> Class {
         "SELECT" | "VALUES" | "TABLE" | "WITH" | "SHOW" | "EXPLAIN" => read_only(tokens, unknown),
         _ if tokens.first() == Some(&Token::Punct('(')) => read_only(tokens, unknown),
         _ => Class::Write,
-    }
-}
-
-/// `BEGIN`/`START TRANSACTION` opening a transaction a hot standby can hold: `READ ONLY`,
-/// with at most isolation `READ COMMITTED` or `REPEATABLE READ` (`READ UNCOMMITTED` is read
-/// committed in PostgreSQL) and `NOT DEFERRABLE`, in any order, commas allowed between modes.
-/// Not one: `SERIALIZABLE` (a standby refuses it), `DEFERRABLE`, `READ WRITE`, no `READ ONLY`,
-/// and anything else the words do not spell exactly.
-fn read_only_begin(tokens: &[Token]) -> bool {
-    let modes = match (word(tokens.first()), word(tokens.get(1))) {
-        ("BEGIN", "WORK" | "TRANSACTION") | ("START", "TRANSACTION") => &tokens[2..],
-        ("BEGIN", _) => &tokens[1..],
-        _ => return false,
-    };
-    let mut words = Vec::with_capacity(modes.len());
-    for t in modes {
-        match t {
-            Token::Word(w) => words.push(w.as_str()),
-            Token::Punct(',') => words.push(","),
-            Token::Punct(_) => return false,
-        }
-    }
-    let mut read_only = false;
-    let mut rest = words.as_slice();
-    while !rest.is_empty() {
-        rest = match rest {
-            ["READ", "ONLY", tail @ ..] => {
-                read_only = true;
-                tail
-            }
-            ["NOT", "DEFERRABLE", tail @ ..]
-            | ["ISOLATION", "LEVEL", "READ", "COMMITTED" | "UNCOMMITTED", tail @ ..]
-            | ["ISOLATION", "LEVEL", "REPEATABLE", "READ", tail @ ..] => tail,
-            _ => return false,
-        };
-        match rest {
-            [","] => return false,
-            [",", tail @ ..] => rest = tail,
-            _ => {}
-        }
-    }
-    read_only
-}
-
-/// `COMMIT`, `END`, `ROLLBACK` or `ABORT`, with at most `WORK` or `TRANSACTION`.
-fn transaction_end(tokens: &[Token]) -> bool {
-    let end = matches!(
-        word(tokens.first()),
-        "COMMIT" | "END" | "ROLLBACK" | "ABORT"
-    );
-    end && match tokens.get(1..).unwrap_or_default() {
-        [] => true,
-        [second] => matches!(word(Some(second)), "WORK" | "TRANSACTION"),
-        _ => false,
-    }
-}
-
-/// `DECLARE`: a cursor `WITH HOLD` outlives its transaction and pins the session; any other
-/// ends with its transaction (it cannot exist outside one), which the statements using it
-/// follow, so it needs no pin unless its query holds session state.
-fn declare(tokens: &[Token], unknown: UnknownFunctions) -> Class {
-    let is = |t: &Token, w: &str| matches!(t, Token::Word(x) if x == w);
-    let Some(query) = tokens.iter().position(|t| is(t, "FOR")) else {
-        return Class::Pin;
-    };
-    let hold = tokens[..query]
-        .windows(2)
-        .any(|w| is(&w[0], "WITH") && is(&w[1], "HOLD"));
-    if hold || statement(&tokens[query + 1..], unknown) == Class::Pin {
-        Class::Pin
-    } else {
-        Class::Write
     }
 }
 
@@ -525,8 +428,7 @@ mod tests {
             ("SELECT public.my_function(1)", Write),
             ("EXPLAIN ANALYZE DELETE FROM t", Write),
             ("BEGIN", Write),
-            ("START TRANSACTION READ WRITE", Write),
-            ("BEGIN ISOLATION LEVEL REPEATABLE READ", Write),
+            ("START TRANSACTION READ ONLY", Write),
             ("COMMIT", Write),
             ("CREATE TABLE t (a int)", Write),
             ("SET LOCAL work_mem = '1MB'", Write),
@@ -542,96 +444,9 @@ mod tests {
             ("PREPARE p AS SELECT 1", Pin),
             ("DISCARD ALL", Pin),
             ("DECLARE c CURSOR WITH HOLD FOR SELECT 1", Pin),
-            ("declare c no scroll cursor with hold for select 1", Pin),
-            ("DECLARE c CURSOR FOR SELECT 1", Write),
-            ("DECLARE c CURSOR WITHOUT HOLD FOR SELECT 1", Write),
-            ("DECLARE c CURSOR FOR SELECT pg_advisory_lock(1)", Pin),
-            ("FETCH 10 FROM c", Write),
-            ("CLOSE c", Write),
             ("SELECT pg_advisory_lock(1)", Pin),
             ("SELECT pg_try_advisory_lock(1)", Pin),
             ("SELECT pg_advisory_xact_lock(1)", Write),
-        ];
-        for (sql, want) in cases {
-            assert_eq!(classify(sql.as_bytes(), safe), *want, "{sql}");
-        }
-    }
-
-    #[test]
-    fn read_only_transactions_a_standby_accepts_are_recognised() {
-        let safe = UnknownFunctions::Primary;
-        for sql in [
-            "BEGIN READ ONLY",
-            "begin read only;",
-            "BEGIN TRANSACTION READ ONLY",
-            "BEGIN WORK READ ONLY",
-            "START TRANSACTION READ ONLY",
-            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
-            "BEGIN READ ONLY ISOLATION LEVEL REPEATABLE READ",
-            "START TRANSACTION ISOLATION LEVEL READ COMMITTED, READ ONLY",
-            "BEGIN READ ONLY, ISOLATION LEVEL READ UNCOMMITTED, NOT DEFERRABLE",
-            "BEGIN /* c */ READ -- c\n ONLY",
-        ] {
-            assert_eq!(classify(sql.as_bytes(), safe), ReadTxn, "{sql}");
-        }
-        for sql in [
-            "BEGIN",
-            "BEGIN TRANSACTION",
-            "START TRANSACTION",
-            "START READ ONLY",
-            "BEGIN READ WRITE",
-            "BEGIN READ ONLY, READ WRITE",
-            "BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY",
-            "BEGIN READ ONLY ISOLATION LEVEL SERIALIZABLE",
-            "BEGIN READ ONLY DEFERRABLE",
-            "BEGIN ISOLATION LEVEL SERIALIZABLE, READ ONLY, DEFERRABLE",
-            "BEGIN READ ONLY,",
-            "BEGIN , READ ONLY",
-            "BEGIN READ ONLY,, NOT DEFERRABLE",
-            "BEGIN READ, ONLY",
-            "BEGIN \"READ\" ONLY",
-            "BEGIN READ ONLY ISOLATION LEVEL",
-            "BEGIN READ ONLY SOMETHING",
-            "BEGIN ISOLATION LEVEL REPEATABLE READ",
-        ] {
-            assert_eq!(classify(sql.as_bytes(), safe), Write, "{sql}");
-        }
-    }
-
-    #[test]
-    fn a_string_opening_a_read_only_transaction_may_run_on_a_replica_only_whole() {
-        let safe = UnknownFunctions::Primary;
-        let cases: &[(&str, Class)] = &[
-            ("BEGIN READ ONLY; SELECT 1; COMMIT", ReadTxn),
-            ("BEGIN READ ONLY; SELECT 1; SELECT 2; END", ReadTxn),
-            (
-                "START TRANSACTION READ ONLY; TABLE t; ROLLBACK WORK",
-                ReadTxn,
-            ),
-            ("BEGIN READ ONLY; SELECT 1", ReadTxn),
-            (
-                "SELECT 1; BEGIN READ ONLY; SELECT 2; COMMIT; SELECT 3",
-                ReadTxn,
-            ),
-            // Everything in the string must be allowed on a replica.
-            ("BEGIN READ ONLY; SELECT nextval('s'); COMMIT", Write),
-            ("BEGIN READ ONLY; INSERT INTO t VALUES (1); COMMIT", Write),
-            (
-                "BEGIN READ ONLY; SET LOCAL work_mem = '1MB'; SELECT 1",
-                Write,
-            ),
-            ("BEGIN READ ONLY; SELECT 1; COMMIT; BEGIN; SELECT 2", Write),
-            ("BEGIN READ ONLY; SELECT 1; COMMIT; COMMIT", Write),
-            ("BEGIN READ ONLY; SELECT 1; COMMIT AND CHAIN", Write),
-            ("BEGIN READ ONLY; SELECT 1; ROLLBACK TO SAVEPOINT s", Write),
-            ("BEGIN; SELECT 1; COMMIT", Write),
-            ("SELECT 1; COMMIT", Write),
-            (
-                "BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY; SELECT 1; COMMIT",
-                Write,
-            ),
-            ("BEGIN READ ONLY; SET a = 1", Pin),
-            ("BEGIN READ ONLY; SELECT pg_advisory_lock(1); COMMIT", Pin),
         ];
         for (sql, want) in cases {
             assert_eq!(classify(sql.as_bytes(), safe), *want, "{sql}");

@@ -79,9 +79,6 @@ pub struct Server {
     pub status: u8,
     /// The server's epoch when this connection was opened.
     pub epoch: u64,
-    /// It holds session state the engine does not track (made inside a read-only transaction
-    /// on a replica): the connection is closed once that transaction ends.
-    pub stray: bool,
 }
 
 impl Server {
@@ -119,7 +116,6 @@ impl Server {
             settings_applied: 0,
             status: b'I',
             epoch: backend_epoch,
-            stray: false,
         };
         server.backend.sessions.fetch_add(1, Ordering::Relaxed);
         tokio::time::timeout(CONNECT_TIMEOUT, server.startup(params, user, password))

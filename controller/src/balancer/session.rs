@@ -3,19 +3,16 @@
 //!
 //! - Inside a transaction (the server's `ReadyForQuery` says so) everything follows the server
 //!   that holds it; after session state that lives in one server (see `classify`) the session
-//!   stays on the primary; writes go to the primary; reads, and `BEGIN`s of read-only
-//!   transactions a standby accepts, go to a replica that is caught up enough (lag bound,
-//!   read-your-writes), else to the primary. A session is pinned only to the primary: state
-//!   made inside a replica's read-only transaction ends with it (see `on_server`).
+//!   stays on the primary; writes go to the primary; reads go to a replica that is caught up
+//!   enough (lag bound, read-your-writes), else to the primary.
 //! - Server connections are opened when first needed, so a dead replica fails only the
 //!   sessions that read from it, and a new primary takes writes without a reconnect.
 //! - Prepared statements are prepared again, invisibly, on a server that lacks them; session
-//!   settings (`SET`) are replayed on every server the session uses (one made inside a
-//!   replica's read-only transaction once that commits).
+//!   settings (`SET`) are replayed on every server the session uses.
 //! - Answers of one server are relayed in order; before a batch goes to another server, the
 //!   previous one's answers are all relayed, so the client sees them in the order it asked.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -49,52 +46,6 @@ struct Batch {
     target: Option<u32>,
 }
 
-/// How a command ended a transaction, from its `CommandComplete` tag.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Ending {
-    Commit,
-    /// Also `COMMIT` of a failed transaction, and `ROLLBACK TO SAVEPOINT`.
-    Rollback,
-}
-
-/// The ending a `CommandComplete` tag (with its terminating zero) reports, if any.
-fn ending(tag: &[u8]) -> Option<Ending> {
-    match tag {
-        b"COMMIT\0" => Some(Ending::Commit),
-        b"ROLLBACK\0" => Some(Ending::Rollback),
-        _ => None,
-    }
-}
-
-/// What ties the session to one server when a unit is routed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Hold {
-    /// Nothing: each unit goes where its class says.
-    Free,
-    /// Pinned, or in a transaction the primary holds: everything goes there.
-    Primary,
-    /// In a transaction a replica holds: everything goes there until it ends.
-    Replica,
-}
-
-/// Whether a unit of `class` waits for the answers still owed for the units sent before it
-/// (`pending`, their classes) before it is routed, because those answers decide where it goes.
-fn must_wait(class: Class, hold: Hold, pending: &VecDeque<Class>) -> bool {
-    match hold {
-        Hold::Primary => false,
-        // Anything but a read may end the transaction (`COMMIT`); what follows its end must
-        // not go to the replica.
-        Hold::Replica => pending.iter().any(|c| *c != Class::Read),
-        // A `BEGIN`, a setting or a write decides where a read may go once it is acknowledged.
-        Hold::Free if matches!(class, Class::Read | Class::ReadTxn) => {
-            pending.iter().any(|c| *c != Class::Read)
-        }
-        // A read-only `BEGIN` may open a transaction on a replica: what follows joins it (a
-        // write too, which then fails there as in any read-only transaction).
-        Hold::Free => pending.contains(&Class::ReadTxn),
-    }
-}
-
 /// A session after startup.
 pub struct Session {
     engine: Arc<Engine>,
@@ -117,12 +68,6 @@ pub struct Session {
     settings: Vec<Vec<u8>>,
     /// A setting sent and not yet confirmed, per server.
     setting_sent: HashMap<u32, Vec<u8>>,
-    /// Settings confirmed inside the open transaction a replica holds: session settings once
-    /// it commits.
-    txn_settings: Vec<Vec<u8>>,
-    /// How the commands completed since the last `ReadyForQuery` ended a transaction (the
-    /// last one that did), noted while `txn_settings` wait for the outcome.
-    ended: Option<Ending>,
     /// When this session's last write was acknowledged.
     wrote_at: Option<Instant>,
     /// The replica this session reads from.
@@ -136,6 +81,10 @@ pub struct Session {
     /// An extended COPY ended: the messages up to the next `Sync` belong to the batch that
     /// started it, whose `ReadyForQuery` that `Sync` brings.
     sync_owed: bool,
+    /// A server was lost in the middle of an extended-protocol batch: the client's messages
+    /// up to the next `Sync` are dropped, as PostgreSQL skips them after an error, and that
+    /// `Sync` is answered (`ReadyForQuery`) when the batch had not been answered yet.
+    skip_to_sync: Option<bool>,
 }
 
 enum Event {
@@ -174,14 +123,13 @@ impl Session {
             batch: Batch::default(),
             settings: Vec::new(),
             setting_sent: HashMap::new(),
-            txn_settings: Vec::new(),
-            ended: None,
             wrote_at: None,
             reader: None,
             cancel,
             copy_in: None,
             extended: false,
             sync_owed: false,
+            skip_to_sync: None,
         }
     }
 
@@ -248,6 +196,15 @@ impl Session {
     }
 
     async fn on_client(&mut self, m: Message) -> Result<(), WireError> {
+        if let Some(answer) = self.skip_to_sync {
+            if m.tag == b'S' {
+                self.skip_to_sync = None;
+                if answer {
+                    wire::ready(&mut self.out, b'I');
+                }
+            }
+            return Ok(());
+        }
         match m.tag {
             b'Q' | b'F' => self.extended = false,
             b'H' | b'S' => self.extended = true,
@@ -532,7 +489,6 @@ impl Session {
             .servers
             .get_mut(&id)
             .expect("relaying from an open server");
-        let mut retire = false;
         match server.swallow.front().copied() {
             Some(Swallow::Tag(t)) if t == m.tag => {
                 server.swallow.pop_front();
@@ -557,6 +513,8 @@ impl Session {
         match m.tag {
             b'Z' => {
                 let status = m.body().first().copied().unwrap_or(b'I');
+                // A transaction ended: whatever string ended it, it may have committed writes.
+                let ended = server.status != b'I' && status == b'I';
                 server.status = status;
                 let class = server.pending.pop_front();
                 if class.is_some() {
@@ -564,7 +522,7 @@ impl Session {
                 }
                 self.copy_in = None;
                 self.txn = (status != b'I').then_some(id);
-                if class.is_some_and(|c| matches!(c, Class::Write | Class::Pin))
+                if (ended || class.is_some_and(|c| matches!(c, Class::Write | Class::Pin)))
                     && Some(id) == primary
                 {
                     let now = Instant::now();
@@ -572,53 +530,16 @@ impl Session {
                     self.engine.wrote(now);
                 }
                 if let Some(setting) = self.setting_sent.remove(&id) {
-                    match status {
-                        b'I' => {
-                            self.settings.push(setting);
-                            server.settings_applied = self.settings.len();
-                        }
-                        // A session-level setting made in a replica's read-only transaction
-                        // lasts if it commits, and the other servers must replay it then. One
-                        // made in a transaction the primary holds stays the primary's alone.
-                        b'T' if Some(id) != primary => self.txn_settings.push(setting),
-                        _ => {}
-                    }
-                }
-                let ended = self.ended.take();
-                if status == b'I' && !self.txn_settings.is_empty() {
-                    let made = std::mem::take(&mut self.txn_settings);
-                    if ended != Some(Ending::Rollback) {
-                        // Committed. This server replays them as well: a savepoint rolled back
-                        // before the commit may have undone some of them here, and replaying
-                        // makes every server agree with the session's list.
-                        server.settings_applied = server.settings_applied.min(self.settings.len());
-                        self.settings.extend(made);
+                    if status == b'I' {
+                        self.settings.push(setting);
+                        server.settings_applied = self.settings.len();
                     }
                 }
                 if server.pending.is_empty() && self.batch.target.is_none() {
                     self.current = None;
                 }
                 if class == Some(Class::Pin) {
-                    if Some(id) == primary {
-                        self.pinned = Some(id);
-                    } else if self.pinned != Some(id) {
-                        // Inside a read-only transaction a replica holds: pinned to the replica,
-                        // the session's writes would fail from now on. The server ran or
-                        // refused the statement; whatever it left (a `WITH HOLD` cursor, an
-                        // advisory lock, a prepared statement, settings) the engine would not
-                        // find or replay elsewhere, so it ends with the transaction: the
-                        // connection is closed then, and the next read opens a new one.
-                        server.stray = true;
-                    }
-                }
-                retire = server.stray
-                    && status == b'I'
-                    && server.pending.is_empty()
-                    && self.batch.target != Some(id);
-            }
-            b'C' if !self.txn_settings.is_empty() => {
-                if let Some(e) = ending(m.body()) {
-                    self.ended = Some(e);
+                    self.pinned = Some(id);
                 }
             }
             b'E' => {
@@ -628,30 +549,13 @@ impl Session {
             _ => {}
         }
         self.out.extend_from_slice(&m.frame);
-        if retire {
-            self.retire(id).await;
-        }
         Ok(())
-    }
-
-    /// Closes the connection to a replica whose transaction left state on it (see `on_server`).
-    async fn retire(&mut self, id: u32) {
-        if self.current == Some(id) {
-            self.current = None;
-        }
-        if let Some(mut server) = self.servers.remove(&id) {
-            let mut bye = BytesMut::new();
-            wire::put(&mut bye, b'X', &[]);
-            // A courtesy: the connection is dropped next, delivered or not.
-            let _ =
-                tokio::time::timeout(std::time::Duration::from_secs(1), server.write(&bye)).await;
-        }
     }
 
     /// A server connection broke, or the server ended it with `said` (its `FATAL` error as
     /// sent, and as an `ERROR`). Its answers cannot come; the client is told, and the session
     /// goes on with the other servers unless it held state there (then the client gets the
-    /// server's `FATAL` as it was).
+    /// server's `FATAL` as it was, or one of the engine's, and the session ends).
     async fn server_failed(
         &mut self,
         id: u32,
@@ -663,9 +567,7 @@ impl Session {
         if self.current == Some(id) {
             self.current = None;
         }
-        self.batch = Batch::default();
-        self.sync_owed = false;
-        self.copy_in = None;
+        self.setting_sent.remove(&id);
         let held_state = self.txn == Some(id) || self.pinned == Some(id);
         if held_state {
             match said {
@@ -680,19 +582,42 @@ impl Session {
             self.client.write_all(&self.out).await?;
             return Err(e);
         }
-        let pending = lost.map_or(0, |s| s.pending.len());
         let mut said = said.map(|(_, error)| error);
-        for _ in 0..pending.max(1) {
-            match said.take() {
-                Some(error) => self.out.extend_from_slice(&error),
-                None => wire::error(
-                    &mut self.out,
-                    "ERROR",
-                    "08006",
-                    "the database server running this query was lost; try again",
-                ),
-            }
+        let mut error = |out: &mut BytesMut| match said.take() {
+            Some(error) => out.extend_from_slice(&error),
+            None => wire::error(
+                out,
+                "ERROR",
+                "08006",
+                "the database server running this query was lost; try again",
+            ),
+        };
+        // Each unit sent and not answered gets an error and its `ReadyForQuery`.
+        for _ in 0..lost.map_or(0, |s| s.pending.len()) {
+            error(&mut self.out);
             wire::ready(&mut self.out, b'I');
+        }
+        // An extended COPY on it: what the client still sends for it, up to and with its
+        // `Sync` (answered above), is dropped.
+        let copying = self
+            .copy_in
+            .is_some_and(|(server, extended)| server == id && extended);
+        if self.copy_in.is_some_and(|(server, _)| server == id) {
+            self.copy_in = None;
+        }
+        if self.batch.target == Some(id) {
+            if self.sync_owed {
+                // The rest of a COPY's batch, answered above.
+                self.skip_to_sync = Some(false);
+            } else {
+                // Sent after a `Flush`, before its `Sync`: failed, and answered at that `Sync`.
+                error(&mut self.out);
+                self.skip_to_sync = Some(true);
+            }
+            self.batch = Batch::default();
+            self.sync_owed = false;
+        } else if copying {
+            self.skip_to_sync = Some(false);
         }
         Ok(())
     }
@@ -721,16 +646,20 @@ impl Session {
     /// Chooses the server for a unit of `class`, connects to it if needed and replays the
     /// session's settings on it. `None` when no server can take it: the client got an error.
     async fn route(&mut self, class: Class) -> Result<Option<u32>, WireError> {
-        let waits = self
-            .current
-            .and_then(|id| self.servers.get(&id))
-            .is_some_and(|s| must_wait(class, self.hold(), &s.pending));
-        if waits {
+        // A read pipelined behind anything else waits for its answer first: a `BEGIN`, a
+        // setting or a write decides where the read may go once it is acknowledged.
+        if class == Class::Read
+            && self.txn.or(self.pinned).is_none()
+            && self
+                .current
+                .and_then(|id| self.servers.get(&id))
+                .is_some_and(|s| s.pending.iter().any(|c| *c != Class::Read))
+        {
             self.finish_current().await?;
         }
         let wanted = if let Some(id) = self.txn.or(self.pinned) {
             Some(id)
-        } else if matches!(class, Class::Read | Class::ReadTxn) {
+        } else if class == Class::Read {
             let chosen = self
                 .engine
                 .read_target(self.wrote_at, self.reader.as_ref().map(Reader::id));
@@ -794,16 +723,6 @@ impl Session {
         Ok(Some(target))
     }
 
-    /// What ties the session to one server now.
-    fn hold(&self) -> Hold {
-        match (self.pinned, self.txn) {
-            (Some(_), _) => Hold::Primary,
-            (None, None) => Hold::Free,
-            (None, Some(id)) if Some(id) == self.engine.primary().map(|b| b.id) => Hold::Primary,
-            (None, Some(_)) => Hold::Replica,
-        }
-    }
-
     /// Sends the settings `target` has not had yet, answers swallowed.
     async fn replay_settings(&mut self, target: u32) -> Result<(), WireError> {
         let server = self.servers.get_mut(&target).expect("open");
@@ -836,53 +755,4 @@ fn close_statement(out: &mut BytesMut, name: &str) {
     let mut body = vec![b'S'];
     wire::cstr(&mut body, name);
     wire::put(out, b'C', &body);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use Class::*;
-
-    #[test]
-    fn units_wait_for_answers_that_decide_where_they_go() {
-        let q = |classes: &[Class]| classes.iter().copied().collect::<VecDeque<_>>();
-        let cases = [
-            // Outside a transaction: reads wait for anything but reads (read-your-writes).
-            (Read, Hold::Free, q(&[Read]), false),
-            (Read, Hold::Free, q(&[Write]), true),
-            (Read, Hold::Free, q(&[Set]), true),
-            (ReadTxn, Hold::Free, q(&[Read]), false),
-            (ReadTxn, Hold::Free, q(&[Write]), true),
-            // Anything waits for a read-only BEGIN, which may open a transaction on a replica.
-            (Read, Hold::Free, q(&[Read, ReadTxn]), true),
-            (Write, Hold::Free, q(&[ReadTxn]), true),
-            (Set, Hold::Free, q(&[ReadTxn]), true),
-            (Pin, Hold::Free, q(&[ReadTxn]), true),
-            // Writes behind writes or reads are not held back.
-            (Write, Hold::Free, q(&[Write, Write]), false),
-            (Write, Hold::Free, q(&[Read]), false),
-            (Write, Hold::Free, q(&[]), false),
-            // In a replica's transaction, anything but a read may end it.
-            (Read, Hold::Replica, q(&[Read]), false),
-            (Write, Hold::Replica, q(&[Read, Read]), false),
-            (Read, Hold::Replica, q(&[Write]), true),
-            (Write, Hold::Replica, q(&[Write]), true),
-            (Read, Hold::Replica, q(&[ReadTxn]), true),
-            // On the primary (pinned, or its transaction) everything goes there anyway.
-            (Read, Hold::Primary, q(&[Write]), false),
-            (Write, Hold::Primary, q(&[ReadTxn]), false),
-        ];
-        for (i, (class, hold, pending, want)) in cases.into_iter().enumerate() {
-            assert_eq!(must_wait(class, hold, &pending), want, "case {i}");
-        }
-    }
-
-    #[test]
-    fn transaction_endings_are_read_from_command_tags() {
-        assert_eq!(ending(b"COMMIT\0"), Some(Ending::Commit));
-        assert_eq!(ending(b"ROLLBACK\0"), Some(Ending::Rollback));
-        assert_eq!(ending(b"SET\0"), None);
-        assert_eq!(ending(b"COMMIT PREPARED\0"), None);
-        assert_eq!(ending(b"SELECT 1\0"), None);
-    }
 }
