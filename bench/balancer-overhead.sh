@@ -123,7 +123,8 @@ native_nodes=$(psql -h 127.0.0.1 -p "$balancer" -U app app -At -F ' ' -c "SHOW P
   awk '{print "node " $1 " (" $7 "): " $9}')
 
 # Memory per idle client session of the native engine.
-agent_rss() { docker exec bench-lb-balancer sh -c 'grep VmRSS /proc/1/status' | awk '{print $2}'; }
+# The agent serving (the container's first process is its init).
+agent_rss() { docker exec bench-lb-balancer sh -c 'grep VmRSS "/proc/$(cat /var/run/pgbalancer/agent.pid)/status"' | awk '{print $2}'; }
 before=$(agent_rss)
 for _ in $(seq "$idle"); do
   (exec -a "pgbench-idle-$$" sleep 60) | psql -q -h 127.0.0.1 -p "$balancer" -U app app >/dev/null 2>&1 &

@@ -13,7 +13,8 @@
 #   replica-kill     SIGKILL to a replica's PostgreSQL (its container's main process)
 #   replica-restart  a replica container stopped, then started 3 s later
 #   pgpool-kill      SIGKILL to pgpool inside the balancer container (the agent restarts it)
-#   agent-kill       SIGKILL to the balancer agent (the container's main process)
+#   agent-kill       SIGKILL to the balancer agent (the container's first process starts it again)
+#   balancer-kill    SIGKILL to the balancer container's main process (the container restarts)
 #   balancer-stop    the balancer container stopped; nobody starts it but the controller
 #   engine-restart   the Docker engine stopped and started again (every container comes back)
 #   switchover       `pgbalancer switchover NAME` (planned)
@@ -28,7 +29,7 @@ cd "$(dirname "$0")/.."
 
 runs=${RUNS:-10}
 engine=${ENGINE:-pgpool}
-default_scenarios="replica-kill replica-restart pgpool-kill agent-kill balancer-stop switchover stop kill"
+default_scenarios="replica-kill replica-restart pgpool-kill agent-kill balancer-kill balancer-stop switchover stop kill"
 [ "$engine" = native ] && default_scenarios=${default_scenarios/pgpool-kill /}
 scenarios=${SCENARIOS:-$default_scenarios}
 name=${CLUSTER:-bench-faults}
@@ -142,7 +143,8 @@ for scenario in $scenarios; do
       replica-kill) docker kill -s KILL "$replica" >/dev/null ;;
       replica-restart) docker stop "$replica" >/dev/null; sleep 3; docker start "$replica" >/dev/null ;;
       pgpool-kill) docker exec "$balancer" sh -c 'kill -KILL "$(head -n 1 /var/run/pgbalancer/pgpool.pid)"' ;;
-      agent-kill) docker kill -s KILL "$balancer" >/dev/null ;;
+      agent-kill) docker exec "$balancer" sh -c 'kill -KILL "$(cat /var/run/pgbalancer/agent.pid)"' ;;
+      balancer-kill) docker kill -s KILL "$balancer" >/dev/null ;;
       balancer-stop) docker stop "$balancer" >/dev/null ;;
       engine-restart) engine_restart ;;
       switchover) "$bin" switchover "$name" >/dev/null 2>>"$work/log" ;;

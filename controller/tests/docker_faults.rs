@@ -1,7 +1,8 @@
 //! The fault suite on the real Docker engine, each fault once on one cluster (two replicas,
 //! one balancer): a replica's PostgreSQL killed, a replica container stopped and started,
-//! pgpool killed inside the balancer, the balancer agent killed, the balancer container
-//! stopped. A writer and a reader run through the balancer throughout and a watcher samples
+//! pgpool killed inside the balancer, the balancer agent killed (started again in the same
+//! container), the container's main process killed (the container restarts), the balancer
+//! container stopped. A writer and a reader run through the balancer throughout and a watcher samples
 //! every instance every 100 ms.
 //!
 //! Only invariants are asserted: nothing acknowledged is lost, never two writable instances,
@@ -118,7 +119,32 @@ async fn the_cluster_survives_each_fault_by_itself() {
         ]);
     })
     .await;
+    // The agent is started again by the container's first process, in the same container.
+    let started = || {
+        docker(&[
+            "inspect",
+            "-f",
+            "{{.RestartCount}} {{.State.StartedAt}}",
+            &balancer,
+        ])
+    };
+    let before = started();
+    let agent_pid = || docker(&["exec", &balancer, "cat", "/var/run/pgbalancer/agent.pid"]);
+    let first_agent = agent_pid();
+    assert!(!first_agent.trim().is_empty(), "no agent pid file");
     survive(&s, &mut next_id, "agent killed", || {
+        docker(&[
+            "exec",
+            &balancer,
+            "sh",
+            "-c",
+            "kill -KILL \"$(cat /var/run/pgbalancer/agent.pid)\"",
+        ]);
+    })
+    .await;
+    assert_eq!(started(), before, "the balancer container restarted");
+    assert_ne!(agent_pid(), first_agent, "the agent was not started again");
+    survive(&s, &mut next_id, "balancer's main process killed", || {
         docker(&["kill", "-s", "KILL", &balancer]);
     })
     .await;

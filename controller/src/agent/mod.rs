@@ -3,13 +3,15 @@
 //! line with the rendered configuration, and serves the pgBalancer REST API and Prometheus
 //! metrics from the engine's live data.
 //!
-//! Layout: `engine` (either engine, one interface), `supervisor` (pgpool's lifecycle),
+//! Layout: `init` (the container's first process: runs the agent, starts it again when it
+//! dies), `engine` (either engine, one interface), `supervisor` (pgpool's lifecycle),
 //! `pgpool` (SQL and PCP access), `sync` (pgpool's backend list follows `pgpool.conf` without
 //! restarts), `native` (the native engine from the same files), `api` (HTTP), `metrics`
 //! (text format, pure).
 
 pub mod api;
 pub mod engine;
+pub mod init;
 pub mod metrics;
 pub mod native;
 pub mod pgpool;
@@ -93,6 +95,11 @@ pub struct Agent {
 
 /// Runs the agent until SIGTERM or SIGINT, then stops pgpool cleanly.
 pub async fn run(config: AgentConfig) -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    // Handled from the start: a stop asked for while the engine starts still stops pgpool
+    // cleanly (the agent is not process 1, which the kernel would shield from them).
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let engine = match config.engine {
         engine::EngineKind::Pgpool => {
             engine::Engine::Pgpool(supervisor::Supervisor::start(&config))
@@ -123,12 +130,10 @@ pub async fn run(config: AgentConfig) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(&config.listen).await?;
     tracing::info!(listen = %config.listen, "agent serving");
     let app = api::router(agent.clone());
-    let shutdown = async {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let shutdown = async move {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {},
-            _ = async { if let Some(t) = term.as_mut() { t.recv().await; } else { std::future::pending::<()>().await } } => {},
+            _ = term.recv() => {},
+            _ = int.recv() => {},
         }
     };
     axum::serve(listener, app)

@@ -1,6 +1,7 @@
 //! Supervision of the pgpool process: start it, restart it when it exits (after a backoff
-//! from 100 ms, doubling up to 5 s while it keeps exiting), ending whatever it left behind
-//! first, and stop it cleanly (`pgpool -m fast stop`) when the agent stops.
+//! from 100 ms, doubling up to 5 s while it keeps exiting within 2 s of its start), ending
+//! whatever it left behind first, and stop it cleanly (`pgpool -m fast stop`) when the agent
+//! stops.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -12,8 +13,9 @@ use super::AgentConfig;
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest pause between restarts of a pgpool that keeps exiting.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
-/// A pgpool that ran this long is restarted after [`FIRST_BACKOFF`] again.
-const STABLE_AFTER: Duration = Duration::from_secs(10);
+/// A pgpool that ran this long is restarted after [`FIRST_BACKOFF`] again: one that served a
+/// while costs 100 ms however often it exits; only one failing at its start is slowed down.
+const STABLE_AFTER: Duration = Duration::from_secs(2);
 
 /// Handle to the supervised pgpool.
 pub struct Supervisor {
@@ -139,24 +141,26 @@ impl Supervisor {
 
 /// Ends what is left of a pgpool whose main process exited: its children (sessions, PCP,
 /// health checks) keep the listening sockets and serve on without failover handling, and a new
-/// pgpool could not bind. Killed, and reaped when they were handed to this process (the agent
-/// is the container's first process).
+/// pgpool could not bind. Killed, and reaped here when they were handed to this process, or by
+/// the container's first process (the agent's init) otherwise.
 async fn end_orphans(group: u32) {
     use nix::sys::signal::{killpg, Signal};
-    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    use nix::sys::wait::{waitpid, WaitPidFlag};
     use nix::unistd::Pid;
 
     let group = Pid::from_raw(group as i32);
     if killpg(group, Signal::SIGKILL).is_ok() {
         tracing::warn!("killed the processes pgpool left behind");
     }
+    // Until every process of the group is gone (they hold pgpool's ports until then): reaped
+    // here when they are this process's children, else by the container's init.
     let negative = Pid::from_raw(-group.as_raw());
-    for _ in 0..10_000 {
-        match waitpid(negative, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::StillAlive) => tokio::time::sleep(Duration::from_millis(1)).await,
-            Ok(_) => {}
-            Err(_) => break,
+    for _ in 0..2_000 {
+        let _ = waitpid(negative, Some(WaitPidFlag::WNOHANG));
+        if killpg(group, None).is_err() {
+            break;
         }
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 

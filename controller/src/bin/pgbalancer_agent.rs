@@ -1,10 +1,11 @@
 //! `pgbalancer-agent`: runs in the balancer container, supervises pgpool and serves the REST API.
+//! As the container's first process it runs itself as a child and starts it again when it dies.
 #![forbid(unsafe_code)]
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use pgbalancer_controller::agent::{run, AgentConfig};
+use pgbalancer_controller::agent::{init, run, AgentConfig};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -14,7 +15,20 @@ async fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    match run(AgentConfig::parse()).await {
+    let config = AgentConfig::parse();
+    if init::wanted() {
+        return match init::run().await {
+            Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+            Err(e) => {
+                eprintln!("pgbalancer-agent: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let Some(n) = std::env::var(init::RESTARTS_ENV).ok().filter(|n| n != "0") {
+        tracing::warn!(restarts = %n, "the agent was started again after it ended");
+    }
+    match run(config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("pgbalancer-agent: {e}");
