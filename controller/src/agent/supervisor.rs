@@ -60,6 +60,7 @@ impl Supervisor {
                 // the file. pgpool refuses to start while the pid in it is alive, and in a
                 // restarted container that pid is often another process.
                 remove_stale_pid_file(pid_file(&cfg.path("pgpool.conf")));
+                remove_orphaned_ipc().await;
                 started = std::time::Instant::now();
                 // Its own process group: when the parent dies its children must go with it.
                 let child = tokio::process::Command::new(&cfg.pgpool)
@@ -164,6 +165,60 @@ async fn end_orphans(group: u32) {
     }
 }
 
+/// Removes the System V shared memory segments nobody is attached to and the semaphore sets
+/// of this user: what a pgpool killed without its exit handlers left (it removes them only
+/// when it exits cleanly). Without this each kill would leave its memory charged to the
+/// container. Called when no pgpool of this agent runs, and nothing else in the container uses
+/// them.
+async fn remove_orphaned_ipc() {
+    use std::os::unix::fs::MetadataExt;
+    // This process's user: the owner of its /proc entry.
+    let Ok(uid) = std::fs::metadata("/proc/self").map(|m| m.uid()) else {
+        return;
+    };
+    let read = |path| std::fs::read_to_string(path).unwrap_or_default();
+    let shm = read("/proc/sysvipc/shm");
+    let sem = read("/proc/sysvipc/sem");
+    let (segments, sets) = orphaned_ipc(&shm, &sem, uid);
+    if segments.is_empty() && sets.is_empty() {
+        return;
+    }
+    let mut ipcrm = tokio::process::Command::new("ipcrm");
+    for id in &segments {
+        ipcrm.args(["-m", id]);
+    }
+    for id in &sets {
+        ipcrm.args(["-s", id]);
+    }
+    match ipcrm.status().await {
+        Ok(s) if s.success() => tracing::warn!(
+            segments = segments.len(),
+            semaphore_sets = sets.len(),
+            "removed the shared memory a killed pgpool left"
+        ),
+        Ok(s) => tracing::warn!(status = %s, "ipcrm failed"),
+        Err(e) => tracing::warn!(error = %e, "cannot run ipcrm"),
+    }
+}
+
+/// From `/proc/sysvipc/shm` and `/proc/sysvipc/sem`: the ids of `uid`'s shared memory segments
+/// with no process attached, and of its semaphore sets.
+fn orphaned_ipc(shm: &str, sem: &str, uid: u32) -> (Vec<String>, Vec<String>) {
+    // shm columns: key shmid perms size cpid lpid nattch uid ...; sem: key semid perms nsems uid ...
+    let rows = |text: &str, uid_at: usize, detached: Option<usize>| -> Vec<String> {
+        text.lines()
+            .skip(1)
+            .filter_map(|line| {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                let owned = f.get(uid_at)?.parse::<u32>().ok()? == uid;
+                let unused = detached.is_none_or(|at| f.get(at) == Some(&"0"));
+                (owned && unused).then(|| f.get(1).map(|id| (*id).to_owned()))?
+            })
+            .collect()
+    };
+    (rows(shm, 7, Some(6)), rows(sem, 4, None))
+}
+
 /// Removes the pid file at `path`, if any, saying so.
 fn remove_stale_pid_file(path: Option<std::path::PathBuf>) {
     let Some(path) = path else { return };
@@ -212,6 +267,24 @@ async fn lost_pid_file(path: Option<std::path::PathBuf>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_unattached_segments_and_the_users_semaphores_are_orphaned() {
+        let shm = "       key      shmid perms                  size  cpid  lpid nattch   uid   gid  cuid  cgid      atime      dtime      ctime                   rss                  swap
+         0         12   600              10485760    40    40      0   999   999   999   999          0          0 1700000000              1048576                     0
+         0         13   600              10485760    50    50      3   999   999   999   999          0          0 1700000000              1048576                     0
+         0         14   600                  1024    60    60      0     0     0     0     0          0          0 1700000000                 4096                     0
+";
+        let sem =
+            "       key      semid perms      nsems   uid   gid  cuid  cgid      otime      ctime
+         0          3   600         10   999   999   999   999          0 1700000000
+         0          4   600         10     0     0     0     0          0 1700000000
+";
+        let (segments, sets) = orphaned_ipc(shm, sem, 999);
+        assert_eq!(segments, vec!["12"]);
+        assert_eq!(sets, vec!["3"]);
+        assert_eq!(orphaned_ipc("", "", 999), (vec![], vec![]));
+    }
 
     #[test]
     fn a_stale_pid_file_is_removed_and_a_missing_one_is_fine() {
