@@ -140,16 +140,9 @@ async fn operator_in_cluster_runs_a_real_cluster() {
         .as_str()
         .unwrap()
         .to_owned();
-    let (c, conn) = tokio_postgres::Config::new()
-        .host(&balancer_ip)
-        .port(9999)
-        .user("app")
-        .password(&password)
-        .dbname("app")
-        .connect(tokio_postgres::NoTls)
-        .await
-        .expect("connect through the balancer Service");
-    tokio::spawn(conn);
+    // The phase says the balancer routes; the Service follows once the kubelet reports the
+    // pod ready and kube-proxy has the endpoint, which can come a moment later.
+    let c = through_service(&balancer_ip, &password).await;
     c.batch_execute("CREATE TABLE marks (n int); INSERT INTO marks SELECT generate_series(1, 3)")
         .await
         .unwrap();

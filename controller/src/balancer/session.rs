@@ -275,7 +275,12 @@ impl Session {
                     Some(t) => t,
                     None => match self.route_batch().await? {
                         Some(t) => t,
-                        None => return Ok(()),
+                        None => {
+                            // Refused and answered (error and `ReadyForQuery`): the rest of the
+                            // batch, up to and with its `Sync`, is dropped unanswered.
+                            self.skip_to_sync = Some(false);
+                            return Ok(());
+                        }
                     },
                 };
                 self.batch.target = Some(target);
@@ -689,7 +694,11 @@ impl Session {
                 .get(&target)
                 .is_some_and(|s| s.epoch != s.backend.epoch.load(Ordering::Relaxed))
         {
-            // The server went down or changed role since this connection was opened.
+            // The server went down or changed role since this connection was opened: what it
+            // still owes is relayed (or fails) first, then the connection is not used again.
+            if self.current == Some(target) {
+                self.finish_current().await?;
+            }
             self.servers.remove(&target);
         }
         if !self.servers.contains_key(&target) {
@@ -720,6 +729,12 @@ impl Session {
             }
         }
         self.replay_settings(target).await?;
+        if !self.servers.contains_key(&target) {
+            // Lost while the settings were replayed: nothing answered this unit yet.
+            self.refuse("08006", "the database server is not reachable right now")
+                .await?;
+            return Ok(None);
+        }
         Ok(Some(target))
     }
 

@@ -234,18 +234,20 @@ pub fn error_fields(body: &[u8]) -> (String, String, String) {
 /// For an `ErrorResponse` body that ends its connection (severity `FATAL` or `PANIC`), the same
 /// error as a frame of severity `ERROR`, every other field as the server sent it.
 pub fn fatal_as_error(body: &[u8]) -> Option<BytesMut> {
-    let mut fields = Vec::new();
+    // Bytes, not text: a message in a client encoding other than UTF-8 is copied as it came.
+    let mut fields: Vec<(u8, &[u8])> = Vec::new();
     let mut fatal = false;
     let mut rest = body;
     while let Some((&field, tail)) = rest.split_first() {
         if field == 0 {
             break;
         }
-        rest = tail;
-        let value = take_cstr(&mut rest).ok()?;
+        let end = tail.iter().position(|&b| b == 0)?;
+        let value = &tail[..end];
+        rest = &tail[end + 1..];
         if matches!(field, b'S' | b'V') {
-            fatal |= matches!(value, "FATAL" | "PANIC");
-            fields.push((field, "ERROR"));
+            fatal |= matches!(value, b"FATAL" | b"PANIC");
+            fields.push((field, b"ERROR"));
         } else {
             fields.push((field, value));
         }
@@ -256,7 +258,8 @@ pub fn fatal_as_error(body: &[u8]) -> Option<BytesMut> {
     let mut out = Vec::new();
     for (field, value) in fields {
         out.push(field);
-        cstr(&mut out, value);
+        out.extend_from_slice(value);
+        out.push(0);
     }
     out.push(0);
     let mut frame = BytesMut::new();
@@ -328,6 +331,10 @@ mod tests {
         let mut plain = BytesMut::new();
         error(&mut plain, "ERROR", "22012", "division by zero");
         assert!(fatal_as_error(&plain[5..]).is_none());
+        // A message in LATIN1 (not UTF-8) is kept byte for byte.
+        let latin1 = b"SFATAL\0VFATAL\0C57P01\0Marr\xeat\0\0";
+        let frame = fatal_as_error(latin1).expect("fatal");
+        assert_eq!(&frame[5..], &b"SERROR\0VERROR\0C57P01\0Marr\xeat\0\0"[..]);
     }
 
     #[test]
