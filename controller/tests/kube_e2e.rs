@@ -221,18 +221,7 @@ async fn operator_in_cluster_runs_a_real_cluster() {
     }
 
     // kubectl patch down to one replica: pods go, the balancer stops routing to them.
-    let (ok, out) = kubectl(&[
-        "-n",
-        ns,
-        "patch",
-        "pgbc",
-        "demo",
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"replicas":1}}"#,
-    ]);
-    assert!(ok, "{out}");
+    patch_demo(ns, r#"{"spec":{"replicas":1}}"#);
     assert!(eventually(120, || async { pod_ips(ns, sel).len() == 2 }).await);
     assert!(eventually(120, || async { up_nodes(&balancer_ip) == 2 }).await);
     // Sessions reading from kept nodes go on; pgpool ends those bound to a removed replica.
@@ -685,18 +674,7 @@ async fn operator_in_cluster_runs_a_real_cluster() {
 /// served by the replica, and after a switchover writes go on through the same balancer pods.
 async fn native_engine(ns: &str, password: &str, run_plugin: &dyn Fn(&[&str]) -> (bool, String)) {
     let through_balancer = |sql: &str| psql_in_cluster(ns, "demo-balancer", 9999, password, sql);
-    let (ok, out) = kubectl(&[
-        "-n",
-        ns,
-        "patch",
-        "pgbc",
-        "demo",
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"balancer":{"engine":"native"}}}"#,
-    ]);
-    assert!(ok, "{out}");
+    patch_demo(ns, r#"{"spec":{"balancer":{"engine":"native"}}}"#);
     let started = Instant::now();
     let native = eventually(180, || async {
         (0..5).all(|_| {
@@ -776,7 +754,14 @@ async fn native_engine(ns: &str, password: &str, run_plugin: &dyn Fn(&[&str]) ->
 }
 
 fn patch_failover_delay(ns: &str, seconds: u32) {
-    let patch = format!("{{\"spec\":{{\"failover\":{{\"delaySeconds\":{seconds}}}}}}}");
+    patch_demo(
+        ns,
+        &format!("{{\"spec\":{{\"failover\":{{\"delaySeconds\":{seconds}}}}}}}"),
+    );
+}
+
+/// `kubectl patch --type=merge` of the cluster `demo` in `ns`.
+fn patch_demo(ns: &str, patch: &str) {
     let (ok, out) = kubectl(&[
         "-n",
         ns,
@@ -785,7 +770,7 @@ fn patch_failover_delay(ns: &str, seconds: u32) {
         "demo",
         "--type=merge",
         "-p",
-        &patch,
+        patch,
     ]);
     assert!(ok, "{out}");
 }
