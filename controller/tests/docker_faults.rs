@@ -6,7 +6,8 @@
 //! every instance every 100 ms.
 //!
 //! Only invariants are asserted: nothing acknowledged is lost, never two writable instances,
-//! and the cluster reports healthy again by itself (generous bound) with the same primary.
+//! and the cluster reports healthy again by itself (generous bound) with the same primary; a
+//! killed replica is detached by the balancer's agent itself, not by pgpool's health check.
 //! Afterwards no secret shows in containers' environment, arguments or logs, or in `status`.
 //! What the faults cost (failed writes and reads, the longest write gap) is printed; the
 //! figures over many rounds come from `bench/faults-docker.sh`.
@@ -99,10 +100,46 @@ async fn the_cluster_survives_each_fault_by_itself() {
         .to_owned();
 
     let mut next_id = 1;
+    // The agent keeps a connection to each backend, so the moment the replica's server goes it
+    // takes the node out of pgpool's rotation (before pgpool's health check would).
+    let watched = || {
+        docker(&[
+            "exec",
+            &replica,
+            "psql",
+            "-X",
+            "-A",
+            "-t",
+            "-h",
+            "/var/run/postgresql",
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "-c",
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgbalancer-watch'",
+        ])
+    };
+    assert!(
+        eventually(60, || async { watched() == "1" }).await,
+        "the balancer keeps no connection to {replica}: {}",
+        watched()
+    );
     survive(&s, &mut next_id, "replica killed", || {
         docker(&["kill", "-s", "KILL", &replica]);
     })
     .await;
+    let logs = text(
+        &std::process::Command::new("docker")
+            .args(["logs", &balancer])
+            .output()
+            .expect("docker logs"),
+    );
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("detached: its server went away") && l.contains("node=1")),
+        "the balancer did not detach the killed replica itself:\n{logs}"
+    );
     survive(&s, &mut next_id, "replica stopped and started", || {
         docker(&["stop", &replica]);
         std::thread::sleep(Duration::from_secs(3));

@@ -344,6 +344,24 @@ async fn the_cluster_survives_each_fault_by_itself() {
         delete_pod(NS, replica, false)
     })
     .await;
+    // The balancers' agents took the node out of pgpool's rotation themselves, the moment its
+    // server stopped, instead of waiting for pgpool's health check.
+    let slot = &replica["fx-".len()..="fx-".len()];
+    let (ok, logs) = kubectl(&[
+        "-n",
+        NS,
+        "logs",
+        "--tail=-1",
+        "-l",
+        "app.kubernetes.io/component=balancer",
+    ]);
+    assert!(ok, "{logs}");
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("detached: its server went away")
+                && l.contains(&format!("node={slot}"))),
+        "no balancer detached {replica} itself:\n{logs}"
+    );
 
     let balancer_pod = pod_ips(
         NS,

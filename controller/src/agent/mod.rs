@@ -6,7 +6,8 @@
 //! Layout: `init` (the container's first process: runs the agent, starts it again when it
 //! dies), `engine` (either engine, one interface), `supervisor` (pgpool's lifecycle),
 //! `pgpool` (SQL and PCP access), `sync` (pgpool's backend list follows `pgpool.conf` without
-//! restarts), `native` (the native engine from the same files), `api` (HTTP), `metrics`
+//! restarts), `standby_watch` (a standby whose server went away leaves pgpool's rotation at
+//! once), `native` (the native engine from the same files), `api` (HTTP), `metrics`
 //! (text format, pure).
 
 pub mod api;
@@ -15,6 +16,7 @@ pub mod init;
 pub mod metrics;
 pub mod native;
 pub mod pgpool;
+pub mod standby_watch;
 pub mod supervisor;
 pub mod sync;
 
@@ -126,6 +128,7 @@ pub async fn run(config: AgentConfig) -> std::io::Result<()> {
     });
     if matches!(agent.engine, engine::Engine::Pgpool(_)) {
         tokio::spawn(sync::run(agent.clone()));
+        tokio::spawn(standby_watch::run(agent.clone()));
     }
     let listener = tokio::net::TcpListener::bind(&config.listen).await?;
     tracing::info!(listen = %config.listen, "agent serving");

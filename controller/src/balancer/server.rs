@@ -224,6 +224,26 @@ impl Server {
         wire::read_message(&mut self.stream, &mut self.rbuf).await
     }
 
+    /// Whether the server ended this connection while nothing was asked of it: it closed the
+    /// socket, or sent an error (the `FATAL` of a terminated backend or an idle timeout, before
+    /// it closes). Reads what has arrived without waiting; anything else (a notice) stays
+    /// buffered for the session.
+    pub fn ended_while_idle(&mut self) -> bool {
+        if !self.pending.is_empty() {
+            return false;
+        }
+        // Bounded: a server that keeps sending is caught at the next check.
+        for _ in 0..16 {
+            match self.stream.try_read_buf(&mut self.rbuf) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(_) => return true,
+            }
+        }
+        wire::tags(&self.rbuf).contains(&b'E')
+    }
+
     /// Writes bytes.
     pub async fn write(&mut self, bytes: &[u8]) -> Result<(), WireError> {
         self.stream.write_all(bytes).await.map_err(Into::into)

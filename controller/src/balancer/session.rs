@@ -353,11 +353,17 @@ impl Session {
                         server.prepared.insert(name, sql);
                     }
                 }
-                self.servers
+                let written = self
+                    .servers
                     .get_mut(&target)
                     .expect("checked")
                     .write(&m.frame)
-                    .await
+                    .await;
+                match written {
+                    // Failed, and answered at the batch's `Sync`, as a lost server's batch is.
+                    Err(e) => self.server_failed(target, e, None).await,
+                    Ok(()) => Ok(()),
+                }
             }
             _ => {
                 self.batch.messages.push(m);
@@ -447,11 +453,16 @@ impl Session {
                 self.batch.target = batch.target;
                 self.batch.class = batch.class;
                 self.current = Some(target);
-                self.servers
+                let written = self
+                    .servers
                     .get_mut(&target)
                     .expect("routed")
                     .write(&bytes)
-                    .await
+                    .await;
+                match written {
+                    Err(e) => self.server_failed(target, e, None).await,
+                    Ok(()) => Ok(()),
+                }
             }
         }
     }
@@ -699,6 +710,18 @@ impl Session {
             if self.current == Some(target) {
                 self.finish_current().await?;
             }
+            self.servers.remove(&target);
+        }
+        if !held
+            && self.current != Some(target)
+            && self
+                .servers
+                .get_mut(&target)
+                .is_some_and(Server::ended_while_idle)
+        {
+            // Ended by the server while the session did not use it (terminated, timed out):
+            // the unit goes to a new connection instead of failing on this one.
+            tracing::debug!(node = target, "idle server connection ended by the server");
             self.servers.remove(&target);
         }
         if !self.servers.contains_key(&target) {

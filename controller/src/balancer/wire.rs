@@ -144,6 +144,21 @@ pub fn has_message(buf: &BytesMut) -> bool {
     }
 }
 
+/// Tags of the whole messages at the front of `buf`, in order (a partial one ends the list).
+pub fn tags(buf: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut rest = buf;
+    while rest.len() >= 5 {
+        let len = i32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]);
+        if len < 4 || rest.len() <= len as usize {
+            break;
+        }
+        out.push(rest[0]);
+        rest = &rest[len as usize + 1..];
+    }
+    out
+}
+
 /// Reads until `buf` holds one whole message and returns it.
 pub async fn read_message<R: AsyncRead + Unpin>(
     r: &mut R,
@@ -300,6 +315,22 @@ pub fn cancel_packet(pid: i32, secret: i32) -> [u8; 16] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tags_lists_whole_messages_only() {
+        let mut buf = BytesMut::new();
+        put(&mut buf, b'N', b"notice\0");
+        error(&mut buf, "FATAL", "57P01", "terminating connection");
+        assert_eq!(tags(&buf), vec![b'N', b'E']);
+        // A message cut short is not listed, nor is anything after it.
+        put(&mut buf, b'Z', b"I");
+        let cut = &buf[..buf.len() - 1];
+        assert_eq!(tags(cut), vec![b'N', b'E']);
+        assert_eq!(tags(&buf), vec![b'N', b'E', b'Z']);
+        assert!(tags(&[]).is_empty());
+        // A length below 4 is not a message.
+        assert!(tags(&[b'E', 0, 0, 0, 2, 0]).is_empty());
+    }
 
     #[test]
     fn a_fatal_error_becomes_the_same_error_of_severity_error() {
