@@ -346,7 +346,10 @@ async fn the_cluster_survives_each_fault_by_itself() {
     .await;
     // The balancers' agents took the node out of pgpool's rotation themselves, the moment its
     // server stopped, instead of waiting for pgpool's health check.
-    let slot = &replica["fx-".len()..="fx-".len()];
+    let slot = replica
+        .strip_prefix("fx-")
+        .and_then(|r| r.split('-').next())
+        .expect("a pod of instance fx-<ordinal>");
     let (ok, logs) = kubectl(&[
         "-n",
         NS,

@@ -4,11 +4,14 @@
 //! new session tries to connect to the dead server first and waits for `connect_timeout` when
 //! its address no longer answers (a container or pod that is gone), so clients with a short
 //! connect timeout of their own fail although only a replica was lost. Here the agent keeps
-//! one idle connection to each configured backend (TCP keepalives on). A server that stops,
-//! crashes or is killed closes it at once; when a fresh connection is then refused too and
-//! pgpool still has the node up as a standby, the agent detaches it through PCP. pgpool
-//! handles that as a switchover: only the sessions reading from that node end, writes go on.
-//! The backend sync loop attaches the node again once it answers as a standby.
+//! one idle connection to each configured backend (TCP keepalives on) and asks it every few
+//! seconds whether it is a standby. A server that stops, crashes or is killed ends that
+//! connection at once; when the server then does not answer a new one either (refused,
+//! unreachable, or shutting down; an authentication error or a full server is an answer) and
+//! it was a standby, the agent detaches it through PCP if pgpool still has it up and not as
+//! its primary. pgpool handles that as a switchover: only the sessions reading from that node
+//! end, writes go on. The backend sync loop attaches the node again once it answers as a
+//! standby.
 //!
 //! A primary is never detached here: losing it is a failover, which belongs to the operator.
 
@@ -24,9 +27,13 @@ use super::Agent;
 use crate::plan::{MONITOR_USER, POSTGRES_PORT};
 
 /// How long a confirming connection may take before the server counts as gone.
-const CONFIRM_TIMEOUT: Duration = Duration::from_millis(500);
-/// Time between attempts to open the kept connection while the server does not answer.
+const CONFIRM_TIMEOUT: Duration = Duration::from_millis(300);
+/// First pause between attempts to open the kept connection; it doubles up to [`RETRY_MAX`]
+/// while the server does not answer.
 const RETRY: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+/// How often the kept connection asks whether its server is a standby.
+const RECHECK: Duration = Duration::from_secs(2);
 /// How often the set of watched backends follows `pgpool.conf`.
 const FOLLOW: Duration = Duration::from_secs(1);
 
@@ -34,19 +41,21 @@ const FOLLOW: Duration = Duration::from_secs(1);
 pub async fn run(agent: Arc<Agent>) {
     let mut watchers: HashMap<(u32, String), JoinHandle<()>> = HashMap::new();
     loop {
-        let conf = std::fs::read_to_string(agent.config.path("pgpool.conf")).unwrap_or_default();
-        let wanted = configured_backends(&conf);
-        watchers.retain(|key, task| {
-            let keep = wanted.contains(key);
-            if !keep {
-                task.abort();
+        // An unreadable file leaves the watches as they are.
+        if let Ok(conf) = std::fs::read_to_string(agent.config.path("pgpool.conf")) {
+            let wanted = configured_backends(&conf);
+            watchers.retain(|key, task| {
+                let keep = wanted.contains(key);
+                if !keep {
+                    task.abort();
+                }
+                keep
+            });
+            for (slot, host) in wanted {
+                watchers
+                    .entry((slot, host.clone()))
+                    .or_insert_with(|| tokio::spawn(watch(agent.clone(), slot, host)));
             }
-            keep
-        });
-        for (slot, host) in wanted {
-            watchers
-                .entry((slot, host.clone()))
-                .or_insert_with(|| tokio::spawn(watch(agent.clone(), slot, host)));
         }
         tokio::time::sleep(FOLLOW).await;
     }
@@ -54,11 +63,18 @@ pub async fn run(agent: Arc<Agent>) {
 
 /// Holds a connection to `host` and reacts each time it ends.
 async fn watch(agent: Arc<Agent>, slot: u32, host: String) {
+    let mut pause = RETRY;
     loop {
-        if hold(&agent, &host).await && !accepts(&agent, &host).await {
-            detach(&agent, slot, &host).await;
+        match hold(&agent, &host).await {
+            Held::Never => pause = (pause * 2).min(RETRY_MAX),
+            Held::Ended { standby } => {
+                pause = RETRY;
+                if standby && !answers(&agent, &host).await {
+                    detach(&agent, slot, &host).await;
+                }
+            }
         }
-        tokio::time::sleep(RETRY).await;
+        tokio::time::sleep(pause).await;
     }
 }
 
@@ -79,36 +95,76 @@ fn config(agent: &Agent, host: &str, timeout: Duration) -> Config {
     config
 }
 
-/// Opens the kept connection and waits until it ends; `false` when it could not be opened.
-async fn hold(agent: &Agent, host: &str) -> bool {
+/// How a kept connection went.
+enum Held {
+    /// It could not be opened.
+    Never,
+    /// It was open and ended; whether the server last said it was a standby.
+    Ended { standby: bool },
+}
+
+/// Opens the kept connection and holds it until it ends, asking every [`RECHECK`] whether the
+/// server is a standby.
+async fn hold(agent: &Agent, host: &str) -> Held {
     let timeout = crate::pg::CONNECT_TIMEOUT;
     let config = config(agent, host, timeout);
-    let Ok(Ok((client, connection))) =
+    let Ok(Ok((client, mut connection))) =
         tokio::time::timeout(timeout * 2, config.connect(NoTls)).await
     else {
-        return false;
+        return Held::Never;
     };
-    // The connection future resolves when the server closes the socket or it breaks.
-    let _ = connection.await;
-    drop(client);
-    true
+    let mut standby = false;
+    loop {
+        let check = async {
+            let answer = client.query_one("SELECT pg_is_in_recovery()", &[]).await;
+            if answer.is_ok() {
+                tokio::time::sleep(RECHECK).await;
+            }
+            answer
+        };
+        tokio::select! {
+            // Resolves when the server closes the socket or it breaks.
+            _ = &mut connection => return Held::Ended { standby },
+            answer = check => match answer {
+                Ok(row) => standby = row.get(0),
+                Err(_) => {
+                    let _ = connection.await;
+                    return Held::Ended { standby };
+                }
+            },
+        }
+    }
 }
 
-/// Whether the server accepts a new connection right now (it may only have ended ours).
-async fn accepts(agent: &Agent, host: &str) -> bool {
+/// Whether the server answers a new connection right now (it may only have ended ours). A
+/// refusal by the server itself (authentication, too many clients) is an answer; only no
+/// connection at all, or a server shutting down or starting, is not.
+async fn answers(agent: &Agent, host: &str) -> bool {
     let config = config(agent, host, CONFIRM_TIMEOUT);
-    matches!(
-        tokio::time::timeout(CONFIRM_TIMEOUT, config.connect(NoTls)).await,
-        Ok(Ok(_))
-    )
+    match tokio::time::timeout(CONFIRM_TIMEOUT, config.connect(NoTls)).await {
+        Ok(Ok((client, connection))) => {
+            // Polled once more after the client is gone, it says goodbye to the server.
+            drop(client);
+            tokio::spawn(connection);
+            true
+        }
+        Ok(Err(e)) => e.as_db_error().is_some_and(|db| {
+            !matches!(
+                db.code().code(),
+                "57P01" | "57P02" | "57P03" | "57P04" | "57P05"
+            )
+        }),
+        Err(_) => false,
+    }
 }
 
-/// Detaches `slot` when pgpool runs and has it up as a standby.
+/// Detaches `slot` when pgpool runs and has it up, not as its primary. Asked through PCP:
+/// a SQL session to pgpool would itself wait for the dead server.
 async fn detach(agent: &Agent, slot: u32, host: &str) {
     if !agent.engine.is_running() {
         return;
     }
-    let Ok(nodes) = agent.engine.nodes(&agent.config).await else {
+    let Ok(nodes) = pgpool::nodes_via_pcp(&agent.config).await else {
         return;
     };
     let Some(node) = nodes.iter().find(|n| n.slot == slot) else {

@@ -271,6 +271,10 @@ impl Session {
             b'D' | b'E' | b'C' => self.push(m).await,
             b'H' => {
                 self.push(m).await?;
+                if self.skip_to_sync.is_some() {
+                    // Writing it failed: the batch is answered at its `Sync`.
+                    return Ok(());
+                }
                 let target = match self.batch.target {
                     Some(t) => t,
                     None => match self.route_batch().await? {
