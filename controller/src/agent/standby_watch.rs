@@ -8,8 +8,7 @@
 //! seconds whether it is a standby. A server that stops, crashes or is killed ends that
 //! connection at once; when the server then does not answer a new one either (refused,
 //! unreachable, or shutting down; an authentication error or a full server is an answer) and
-//! it was a standby, the agent detaches it through PCP if pgpool still has it up and not as
-//! its primary. pgpool handles that as a switchover: only the sessions reading from that node
+//! it said it was a standby, the agent detaches it through PCP. pgpool handles that as a switchover: only the sessions reading from that node
 //! end, writes go on. The backend sync loop attaches the node again once it answers as a
 //! standby.
 //!
@@ -158,23 +157,17 @@ async fn answers(agent: &Agent, host: &str) -> bool {
     }
 }
 
-/// Detaches `slot` when pgpool runs and has it up, not as its primary. Asked through PCP:
-/// a SQL session to pgpool would itself wait for the dead server.
+/// Detaches `slot` through PCP. Asked directly: listing pgpool's nodes first would cost a PCP
+/// round of its own (tens of milliseconds, during which new sessions still meet the dead
+/// server), and a SQL session to pgpool would itself wait for it. The server's own answer
+/// (a standby) is what keeps a primary from being detached; a node pgpool already has down
+/// makes PCP refuse, which changes nothing.
 async fn detach(agent: &Agent, slot: u32, host: &str) {
     if !agent.engine.is_running() {
         return;
     }
-    let Ok(nodes) = pgpool::nodes_via_pcp(&agent.config).await else {
-        return;
-    };
-    let Some(node) = nodes.iter().find(|n| n.slot == slot) else {
-        return;
-    };
-    if !node.is_up() || node.role == "primary" || node.host != host {
-        return;
-    }
     match pgpool::pcp(&agent.config, "pcp_detach_node", Some(slot)).await {
         Ok(_) => tracing::info!(node = slot, %host, "detached: its server went away"),
-        Err(e) => tracing::warn!(node = slot, error = pgpool::report(&e), "detach failed"),
+        Err(e) => tracing::debug!(node = slot, error = pgpool::report(&e), "not detached"),
     }
 }
