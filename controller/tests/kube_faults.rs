@@ -29,8 +29,9 @@ const CLUSTER: &str = "fx";
 const WRITER: &str = r#"
 id=$1; end=$((id + 6000)); : >/tmp/writes
 while [ ! -e /tmp/stop ] && [ "$id" -lt "$end" ]; do
-  if timeout 5 psql -X -q -t -A -h fx-balancer -p 9999 -U app -d app -c "INSERT INTO ledger VALUES ($id)" >/dev/null 2>&1
-  then echo "$(date +%s.%N) ok $id"; else echo "$(date +%s.%N) fail $id"; fi >>/tmp/writes
+  if timeout 5 psql -X -q -t -A -h fx-balancer -p 9999 -U app -d app -c "INSERT INTO ledger VALUES ($id)" >/dev/null 2>/tmp/write.err
+  then echo "$(date +%s.%N) ok $id"
+  else echo "$(date +%s.%N) fail $id $(head -c 160 /tmp/write.err | tr '\n' ' ')"; fi >>/tmp/writes
   id=$((id + 1)); sleep 0.05
 done
 touch /tmp/writer.done
@@ -154,6 +155,8 @@ struct Seen {
     /// When each acknowledged write was made (seconds since the epoch, the node's clock).
     acked_at: Vec<f64>,
     failed_writes: usize,
+    /// When each failed write ended (seconds since the epoch), and what psql said.
+    failed_at: Vec<(f64, String)>,
     gap: f64,
     reads: usize,
     failed_reads: usize,
@@ -199,6 +202,7 @@ async fn stop_traffic() -> Seen {
     let mut acked = Vec::new();
     let mut acked_at = Vec::new();
     let (mut failed_writes, mut gap, mut last_ok, mut last_id) = (0, 0.0f64, None::<f64>, 0);
+    let mut failed_at = Vec::new();
     for line in writes.lines() {
         let mut parts = line.split_whitespace();
         let (Some(at), Some(result), Some(id)) = (parts.next(), parts.next(), parts.next()) else {
@@ -215,6 +219,8 @@ async fn stop_traffic() -> Seen {
             acked_at.push(at);
         } else {
             failed_writes += 1;
+            let why: Vec<&str> = parts.collect();
+            failed_at.push((at, why.join(" ")));
         }
     }
     let reads = exec(&["cat", "/tmp/reads"]).1;
@@ -228,6 +234,7 @@ async fn stop_traffic() -> Seen {
         acked,
         acked_at,
         failed_writes,
+        failed_at,
         gap,
         reads: reads.lines().count(),
         failed_reads: reads.lines().filter(|l| *l == "fail").count(),
@@ -236,22 +243,27 @@ async fn stop_traffic() -> Seen {
     }
 }
 
+fn epoch_seconds() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
 /// Runs `inject` under traffic; checks the invariants and prints what the fault cost.
 async fn survive(password: &str, next_id: &mut i64, fault: &str, inject: impl AsyncFnOnce()) {
     wait_healthy(300, &format!("the fault before {fault}")).await;
     start_traffic(password, *next_id);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let at = Instant::now();
+    let injected = epoch_seconds();
     inject().await;
     // Deleting a pod takes effect a moment later: the cluster must have been seen otherwise
     // than healthy, or have stayed so for a while, before it counts as recovered.
     let _ = eventually(15, || async { !healthy() }).await;
     wait_healthy(300, fault).await;
     let healthy_after = at.elapsed().as_secs_f64();
-    let recovered = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64();
+    let recovered = epoch_seconds();
     tokio::time::sleep(Duration::from_secs(6)).await;
     let seen = stop_traffic().await;
     *next_id = seen.last_id + 1;
@@ -285,6 +297,12 @@ async fn survive(password: &str, next_id: &mut i64, fault: &str, inject: impl As
         lost.is_empty(),
         "{fault}: acknowledged writes lost: {lost:?}"
     );
+    let failed_at: Vec<String> = seen
+        .failed_at
+        .iter()
+        .map(|(t, why)| format!("{:+.1} {why}", t - injected))
+        .collect();
+    println!("{fault}: writes failed at (s from the fault): {failed_at:?}");
     println!(
         "MEASURED k8s {fault}: {} failed writes, longest write gap {:.2} s, {} of {} reads failed, healthy again after {healthy_after:.1} s",
         seen.failed_writes, seen.gap, seen.failed_reads, seen.reads
