@@ -4,13 +4,15 @@
 //! metrics from the engine's live data.
 //!
 //! Layout: `init` (the container's first process: runs the agent, starts it again when it
-//! dies), `engine` (either engine, one interface), `supervisor` (pgpool's lifecycle),
+//! dies), `drain` (a deleted balancer pod's wait for its traffic to move), `engine` (either
+//! engine, one interface), `supervisor` (pgpool's lifecycle),
 //! `pgpool` (SQL and PCP access), `sync` (pgpool's backend list follows `pgpool.conf` without
 //! restarts), `standby_watch` (a standby whose server went away leaves pgpool's rotation at
 //! once), `native` (the native engine from the same files), `api` (HTTP), `metrics`
 //! (text format, pure).
 
 pub mod api;
+pub mod drain;
 pub mod engine;
 pub mod init;
 pub mod metrics;
@@ -58,6 +60,11 @@ pub struct AgentConfig {
     /// (declare that the application's functions do not write).
     #[arg(long, env = "PGBALANCER_READ_ONLY_FUNCTIONS")]
     pub read_only_functions: bool,
+    /// Instead of running: wait until clients stop opening connections to the balancer's
+    /// port (at least 5 s, then 2 s without one, at most 20 s) and exit. The preStop hook of
+    /// a balancer pod.
+    #[arg(long)]
+    pub drain: bool,
 }
 
 impl AgentConfig {

@@ -5,7 +5,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use pgbalancer_controller::agent::{init, run, AgentConfig};
+use pgbalancer_controller::agent::{drain, init, run, AgentConfig};
+use pgbalancer_controller::plan::BALANCER_PORT;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -18,6 +19,15 @@ async fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let config = AgentConfig::parse();
+    if config.drain {
+        let (took, arrived) = drain::run(drain::BALANCER, BALANCER_PORT).await;
+        tracing::info!(
+            seconds = took.as_secs_f64(),
+            new_connections = arrived,
+            "drained"
+        );
+        return ExitCode::SUCCESS;
+    }
     if init::wanted() {
         return match init::run().await {
             Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),

@@ -251,3 +251,21 @@ fn pods_meet_pod_security_restricted_with_read_only_roots() {
         Some(vec!["CHOWN".to_owned(), "FOWNER".to_owned()])
     );
 }
+
+#[test]
+fn a_deleted_balancer_pod_drains_within_its_grace_period() {
+    let p = plan(1);
+    let d = balancer_deployment(&p, &owner(), &creds());
+    let pod = d.spec.unwrap().template.spec.unwrap();
+    let hook = pod.containers[0]
+        .lifecycle
+        .as_ref()
+        .and_then(|l| l.pre_stop.as_ref())
+        .and_then(|h| h.exec.as_ref())
+        .and_then(|e| e.command.clone())
+        .expect("a preStop command");
+    assert_eq!(hook, ["/usr/local/bin/pgbalancer-agent", "--drain"]);
+    let grace = pod.termination_grace_period_seconds.expect("a grace period");
+    let longest = crate::agent::drain::BALANCER.at_most.as_secs() as i64;
+    assert!(grace >= longest + 5, "grace {grace} s, drain up to {longest} s");
+}

@@ -92,8 +92,6 @@ fn scratch(paths: &[&str]) -> (Vec<Volume>, Vec<VolumeMount>) {
 /// Where PostgreSQL and its entrypoint write outside the data volume: the configuration and
 /// secrets copied from the projected volume, the Unix socket, temporary files.
 const POSTGRES_SCRATCH: [&str; 3] = [render::CONFIG_DIR, "/var/run/postgresql", "/tmp"];
-/// Seconds a deleted balancer pod keeps serving before it stops (see its preStop hook).
-const BALANCER_DRAIN_SECONDS: u32 = 5;
 /// Where pgpool writes: its pid and status files, its and PCP's Unix sockets.
 const BALANCER_SCRATCH: [&str; 2] = ["/var/run/pgbalancer", "/tmp"];
 
@@ -460,12 +458,16 @@ pub fn balancer_deployment(
             ..Default::default()
         }),
         // A pod being deleted leaves the Service's endpoints at once, but every node's proxy
-        // takes a moment to follow: pgpool keeps accepting for that moment, so new
-        // connections never meet a balancer that is already gone.
+        // takes a moment to follow: pgpool keeps accepting until clients stop arriving (at
+        // least 5 s, at most 20 s: `agent::drain`), so new connections never meet a balancer
+        // that is already gone.
         lifecycle: Some(Lifecycle {
             pre_stop: Some(LifecycleHandler {
                 exec: Some(ExecAction {
-                    command: Some(vec!["sleep".into(), BALANCER_DRAIN_SECONDS.to_string()]),
+                    command: Some(vec![
+                        "/usr/local/bin/pgbalancer-agent".into(),
+                        "--drain".into(),
+                    ]),
                 }),
                 ..Default::default()
             }),
@@ -518,6 +520,8 @@ pub fn balancer_deployment(
                     spec: Some(PodSpec {
                         containers: vec![container],
                         security_context: Some(pod_security()),
+                        // The drain (at most 20 s) and pgpool's stop.
+                        termination_grace_period_seconds: Some(30),
                         enable_service_links: Some(false),
                         volumes: Some(
                             std::iter::once(projected(
