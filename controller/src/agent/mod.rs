@@ -98,6 +98,8 @@ pub struct Agent {
     pub started: Instant,
     /// Nodes detached through the API: the sync loop leaves them detached.
     pub manually_detached: Mutex<BTreeSet<u32>>,
+    /// pgpool's nodes as the sync loop last read them (every second).
+    pub pool_nodes: std::sync::Mutex<Vec<crate::pool_node::PoolNode>>,
     /// Last (time, total selects) sample, for selects per second.
     pub last_sample: Mutex<Option<(Instant, i64)>>,
 }
@@ -131,6 +133,7 @@ pub async fn run(config: AgentConfig) -> std::io::Result<()> {
         engine,
         started: Instant::now(),
         manually_detached: Mutex::new(BTreeSet::new()),
+        pool_nodes: std::sync::Mutex::new(Vec::new()),
         last_sample: Mutex::new(None),
     });
     if matches!(agent.engine, engine::Engine::Pgpool(_)) {

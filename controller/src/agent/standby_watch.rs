@@ -6,9 +6,11 @@
 //! connect timeout of their own fail although only a replica was lost. Here the agent keeps
 //! one idle connection to each configured backend (TCP keepalives on) and asks it every few
 //! seconds whether it is a standby. A server that stops, crashes or is killed ends that
-//! connection at once; when the server then does not answer a new one either (refused,
-//! unreachable, or shutting down; an authentication error or a full server is an answer) and
-//! it said it was a standby, the agent detaches it through PCP. pgpool handles that as a switchover: only the sessions reading from that node
+//! connection at once (a host that vanished: within a few seconds, by TCP timeouts); when
+//! the server then does not answer a new one either (refused, unreachable, or shutting down;
+//! an authentication error or a full server is an answer), it said it was a standby, and
+//! pgpool's nodes as last read show it up and not as the primary, the agent detaches it
+//! through PCP. pgpool handles that as a switchover: only the sessions reading from that node
 //! end, writes go on. The backend sync loop attaches the node again once it answers as a
 //! standby.
 //!
@@ -33,6 +35,9 @@ const RETRY: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 /// How often the kept connection asks whether its server is a standby.
 const RECHECK: Duration = Duration::from_secs(2);
+/// Longest wait for that answer, and for sent data to be acknowledged, before the server
+/// counts as gone.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often the set of watched backends follows `pgpool.conf`.
 const FOLLOW: Duration = Duration::from_secs(1);
 
@@ -43,12 +48,13 @@ pub async fn run(agent: Arc<Agent>) {
         // An unreadable file leaves the watches as they are.
         if let Ok(conf) = std::fs::read_to_string(agent.config.path("pgpool.conf")) {
             let wanted = configured_backends(&conf);
+            // A watch that ended (it never returns; a panic would) is started again.
             watchers.retain(|key, task| {
                 let keep = wanted.contains(key);
                 if !keep {
                     task.abort();
                 }
-                keep
+                keep && !task.is_finished()
             });
             for (slot, host) in wanted {
                 watchers
@@ -65,7 +71,11 @@ async fn watch(agent: Arc<Agent>, slot: u32, host: String) {
     let mut pause = RETRY;
     loop {
         match hold(&agent, &host).await {
-            Held::Never => pause = (pause * 2).min(RETRY_MAX),
+            Held::Never => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(RETRY_MAX);
+                continue;
+            }
             Held::Ended { standby } => {
                 pause = RETRY;
                 if standby && !answers(&agent, &host).await {
@@ -90,7 +100,9 @@ fn config(agent: &Agent, host: &str, timeout: Duration) -> Config {
         .keepalives(true)
         .keepalives_idle(Duration::from_secs(2))
         .keepalives_interval(Duration::from_secs(1))
-        .keepalives_retries(2);
+        .keepalives_retries(2)
+        // Keepalives stop while sent data is unacknowledged: this bounds that case.
+        .tcp_user_timeout(ANSWER_TIMEOUT);
     config
 }
 
@@ -115,8 +127,9 @@ async fn hold(agent: &Agent, host: &str) -> Held {
     let mut standby = false;
     loop {
         let check = async {
-            let answer = client.query_one("SELECT pg_is_in_recovery()", &[]).await;
-            if answer.is_ok() {
+            let asked = client.query_one("SELECT pg_is_in_recovery()", &[]);
+            let answer = tokio::time::timeout(ANSWER_TIMEOUT, asked).await;
+            if matches!(answer, Ok(Ok(_))) {
                 tokio::time::sleep(RECHECK).await;
             }
             answer
@@ -125,11 +138,12 @@ async fn hold(agent: &Agent, host: &str) -> Held {
             // Resolves when the server closes the socket or it breaks.
             _ = &mut connection => return Held::Ended { standby },
             answer = check => match answer {
-                Ok(row) => standby = row.get(0),
-                Err(_) => {
-                    let _ = connection.await;
-                    return Held::Ended { standby };
-                }
+                Ok(Ok(row)) => standby = row.get(0),
+                // No answer in time: the server or the path to it is gone.
+                Err(_) => return Held::Ended { standby },
+                Ok(Err(e)) if e.is_closed() => return Held::Ended { standby },
+                // The server refused the question but is there: start over, detach nothing.
+                Ok(Err(_)) => return Held::Ended { standby: false },
             },
         }
     }
@@ -157,13 +171,22 @@ async fn answers(agent: &Agent, host: &str) -> bool {
     }
 }
 
-/// Detaches `slot` through PCP. Asked directly: listing pgpool's nodes first would cost a PCP
-/// round of its own (tens of milliseconds, during which new sessions still meet the dead
-/// server), and a SQL session to pgpool would itself wait for it. The server's own answer
-/// (a standby) is what keeps a primary from being detached; a node pgpool already has down
-/// makes PCP refuse, which changes nothing.
+/// Detaches `slot` through PCP, unless pgpool's nodes as the sync loop last read them show
+/// it down, as the primary, or for another host. That view is used rather than a fresh one:
+/// listing the nodes through PCP costs a round of its own (tens of milliseconds, during which
+/// new sessions still meet the dead server), and a SQL session to pgpool would itself wait
+/// for it. Detaching pgpool's primary would restart every pgpool child and stop writes.
 async fn detach(agent: &Agent, slot: u32, host: &str) {
     if !agent.engine.is_running() {
+        return;
+    }
+    let known = agent.pool_nodes.lock().ok().and_then(|nodes| {
+        nodes
+            .iter()
+            .find(|n| n.slot == slot)
+            .map(|n| n.is_up() && n.role != "primary" && n.host == host)
+    });
+    if known != Some(true) {
         return;
     }
     match pgpool::pcp(&agent.config, "pcp_detach_node", Some(slot)).await {

@@ -47,6 +47,9 @@ async fn step(agent: &Agent, applied: &mut Option<String>) -> Result<(), pgpool:
         // pgpool refuses SQL while every backend is down; PCP still answers.
         Err(_) => pgpool::nodes_via_pcp(&agent.config).await?,
     };
+    if let Ok(mut last) = agent.pool_nodes.lock() {
+        last.clone_from(&nodes);
+    }
     let detached = agent.manually_detached.lock().await.clone();
     let none_up = !nodes.iter().any(|n| n.is_up());
     for node in &nodes {

@@ -520,8 +520,8 @@ pub fn balancer_deployment(
                     spec: Some(PodSpec {
                         containers: vec![container],
                         security_context: Some(pod_security()),
-                        // The drain (at most 20 s) and pgpool's stop.
-                        termination_grace_period_seconds: Some(30),
+                        // The drain (at most 20 s), then the agent stops pgpool (up to 11 s).
+                        termination_grace_period_seconds: Some(40),
                         enable_service_links: Some(false),
                         volumes: Some(
                             std::iter::once(projected(
