@@ -2,7 +2,8 @@
 //!
 //! One backend slot per instance, slot = ordinal. pgpool never promotes (`failover_command`
 //! is empty): failover belongs to the operator. Health and replication checks run every second
-//! as `pgbalancer_monitor` so a dead replica leaves the rotation within ~3 s. pgpool's own
+//! as `pgbalancer_monitor`, so a dead replica leaves the rotation within ~3 s even when the
+//! agent's standby watch (which detaches it at once) did not see it go. pgpool's own
 //! `auto_failback` is off: the balancer agent re-attaches a configured standby once it
 //! answers again, and unlike auto_failback it leaves a node an operator detached alone.
 
