@@ -357,17 +357,7 @@ impl Session {
                         server.prepared.insert(name, sql);
                     }
                 }
-                let written = self
-                    .servers
-                    .get_mut(&target)
-                    .expect("checked")
-                    .write(&m.frame)
-                    .await;
-                match written {
-                    // Failed, and answered at the batch's `Sync`, as a lost server's batch is.
-                    Err(e) => self.server_failed(target, e, None).await,
-                    Ok(()) => Ok(()),
-                }
+                self.write_to(target, &m.frame).await
             }
             _ => {
                 self.batch.messages.push(m);
@@ -457,16 +447,7 @@ impl Session {
                 self.batch.target = batch.target;
                 self.batch.class = batch.class;
                 self.current = Some(target);
-                let written = self
-                    .servers
-                    .get_mut(&target)
-                    .expect("routed")
-                    .write(&bytes)
-                    .await;
-                match written {
-                    Err(e) => self.server_failed(target, e, None).await,
-                    Ok(()) => Ok(()),
-                }
+                self.write_to(target, &bytes).await
             }
         }
     }
@@ -484,10 +465,17 @@ impl Session {
         }
         self.cancel.set(&server.backend, server.key);
         self.current = Some(target);
-        if let Err(e) = server.write(bytes).await {
-            return self.server_failed(target, e, None).await;
+        self.write_to(target, bytes).await
+    }
+
+    /// Writes to the open server `target`; a failure is the server's loss (its pending units
+    /// and an open batch are answered with errors, at the batch's `Sync`).
+    async fn write_to(&mut self, target: u32, bytes: &[u8]) -> Result<(), WireError> {
+        let server = self.servers.get_mut(&target).expect("an open server");
+        match server.write(bytes).await {
+            Err(e) => self.server_failed(target, e, None).await,
+            Ok(()) => Ok(()),
         }
-        Ok(())
     }
 
     async fn on_server(&mut self, id: u32, m: Result<Message, WireError>) -> Result<(), WireError> {
