@@ -80,7 +80,7 @@ run kube-apiserver "$cache/kube-apiserver" --etcd-servers http://127.0.0.1:23790
   --bind-address "$bind" --advertise-address "$advertise" --secure-port 6443 --cert-dir "$dir/certs" \
   --token-auth-file "$dir/tokens.csv" --authorization-mode RBAC \
   --service-account-key-file "$dir/sa.pub" --service-account-signing-key-file "$dir/sa.key" \
-  --service-account-issuer https://kubernetes.default.svc --service-cluster-ip-range 10.96.0.0/16 \
+  --service-account-issuer https://kubernetes.default.svc --service-cluster-ip-range "${PGBALANCER_K8S_SERVICE_CIDR:-10.96.0.0/16}" \
   --allow-privileged --kubelet-preferred-address-types InternalIP,Hostname
 
 cat >"$dir/kubeconfig" <<KC

@@ -10,7 +10,7 @@
 #![allow(clippy::result_large_err)]
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -403,16 +403,31 @@ async fn prometheus(State(agent): Shared) -> Response {
     ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response()
 }
 
+/// Ready when the engine runs and has a primary up. With pgpool, the answer comes from the
+/// sync loop's last node list while it is fresh: a probe of its own would open a SCRAM
+/// session through pgpool (which connects to every backend) every two seconds, and under load
+/// that can outlast the probe's timeout and take a healthy balancer out of its Service.
 async fn healthz(State(agent): Shared) -> Response {
     if !agent.engine.is_running() {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "pgpool is not running");
+        return error(StatusCode::SERVICE_UNAVAILABLE, "the engine is not running");
     }
-    match live_nodes(&agent).await {
-        Ok(nodes) if nodes.iter().any(|n| n.role == "primary" && n.is_up()) => {
-            (StatusCode::OK, "ok\n").into_response()
-        }
-        Ok(_) => error(StatusCode::SERVICE_UNAVAILABLE, "no primary is up"),
-        Err(r) => r,
+    let max_age = Duration::from_secs(3 * agent.config.sync_interval.max(1));
+    let recent = agent
+        .pool_nodes
+        .lock()
+        .ok()
+        .and_then(|last| last.fresh(max_age).map(<[PoolNode]>::to_vec));
+    let nodes = match recent {
+        Some(nodes) => nodes,
+        None => match live_nodes(&agent).await {
+            Ok(nodes) => nodes,
+            Err(r) => return r,
+        },
+    };
+    if nodes.iter().any(|n| n.role == "primary" && n.is_up()) {
+        (StatusCode::OK, "ok\n").into_response()
+    } else {
+        error(StatusCode::SERVICE_UNAVAILABLE, "no primary is up")
     }
 }
 

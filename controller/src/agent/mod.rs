@@ -88,6 +88,26 @@ impl AgentConfig {
     }
 }
 
+/// pgpool's nodes as one step of the sync loop read them.
+#[derive(Debug, Clone, Default)]
+pub struct NodeSnapshot {
+    /// The nodes.
+    pub nodes: Vec<crate::pool_node::PoolNode>,
+    /// When they were read; `None` before the first read.
+    pub read_at: Option<Instant>,
+    /// Whether pgpool accepted the SQL session they were read through (it refuses sessions
+    /// while no backend is up; the nodes then come from PCP).
+    pub accepting: bool,
+}
+
+impl NodeSnapshot {
+    /// The nodes, when they were read through an accepted session less than `max_age` ago.
+    pub fn fresh(&self, max_age: std::time::Duration) -> Option<&[crate::pool_node::PoolNode]> {
+        let read_at = self.read_at?;
+        (self.accepting && read_at.elapsed() <= max_age).then_some(self.nodes.as_slice())
+    }
+}
+
 /// State shared by the agent's tasks.
 pub struct Agent {
     /// Configuration.
@@ -99,7 +119,7 @@ pub struct Agent {
     /// Nodes detached through the API: the sync loop leaves them detached.
     pub manually_detached: Mutex<BTreeSet<u32>>,
     /// pgpool's nodes as the sync loop last read them (every second).
-    pub pool_nodes: std::sync::Mutex<Vec<crate::pool_node::PoolNode>>,
+    pub pool_nodes: std::sync::Mutex<NodeSnapshot>,
     /// Last (time, total selects) sample, for selects per second.
     pub last_sample: Mutex<Option<(Instant, i64)>>,
 }
@@ -133,7 +153,7 @@ pub async fn run(config: AgentConfig) -> std::io::Result<()> {
         engine,
         started: Instant::now(),
         manually_detached: Mutex::new(BTreeSet::new()),
-        pool_nodes: std::sync::Mutex::new(Vec::new()),
+        pool_nodes: std::sync::Mutex::new(NodeSnapshot::default()),
         last_sample: Mutex::new(None),
     });
     if matches!(agent.engine, engine::Engine::Pgpool(_)) {
@@ -154,4 +174,33 @@ pub async fn run(config: AgentConfig) -> std::io::Result<()> {
         .await?;
     agent.engine.stop(&config).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn only_a_recent_list_read_through_an_accepted_session_is_fresh() {
+        let minute = Duration::from_secs(60);
+        assert!(NodeSnapshot::default().fresh(minute).is_none());
+        let read = NodeSnapshot {
+            nodes: Vec::new(),
+            read_at: Some(Instant::now()),
+            accepting: true,
+        };
+        assert!(read.fresh(minute).is_some());
+        let refused = NodeSnapshot {
+            accepting: false,
+            ..read.clone()
+        };
+        assert!(refused.fresh(minute).is_none());
+        let old = NodeSnapshot {
+            read_at: Instant::now().checked_sub(Duration::from_secs(5)),
+            ..read
+        };
+        assert!(old.fresh(Duration::from_secs(3)).is_none());
+        assert!(old.fresh(minute).is_some());
+    }
 }

@@ -180,8 +180,8 @@ async fn detach(agent: &Agent, slot: u32, host: &str) {
     if !agent.engine.is_running() {
         return;
     }
-    let known = agent.pool_nodes.lock().ok().and_then(|nodes| {
-        nodes
+    let known = agent.pool_nodes.lock().ok().and_then(|last| {
+        last.nodes
             .iter()
             .find(|n| n.slot == slot)
             .map(|n| n.is_up() && n.role != "primary" && n.host == host)

@@ -42,13 +42,17 @@ async fn step(agent: &Agent, applied: &mut Option<String>) -> Result<(), pgpool:
         *applied = Some(conf.clone());
     }
     let wanted = configured_backends(&conf);
-    let nodes = match pgpool::connect(&agent.config).await {
-        Ok(client) => pgpool::nodes(&client).await?,
+    let (nodes, accepting) = match pgpool::connect(&agent.config).await {
+        Ok(client) => (pgpool::nodes(&client).await?, true),
         // pgpool refuses SQL while every backend is down; PCP still answers.
-        Err(_) => pgpool::nodes_via_pcp(&agent.config).await?,
+        Err(_) => (pgpool::nodes_via_pcp(&agent.config).await?, false),
     };
     if let Ok(mut last) = agent.pool_nodes.lock() {
-        last.clone_from(&nodes);
+        *last = super::NodeSnapshot {
+            nodes: nodes.clone(),
+            read_at: Some(std::time::Instant::now()),
+            accepting,
+        };
     }
     let detached = agent.manually_detached.lock().await.clone();
     let none_up = !nodes.iter().any(|n| n.is_up());

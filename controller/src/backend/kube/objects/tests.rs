@@ -275,3 +275,17 @@ fn a_deleted_balancer_pod_drains_within_its_grace_period() {
         "grace {grace} s, drain up to {longest} s"
     );
 }
+
+#[test]
+fn a_balancer_is_ready_by_its_healthz_with_time_to_answer_under_load() {
+    let p = plan(1);
+    let d = balancer_deployment(&p, &owner(), &creds());
+    let pod = d.spec.unwrap().template.spec.unwrap();
+    let probe = pod.containers[0]
+        .readiness_probe
+        .clone()
+        .expect("a readiness probe");
+    let path = probe.http_get.and_then(|g| g.path);
+    assert_eq!(path.as_deref(), Some("/healthz"));
+    assert!(probe.timeout_seconds.unwrap_or(1) >= 3);
+}

@@ -455,6 +455,9 @@ pub fn balancer_deployment(
                 ..Default::default()
             }),
             period_seconds: Some(2),
+            // The default 1 s is short for a node with two cores under load: a balancer
+            // taken out of the Service by a slow answer refuses the clients sent to it.
+            timeout_seconds: Some(3),
             ..Default::default()
         }),
         // A pod being deleted leaves the Service's endpoints at once, but every node's proxy
