@@ -104,6 +104,7 @@ async fn the_native_engine_serves_like_one_server_and_follows_a_failover() {
     eprintln!("MEASURED select counts per node after pgbench: {nodes:?}");
 
     one_server_semantics(balancer, &password).await;
+    a_write_after_a_flush_moves_to_the_primary(balancer, &password).await;
     a_server_ending_a_connection_fails_only_its_query(&doc, balancer, &password, &superuser).await;
     driver_suite_passes_as_direct(primary_port, balancer, &superuser).await;
     wrong_password_is_refused(balancer).await;
@@ -111,6 +112,135 @@ async fn the_native_engine_serves_like_one_server_and_follows_a_failover() {
     failover_under_a_writer(&s, balancer, &password, &superuser).await;
     switchover_under_a_writer(&s, balancer, &password, &superuser).await;
     assert_success(&s.pgbalancer(&["down", NAME]));
+}
+
+/// A batch that a `Flush` sent to a replica (it began with a read) and that goes on with a
+/// write: the write runs on the primary, and the client sees one answer per message and one
+/// `ReadyForQuery` for its `Sync`, as on one server, also with batches pipelined before it on
+/// the same replica. When the replica's part failed, the rest of the batch is skipped, as a
+/// server skips to `Sync` after an error, and nothing of it runs; an error of a batch before
+/// it does not count.
+async fn a_write_after_a_flush_moves_to_the_primary(balancer: u16, password: &str) {
+    use common::raw::{self, Raw};
+    let mut c = connect(balancer as u64, "app", password, "app").await;
+    c.batch_execute("CREATE TABLE flushed (v int)")
+        .await
+        .unwrap();
+    let on_replica = "SELECT pg_is_in_recovery()";
+    let fails_on_replica = "SELECT CASE WHEN pg_is_in_recovery() THEN 1/0 ELSE 0 END";
+    // A new session whose first unit, `sql` and a Flush, ran on a replica: `true` where only
+    // a replica answers `t`, or an error where only a replica fails.
+    let replica_session = |sql: &'static str| async move {
+        for _ in 0..50 {
+            let mut session = Raw::connect(balancer, "app", password, "app").await;
+            session.send(&raw::run(sql)).await;
+            session.send(&raw::flush()).await;
+            let mut got = Vec::new();
+            while !got
+                .last()
+                .is_some_and(|m: &(u8, Vec<u8>)| m.0 == b'C' || m.0 == b'E')
+            {
+                got.push(session.recv().await);
+            }
+            let ran_on_replica = match got.last() {
+                Some((b'E', body)) => raw::error_text(body).starts_with("22012"),
+                _ => raw::first_values(&got) == [Some("t".to_owned())],
+            };
+            if ran_on_replica {
+                return session;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("no new session ran {sql} on a replica in 50 tries")
+    };
+    let errors = |got: &[(u8, Vec<u8>)]| -> Vec<String> {
+        got.iter()
+            .filter(|m| m.0 == b'E')
+            .map(|m| raw::error_text(&m.1))
+            .collect()
+    };
+    let in_step = |mut session: Raw, n: i32| async move {
+        session.send(&raw::query(&format!("SELECT {n}"))).await;
+        let got = session.until(b'Z').await;
+        assert_eq!(
+            raw::first_values(&got),
+            [Some(n.to_string())],
+            "{}",
+            raw::tags(&got)
+        );
+    };
+
+    // Read on a replica, Flush, then a write and Sync.
+    let mut session = replica_session(on_replica).await;
+    session
+        .send(&raw::run(
+            "INSERT INTO flushed VALUES (1) RETURNING pg_is_in_recovery()",
+        ))
+        .await;
+    session.send(&raw::sync()).await;
+    let got = session.until(b'Z').await;
+    assert_eq!(
+        raw::tags(&got),
+        "12DCZ",
+        "the write after a Flush: {:?}",
+        errors(&got)
+    );
+    assert_eq!(raw::first_values(&got), [Some("f".to_owned())]);
+    assert_eq!(got.last().map(|m| m.1.clone()), Some(vec![b'I']));
+    in_step(session, 42).await;
+
+    // The replica's part failed: the write after the Flush is skipped, its Sync answered.
+    let mut session = replica_session(fails_on_replica).await;
+    session
+        .send(&raw::run("INSERT INTO flushed VALUES (2)"))
+        .await;
+    session.send(&raw::sync()).await;
+    let got = session.until(b'Z').await;
+    assert_eq!(
+        raw::tags(&got),
+        "Z",
+        "after a failed part, only the Sync is answered"
+    );
+    in_step(session, 43).await;
+
+    // Pipelined on one replica, sent at once: a failing batch, a read batch with a Flush, and
+    // the write ending that batch. Only the first fails (at Bind: its plan divides by zero);
+    // each Sync gets one ReadyForQuery.
+    let mut session = replica_session(on_replica).await;
+    session.send(&raw::sync()).await;
+    assert_eq!(raw::tags(&session.until(b'Z').await), "Z");
+    let mut pipeline = raw::run(fails_on_replica);
+    pipeline.extend_from_slice(&raw::sync());
+    pipeline.extend_from_slice(&raw::run(on_replica));
+    pipeline.extend_from_slice(&raw::flush());
+    pipeline.extend_from_slice(&raw::run("INSERT INTO flushed VALUES (3) RETURNING 3"));
+    pipeline.extend_from_slice(&raw::sync());
+    session.send(&pipeline).await;
+    let mut got = session.until(b'Z').await;
+    got.extend(session.until(b'Z').await);
+    assert_eq!(raw::tags(&got), "1EZ12DC12DCZ", "{:?}", errors(&got));
+    assert!(errors(&got)[0].starts_with("22012"), "{:?}", errors(&got));
+    assert_eq!(
+        raw::first_values(&got),
+        [Some("t".to_owned()), Some("3".to_owned())]
+    );
+    in_step(session, 44).await;
+
+    let txn = c.transaction().await.unwrap();
+    let rows: Vec<i32> = txn
+        .query("SELECT v FROM flushed ORDER BY v", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    txn.commit().await.unwrap();
+    assert_eq!(
+        rows,
+        [1, 3],
+        "each write after a Flush ran once, the skipped one not at all"
+    );
+    c.batch_execute("DROP TABLE flushed").await.unwrap();
 }
 
 /// A replica ending a session's connection (its backend terminated by an administrator, as a

@@ -349,56 +349,70 @@ async fn the_cluster_survives_each_fault_by_itself() {
     );
     let mut next_id = 1;
 
-    let primary = status()["status"]["currentPrimary"]
-        .as_str()
-        .expect("a primary")
-        .to_owned();
-    let replica = if primary == "fx-1" {
-        "fx-2-0"
-    } else {
-        "fx-1-0"
-    };
-    survive(&password, &mut next_id, "replica pod deleted", async || {
-        delete_pod(NS, replica, false)
-    })
-    .await;
-    // The balancers' agents took the node out of pgpool's rotation themselves, the moment its
-    // server stopped, instead of waiting for pgpool's health check.
-    let slot = replica
-        .strip_prefix("fx-")
-        .and_then(|r| r.split('-').next())
-        .expect("a pod of instance fx-<ordinal>");
-    let (ok, logs) = kubectl(&[
-        "-n",
-        NS,
-        "logs",
-        "--tail=-1",
-        "-l",
-        "app.kubernetes.io/component=balancer",
-    ]);
-    assert!(ok, "{logs}");
-    assert!(
-        logs.lines()
-            .any(|l| l.contains("detached: its server went away")
-                && l.contains(&format!("node={slot}"))),
-        "no balancer detached {replica} itself:\n{logs}"
-    );
+    // `PGBALANCER_FAULT_ROUNDS` repeats the two pod deletions (the scenarios with goals) for
+    // repeated figures; `PGBALANCER_FAULT_DELETIONS_ONLY` leaves out the operator and API
+    // server scenarios (bench/faults-kubernetes.sh).
+    let rounds: u32 = std::env::var("PGBALANCER_FAULT_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+    for _ in 0..rounds {
+        let primary = status()["status"]["currentPrimary"]
+            .as_str()
+            .expect("a primary")
+            .to_owned();
+        let replica = if primary == "fx-1" {
+            "fx-2-0"
+        } else {
+            "fx-1-0"
+        };
+        survive(&password, &mut next_id, "replica pod deleted", async || {
+            delete_pod(NS, replica, false)
+        })
+        .await;
+        // The balancers' agents took the node out of pgpool's rotation themselves, the moment its
+        // server stopped, instead of waiting for pgpool's health check.
+        let slot = replica
+            .strip_prefix("fx-")
+            .and_then(|r| r.split('-').next())
+            .expect("a pod of instance fx-<ordinal>");
+        let (ok, logs) = kubectl(&[
+            "-n",
+            NS,
+            "logs",
+            "--tail=-1",
+            "-l",
+            "app.kubernetes.io/component=balancer",
+        ]);
+        assert!(ok, "{logs}");
+        assert!(
+            logs.lines()
+                .any(|l| l.contains("detached: its server went away")
+                    && l.contains(&format!("node={slot}"))),
+            "no balancer detached {replica} itself:\n{logs}"
+        );
 
-    let balancer_pod = pod_ips(
-        NS,
-        "app.kubernetes.io/instance=fx,app.kubernetes.io/component=balancer",
-    )
-    .first()
-    .expect("a balancer pod")
-    .0
-    .clone();
-    survive(
-        &password,
-        &mut next_id,
-        "one of two balancer pods deleted",
-        async || delete_pod(NS, &balancer_pod, false),
-    )
-    .await;
+        let balancer_pod = pod_ips(
+            NS,
+            "app.kubernetes.io/instance=fx,app.kubernetes.io/component=balancer",
+        )
+        .first()
+        .expect("a balancer pod")
+        .0
+        .clone();
+        survive(
+            &password,
+            &mut next_id,
+            "one of two balancer pods deleted",
+            async || delete_pod(NS, &balancer_pod, false),
+        )
+        .await;
+    }
+    if std::env::var_os("PGBALANCER_FAULT_DELETIONS_ONLY").is_some() {
+        clean_up().await;
+        return;
+    }
 
     // The operator killed at a pseudo-random point (0 to 4 s) after each scale change.
     let mut seed = std::time::SystemTime::now()
@@ -446,6 +460,12 @@ async fn the_cluster_survives_each_fault_by_itself() {
     scale(3);
     wait_healthy(300, "a scale after the API server came back").await;
 
+    clean_up().await;
+}
+
+/// Deletes the cluster and the client pod, checks nothing of the cluster is left, and removes
+/// the operator.
+async fn clean_up() {
     let _ = kubectl(&["-n", NS, "delete", "pod", "sql-client", "--wait=false"]);
     let (ok, out) = kubectl(&["-n", NS, "delete", "pgbc", CLUSTER]);
     assert!(ok, "{out}");

@@ -44,6 +44,9 @@ struct Batch {
     needs: Vec<String>,
     /// Set once a `Flush` sent part of the batch: the rest follows it.
     target: Option<u32>,
+    /// The server answered part of the batch sent after a `Flush` with an error: it skips
+    /// the rest up to `Sync`.
+    failed: bool,
 }
 
 /// A session after startup.
@@ -240,6 +243,9 @@ impl Session {
                 let name = wire::take_name(&mut body)?;
                 let sql = wire::take_bytes(&mut body)?;
                 let class = classify(sql, self.engine.settings.unknown_functions);
+                if self.leave_flushed_replica(class).await? {
+                    return Ok(());
+                }
                 let st = Statement {
                     sql: sql.into(),
                     class,
@@ -253,12 +259,18 @@ impl Session {
                 let mut body = m.body();
                 let _portal = wire::take_bytes(&mut body)?;
                 let name = wire::take_name(&mut body)?;
+                if self.leave_flushed_replica(self.class_of(&name)).await? {
+                    return Ok(());
+                }
                 self.uses(&name);
                 self.push(m).await
             }
             b'D' if m.body().first() == Some(&b'S') => {
                 let mut body = &m.body()[1..];
                 let name = wire::take_name(&mut body)?;
+                if self.leave_flushed_replica(self.class_of(&name)).await? {
+                    return Ok(());
+                }
                 self.uses(&name);
                 self.push(m).await
             }
@@ -366,6 +378,68 @@ impl Session {
         }
     }
 
+    /// The class of the client's statement `name` (a read when there is none: the server
+    /// reports that).
+    fn class_of(&self, name: &str) -> Class {
+        self.statements.get(name).map_or(Class::Read, |s| s.class)
+    }
+
+    /// A message of `class` came in a batch that a `Flush` already sent to a replica (the
+    /// batch began with reads). When it must run on the primary, the replica's part ends with
+    /// a `Sync` of the engine's (its answers are relayed, its `ReadyForQuery` is not: the
+    /// client's own `Sync` gets one), and the rest of the batch starts over, routed again at
+    /// its next `Flush` or `Sync`. `true` when the replica's part had failed: as on one
+    /// server, the rest of the batch up to its `Sync` is skipped, and that `Sync` answered.
+    ///
+    /// A portal bound on the replica does not exist on the primary: executing it there after
+    /// the move fails, as a portal of an ended transaction does.
+    async fn leave_flushed_replica(&mut self, class: Class) -> Result<bool, WireError> {
+        let Some(target) = self.batch.target else {
+            return Ok(false);
+        };
+        if class == Class::Read
+            || self.sync_owed
+            || self.txn.or(self.pinned).is_some()
+            || self.engine.primary().map(|b| b.id) == Some(target)
+        {
+            return Ok(false);
+        }
+        let mut sync = BytesMut::new();
+        wire::put(&mut sync, b'S', &[]);
+        self.write_to(target, &sync).await?;
+        while let Some(server) = self.servers.get_mut(&target) {
+            let m = server.read().await;
+            // Units pipelined before the batch are answered first, and a replayed setting's
+            // `ReadyForQuery` is swallowed: the one after them all is the engine's `Sync`'s.
+            let ours = matches!(&m, Ok(m) if m.tag == b'Z')
+                && server.pending.is_empty()
+                && !server.swallow.contains(&Swallow::UntilReady);
+            if self.out.len() > 65_536 {
+                self.client.write_all(&self.out).await?;
+                self.out.clear();
+            }
+            let before = self.out.len();
+            self.on_server(target, m).await?;
+            if ours {
+                self.out.truncate(before);
+                break;
+            }
+        }
+        if self.current == Some(target) {
+            self.current = None;
+        }
+        if self.skip_to_sync.is_some() {
+            // The replica was lost: its part was answered with an error (`server_failed`).
+            return Ok(true);
+        }
+        let failed = self.batch.failed;
+        self.batch = Batch::default();
+        if failed {
+            self.skip_to_sync = Some(true);
+        }
+        Ok(failed)
+    }
+
     /// The batch uses statement `name`: its class counts, and it must exist where it runs.
     fn uses(&mut self, name: &str) {
         let parsed_here = self.batch.messages.iter().any(|m| {
@@ -446,7 +520,11 @@ impl Session {
             None => {
                 self.batch.target = batch.target;
                 self.batch.class = batch.class;
+                self.batch.failed = batch.failed;
                 self.current = Some(target);
+                if let Some(server) = self.servers.get(&target) {
+                    self.cancel.set(&server.backend, server.key);
+                }
                 self.write_to(target, &bytes).await
             }
         }
@@ -552,6 +630,11 @@ impl Session {
             }
             b'E' => {
                 self.setting_sent.remove(&id);
+                // Units sent before the batch are answered before it: an error while one is
+                // pending is theirs.
+                if self.batch.target == Some(id) && server.pending.is_empty() {
+                    self.batch.failed = true;
+                }
             }
             b'G' => self.copy_in = Some((id, self.extended)),
             _ => {}

@@ -11,6 +11,7 @@ use serde_json::Value;
 use tokio_postgres::{Client, NoTls};
 
 pub mod kube;
+pub mod raw;
 pub mod traffic;
 
 /// A scenario: a cluster name, a private state directory, and cleanup on drop.
