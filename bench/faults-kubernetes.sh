@@ -43,7 +43,7 @@ done
 # "run N: SCENARIO: F failed writes, longest write gap G s, R of T reads failed, healthy again
 # after H s" and "run N: operator killed D s into a scale to K: converged after H s".
 echo
-printf '%-40s %18s %18s %18s %20s\n' scenario "failed writes" "write gap s" "failed reads" "healthy after s"
+printf '%-34s  %18s  %20s  %14s  %20s\n' scenario "failed writes" "write gap s" "failed reads" "healthy after s"
 sed -E 's/^run [0-9]+: //; s/killed [0-9.]+ s into/killed during/' "$work/measured" | awk -F': ' '
   # The number right after the text matched by `before` (a regular expression).
   function num(text, before,   m) {
@@ -63,5 +63,5 @@ sed -E 's/^run [0-9]+: //; s/killed [0-9.]+ s into/killed during/' "$work/measur
     for (i = 1; i <= k; i++) for (j = i + 1; j <= k; j++) if (a[j] + 0 < a[i] + 0) { t = a[i]; a[i] = a[j]; a[j] = t }
     return a[int((k + 1) / 2)] " / " a[int(k * 0.95 + 0.999)] " / " a[k]
   }
-  END { for (i = 1; i <= n; i++) { s = name[i]; printf "%-40s %18s %18s %18s %20s\n", s, stat(F[s]), stat(G[s]), stat(R[s]), stat(H[s]) } }'
+  END { for (i = 1; i <= n; i++) { s = name[i]; printf "%-34s  %18s  %20s  %14s  %20s\n", s, stat(F[s]), stat(G[s]), stat(R[s]), stat(H[s]) } }'
 echo "(p50 / p95 / largest over every measurement of $runs runs)"

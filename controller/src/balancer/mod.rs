@@ -344,6 +344,14 @@ impl Engine {
 
     /// The engine's answer to `SHOW POOL_NODES` and friends, when `sql` is one.
     pub fn answer_show(&self, sql: &[u8]) -> Option<bytes::BytesMut> {
+        // Every simple query passes here: anything else is turned away before any allocation.
+        let start = sql.trim_ascii_start();
+        if !start
+            .get(..4)
+            .is_some_and(|w| w.eq_ignore_ascii_case(b"show"))
+        {
+            return None;
+        }
         show::answer(self, std::str::from_utf8(sql).ok()?)
     }
 }
