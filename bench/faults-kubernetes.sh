@@ -3,7 +3,7 @@
 # pod deleted, one of two balancer pods deleted, the leading operator killed during scale up and
 # down five times, the API server stopped for 30 s) RUNS times (default 3) on the test
 # Kubernetes with a real node, the operator in the cluster and the traffic from a client pod.
-# Prints every measurement, then per scenario the median and the largest of: failed writes,
+# Prints every measurement, then per scenario p50, p95 and the largest of: failed writes,
 # the longest write gap, failed reads, and the seconds until healthy (converged) again.
 # About 10 minutes a run. Starts its own Kubernetes; do not run beside the tests.
 # ROUNDS (default 1) repeats the two pod deletions within each run; DELETIONS_ONLY=1 leaves out

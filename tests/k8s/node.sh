@@ -13,8 +13,10 @@ kc=$dir/kubeconfig
 dns_ip=$(ip -4 -o addr show docker0 | awk '{print $4}' | cut -d/ -f1)
 pod_cidr=$(ip -4 -o route show dev docker0 | awk '/proto kernel/ {print $1; exit}')
 cmd=${1:-start}
+service_cidr=${PGBALANCER_K8S_SERVICE_CIDR:-10.96.0.0/16}
 
 stop() {
+  iptables -D DOCKER-USER -d "$service_cidr" -j REJECT 2>/dev/null || true
   for name in dns-sync dnsmasq kube-proxy kubelet; do
     [ -f "$dir/$name.pid" ] && kill "$(cat "$dir/$name.pid")" 2>/dev/null || true
   done
@@ -91,15 +93,18 @@ run kubelet "$cache/kubelet" --kubeconfig "$kc" --config "$dir/kubelet.yaml" --c
   --root-dir "$dir/kubelet" --address 0.0.0.0
 run kube-proxy "$cache/kube-proxy" --kubeconfig "$kc" --hostname-override node1 --proxy-mode iptables \
   --cluster-cidr "$pod_cidr" --oom-score-adj=0 --conntrack-max-per-core=0
-# kube-proxy appends its FORWARD rules after Docker's, whose "from docker0, not to docker0:
-# ACCEPT" comes first: a pod's connection to a Service without ready endpoints would then skip
+# kube-proxy's FORWARD rules come after Docker's, whose "from docker0, not to docker0: ACCEPT"
+# matches first: a pod's connection to a Service without ready endpoints would then skip
 # kube-proxy's REJECT and leave through the host's default route (on a machine whose gateway
 # answers anything, psql then reads "invalid response to SSL negotiation"). Refuse it here, as
 # kube-proxy does on a node of its own. DOCKER-USER is Docker's place for such rules; a Service
 # address with endpoints is already translated to a pod's address before FORWARD.
-service_cidr=${PGBALANCER_K8S_SERVICE_CIDR:-10.96.0.0/16}
-iptables -C DOCKER-USER -d "$service_cidr" -j REJECT 2>/dev/null ||
-  iptables -I DOCKER-USER -d "$service_cidr" -j REJECT
+if iptables -nL DOCKER-USER >/dev/null 2>&1; then
+  iptables -C DOCKER-USER -d "$service_cidr" -j REJECT 2>/dev/null ||
+    iptables -I DOCKER-USER -d "$service_cidr" -j REJECT
+else
+  echo "node.sh: no DOCKER-USER chain (Docker without iptables?): Services without endpoints are not refused" >&2
+fi
 
 # Cluster DNS: dnsmasq on docker0, hosts regenerated from Services and Endpoints.
 touch "$dir/hosts"

@@ -404,19 +404,22 @@ async fn prometheus(State(agent): Shared) -> Response {
 }
 
 /// Ready when the engine runs and has a primary up. With pgpool, the answer comes from the
-/// sync loop's last node list while it is fresh: a probe of its own would open a SCRAM
-/// session through pgpool (which connects to every backend) every two seconds, and under load
-/// that can outlast the probe's timeout and take a healthy balancer out of its Service.
+/// sync loop's last node list while it is fresh (read through an accepted session, from the
+/// running pgpool, within three sync intervals and at least 6 s: a step that waits for a
+/// down node's connection takes a while): a probe of its own would open a SCRAM session
+/// through pgpool (which connects to every backend) every two seconds, and under load that
+/// can outlast the probe's timeout and take a healthy balancer out of its Service.
 async fn healthz(State(agent): Shared) -> Response {
     if !agent.engine.is_running() {
         return error(StatusCode::SERVICE_UNAVAILABLE, "the engine is not running");
     }
-    let max_age = Duration::from_secs(3 * agent.config.sync_interval.max(1));
+    let max_age = Duration::from_secs((3 * agent.config.sync_interval).max(6));
+    let restarts = agent.engine.restarts();
     let recent = agent
         .pool_nodes
         .lock()
         .ok()
-        .and_then(|last| last.fresh(max_age).map(<[PoolNode]>::to_vec));
+        .and_then(|last| last.fresh(max_age, restarts).map(<[PoolNode]>::to_vec));
     let nodes = match recent {
         Some(nodes) => nodes,
         None => match live_nodes(&agent).await {

@@ -98,13 +98,22 @@ pub struct NodeSnapshot {
     /// Whether pgpool accepted the SQL session they were read through (it refuses sessions
     /// while no backend is up; the nodes then come from PCP).
     pub accepting: bool,
+    /// The engine's restart count before they were read: a list from a pgpool that has
+    /// since been restarted says nothing about the new one.
+    pub restarts: u64,
 }
 
 impl NodeSnapshot {
-    /// The nodes, when they were read through an accepted session less than `max_age` ago.
-    pub fn fresh(&self, max_age: std::time::Duration) -> Option<&[crate::pool_node::PoolNode]> {
+    /// The nodes, when they were read through an accepted session less than `max_age` ago,
+    /// from the pgpool of restart count `restarts`.
+    pub fn fresh(
+        &self,
+        max_age: std::time::Duration,
+        restarts: u64,
+    ) -> Option<&[crate::pool_node::PoolNode]> {
         let read_at = self.read_at?;
-        (self.accepting && read_at.elapsed() <= max_age).then_some(self.nodes.as_slice())
+        (self.accepting && self.restarts == restarts && read_at.elapsed() <= max_age)
+            .then_some(self.nodes.as_slice())
     }
 }
 
@@ -184,23 +193,25 @@ mod tests {
     #[test]
     fn only_a_recent_list_read_through_an_accepted_session_is_fresh() {
         let minute = Duration::from_secs(60);
-        assert!(NodeSnapshot::default().fresh(minute).is_none());
+        assert!(NodeSnapshot::default().fresh(minute, 0).is_none());
         let read = NodeSnapshot {
             nodes: Vec::new(),
             read_at: Some(Instant::now()),
             accepting: true,
+            restarts: 2,
         };
-        assert!(read.fresh(minute).is_some());
+        assert!(read.fresh(minute, 2).is_some());
+        assert!(read.fresh(minute, 3).is_none(), "pgpool restarted since");
         let refused = NodeSnapshot {
             accepting: false,
             ..read.clone()
         };
-        assert!(refused.fresh(minute).is_none());
+        assert!(refused.fresh(minute, 2).is_none());
         let old = NodeSnapshot {
             read_at: Instant::now().checked_sub(Duration::from_secs(5)),
             ..read
         };
-        assert!(old.fresh(Duration::from_secs(3)).is_none());
-        assert!(old.fresh(minute).is_some());
+        assert!(old.fresh(Duration::from_secs(3), 2).is_none());
+        assert!(old.fresh(minute, 2).is_some());
     }
 }

@@ -42,6 +42,8 @@ async fn step(agent: &Agent, applied: &mut Option<String>) -> Result<(), pgpool:
         *applied = Some(conf.clone());
     }
     let wanted = configured_backends(&conf);
+    let restarts = agent.engine.restarts();
+    let read_at = std::time::Instant::now();
     let (nodes, accepting) = match pgpool::connect(&agent.config).await {
         Ok(client) => (pgpool::nodes(&client).await?, true),
         // pgpool refuses SQL while every backend is down; PCP still answers.
@@ -50,8 +52,9 @@ async fn step(agent: &Agent, applied: &mut Option<String>) -> Result<(), pgpool:
     if let Ok(mut last) = agent.pool_nodes.lock() {
         *last = super::NodeSnapshot {
             nodes: nodes.clone(),
-            read_at: Some(std::time::Instant::now()),
+            read_at: Some(read_at),
             accepting,
+            restarts,
         };
     }
     let detached = agent.manually_detached.lock().await.clone();
