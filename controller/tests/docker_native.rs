@@ -243,6 +243,11 @@ async fn a_write_after_a_flush_moves_to_the_primary(balancer: u16, password: &st
     c.batch_execute("DROP TABLE flushed").await.unwrap();
 }
 
+/// The process id of the server process running this query, and whether that server is a
+/// replica. Not `pg_backend_pid()`: a session calling it is pinned to the primary.
+const OWN_PID_AND_ROLE: &str = "SELECT pid, pg_is_in_recovery() FROM pg_stat_activity \
+     WHERE query LIKE '%own-pid-and-role%' AND state = 'active'";
+
 /// A replica ending a session's connection (its backend terminated by an administrator, as a
 /// shutdown does) fails only the query running there, as an `ERROR` with the server's code:
 /// the session goes on. A connection ended while the session did not use it fails nothing:
@@ -263,10 +268,7 @@ async fn a_server_ending_a_connection_fails_only_its_query(
     c.batch_execute("SET application_name = 'ended-by-server'")
         .await
         .unwrap();
-    let row = c
-        .query_one("SELECT pg_backend_pid(), pg_is_in_recovery()", &[])
-        .await
-        .unwrap();
+    let row = c.query_one(OWN_PID_AND_ROLE, &[]).await.unwrap();
     let (pid, on_replica): (i32, bool) = (row.get(0), row.get(1));
     assert!(on_replica, "a fresh session's read did not go to a replica");
     let sleeper = {
@@ -337,10 +339,14 @@ async fn a_server_ending_a_connection_fails_only_its_query(
     assert!(gone, "the terminated backend {pid} did not end");
     for _ in 0..10 {
         let row = c
-            .query_one("SELECT pg_backend_pid()", &[])
+            .query_one(OWN_PID_AND_ROLE, &[])
             .await
             .expect("a read after the idle connection was ended by its server");
         assert_ne!(row.get::<_, i32>(0), pid, "the ended connection answered");
+        assert!(
+            row.get::<_, bool>(1),
+            "the read after it did not run on a replica"
+        );
     }
 }
 
@@ -600,14 +606,8 @@ fn driver_suite(port: u16, superuser: &str, only: &[String]) -> (Vec<String>, u6
     (failed, ran)
 }
 
-/// A session through the balancer survives its primary connection being terminated by an
-/// administrator when its next statement is a read (the read goes to a replica); one server
-/// would end the session. psycopg2 tests exactly that once.
-const KNOWN_DIFFERENCES: &[&str] = &["tests.test_cursor.CursorTests.test_external_close_async"];
-
 /// psycopg2's own suite passes through the native engine as it passes direct: every test that
-/// fails only through the balancer is run again both ways, and must be a timing flake or a
-/// known difference.
+/// fails only through the balancer is run again both ways, and must be a timing flake.
 async fn driver_suite_passes_as_direct(primary: u16, balancer: u16, superuser: &str) {
     connect(primary as u64, "postgres", superuser, "postgres")
         .await
@@ -625,10 +625,7 @@ async fn driver_suite_passes_as_direct(primary: u16, balancer: u16, superuser: &
         ran_direct > 500 && ran_native == ran_direct,
         "the suite did not run whole"
     );
-    let only_native: Vec<String> = native
-        .into_iter()
-        .filter(|t| !direct.contains(t) && !KNOWN_DIFFERENCES.contains(&t.as_str()))
-        .collect();
+    let only_native: Vec<String> = native.into_iter().filter(|t| !direct.contains(t)).collect();
     let mut regressions = Vec::new();
     for t in &only_native {
         let again_native = driver_suite(balancer, superuser, std::slice::from_ref(t)).0;

@@ -237,6 +237,12 @@ fn function(name: &str) -> Function {
         };
     }
     match name {
+        // A session that asks for its process id will use it (to signal or terminate that
+        // process from another session): the process must be the one that runs its queries.
+        "PG_BACKEND_PID" => return Function::Session,
+        _ => {}
+    }
+    match name {
         // Keywords that take parentheses, not functions.
         "IN" | "EXISTS" | "ANY" | "ALL" | "SOME" | "ARRAY" | "ROW" | "CAST" | "VALUES" | "OVER"
         | "FILTER" | "WITHIN" | "AS" | "ON" | "USING" | "SELECT" | "FROM" | "WHERE" | "AND"
@@ -342,7 +348,6 @@ fn function(name: &str) -> Function {
         | "PG_IS_IN_RECOVERY"
         | "PG_LAST_WAL_REPLAY_LSN"
         | "PG_LAST_WAL_RECEIVE_LSN"
-        | "PG_BACKEND_PID"
         | "INET_SERVER_ADDR"
         | "HAS_TABLE_PRIVILEGE"
         | "PG_RELATION_SIZE"
@@ -446,6 +451,7 @@ mod tests {
             ("DECLARE c CURSOR WITH HOLD FOR SELECT 1", Pin),
             ("SELECT pg_advisory_lock(1)", Pin),
             ("SELECT pg_try_advisory_lock(1)", Pin),
+            ("select pg_backend_pid()", Pin),
             ("SELECT pg_advisory_xact_lock(1)", Write),
         ];
         for (sql, want) in cases {
