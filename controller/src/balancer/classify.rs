@@ -236,11 +236,10 @@ fn function(name: &str) -> Function {
             Function::Session
         };
     }
-    match name {
-        // A session that asks for its process id will use it (to signal or terminate that
-        // process from another session): the process must be the one that runs its queries.
-        "PG_BACKEND_PID" => return Function::Session,
-        _ => {}
+    // A session that asks for its process id will use it (to signal or terminate that process
+    // from another session): the process must be the one that runs its queries.
+    if name == "PG_BACKEND_PID" {
+        return Function::Session;
     }
     match name {
         // Keywords that take parentheses, not functions.
