@@ -23,6 +23,10 @@ pub struct Credentials {
     /// Bearer token for the balancer agent's mutating REST endpoints.
     #[serde(default = "random_secret")]
     pub api_token: String,
+    /// Docker: the balancer's generated TLS certificate, made when TLS is first enabled (on
+    /// Kubernetes it is a Secret of its own, `<cluster>-balancer-tls`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balancer_tls: Option<crate::tls::TlsBundle>,
 }
 
 fn random_secret() -> String {
@@ -45,6 +49,7 @@ impl Credentials {
             monitor_password: random_secret(),
             pcp_password: random_secret(),
             api_token: random_secret(),
+            balancer_tls: None,
         }
     }
 }

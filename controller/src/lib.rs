@@ -24,3 +24,4 @@ pub mod pool_node;
 pub mod reconcile;
 pub mod render;
 pub mod status;
+pub mod tls;

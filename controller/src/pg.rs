@@ -26,6 +26,9 @@ pub enum PgError {
         #[source]
         source: tokio_postgres::Error,
     },
+    /// TLS could not be set up on this side.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The connection attempt did not finish in time.
     #[error("connecting to {address} timed out")]
     Timeout { address: String },
@@ -53,8 +56,75 @@ pub async fn connect(
     password: &str,
     db: &str,
 ) -> Result<Client, PgError> {
-    let address = format!("{host}:{port}");
+    connect_with(host, port, user, password, db, NoTls).await
+}
+
+/// Opens a TLS connection (`sslmode=verify-full`): the server's certificate must be signed by
+/// the CA `ca_pem` and be for `host`.
+pub async fn connect_tls(
+    host: &str,
+    port: u16,
+    user: &str,
+    password: &str,
+    db: &str,
+    ca_pem: &str,
+) -> Result<Client, PgError> {
+    use rustls_pki_types::pem::PemObject;
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()).flatten() {
+        // A CA that does not parse leaves the store empty: the handshake then fails, named.
+        let _ = roots.add(cert);
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| PgError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     let mut config = Config::new();
+    config.ssl_mode(tokio_postgres::config::SslMode::Require);
+    connect_with_config(
+        config,
+        host,
+        port,
+        user,
+        password,
+        db,
+        tokio_postgres_rustls::MakeRustlsConnect::new(tls),
+    )
+    .await
+}
+
+async fn connect_with<T>(
+    host: &str,
+    port: u16,
+    user: &str,
+    password: &str,
+    db: &str,
+    tls: T,
+) -> Result<Client, PgError>
+where
+    T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>,
+    T::Stream: Send + 'static,
+{
+    connect_with_config(Config::new(), host, port, user, password, db, tls).await
+}
+
+async fn connect_with_config<T>(
+    mut config: Config,
+    host: &str,
+    port: u16,
+    user: &str,
+    password: &str,
+    db: &str,
+    tls: T,
+) -> Result<Client, PgError>
+where
+    T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>,
+    T::Stream: Send + 'static,
+{
+    let address = format!("{host}:{port}");
     config
         .host(host)
         .port(port)
@@ -63,7 +133,7 @@ pub async fn connect(
         .dbname(db)
         .application_name("pgbalancer")
         .connect_timeout(CONNECT_TIMEOUT);
-    let (client, connection) = tokio::time::timeout(CONNECT_TIMEOUT * 2, config.connect(NoTls))
+    let (client, connection) = tokio::time::timeout(CONNECT_TIMEOUT * 2, config.connect(tls))
         .await
         .map_err(|_| PgError::Timeout {
             address: address.clone(),

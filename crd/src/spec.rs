@@ -238,6 +238,50 @@ pub struct BalancerSpec {
     /// (default: they may write) or `replica` (the application's functions do not write).
     #[serde(default)]
     pub unknown_functions: UnknownFunctions,
+    /// TLS between clients and the balancer (either engine).
+    #[serde(default)]
+    pub tls: BalancerTls,
+}
+
+/// TLS between clients and the balancer.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BalancerTls {
+    /// `disabled` (default): clients asking for TLS are told no and go on in plain text (or
+    /// give up, as `sslmode=require` does); `enabled`: clients may use TLS; `required`:
+    /// clients must (the balancer's own checks over loopback excepted).
+    #[serde(default)]
+    pub mode: TlsMode,
+    /// Kubernetes: an existing Secret of type `kubernetes.io/tls` (`tls.crt`, `tls.key`, for
+    /// example from cert-manager) the balancers present. When absent, a CA and a certificate
+    /// for the balancer's names are generated once (`<cluster>-balancer-tls`, with the CA in
+    /// `ca.crt`; on Docker in the cluster's state).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_secret: Option<String>,
+}
+
+/// Whether clients use TLS to the balancer.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// No TLS.
+    #[default]
+    Disabled,
+    /// TLS for the clients that ask for it.
+    Enabled,
+    /// TLS for every client.
+    Required,
+}
+
+impl TlsMode {
+    /// The name the agent takes (`PGBALANCER_TLS`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsMode::Disabled => "disabled",
+            TlsMode::Enabled => "enabled",
+            TlsMode::Required => "required",
+        }
+    }
 }
 
 /// The balancer's engine.
@@ -320,6 +364,7 @@ impl Default for BalancerSpec {
             engine: BalancerEngine::default(),
             consistency: ReadConsistency::default(),
             unknown_functions: UnknownFunctions::default(),
+            tls: BalancerTls::default(),
         }
     }
 }

@@ -292,6 +292,19 @@ fn check_balancer(spec: &PgBalancerClusterSpec, c: &mut Collector) {
             format!("{} is out of range 1..=64", b.max_pool),
         );
     }
+    if let Some(name) = &b.tls.certificate_secret {
+        if !is_dns_subdomain(name) {
+            c.err(
+                "spec.balancer.tls.certificateSecret",
+                format!("{name:?} is not a valid Secret name (lowercase DNS subdomain)"),
+            );
+        } else if b.tls.mode == TlsMode::Disabled {
+            c.err(
+                "spec.balancer.tls.certificateSecret",
+                "is set while spec.balancer.tls.mode is disabled; set mode to enabled or required",
+            );
+        }
+    }
     let needed = pool_connections(spec);
     match spec.postgres.parameters.get("max_connections") {
         Some(value) => {
@@ -599,6 +612,20 @@ pub fn explicit_container_names(spec: &PgBalancerClusterSpec) -> Vec<(String, St
         out.push((n, "spec.local.balancer.containerName".into()));
     }
     out
+}
+
+/// A Kubernetes object name: dot-separated DNS labels, at most 253 characters.
+fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label_or_digit_start)
+}
+
+fn is_dns_label_or_digit_start(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && !s.ends_with('-')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
 }
 
 fn is_dns_label(s: &str) -> bool {

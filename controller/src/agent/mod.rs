@@ -60,6 +60,10 @@ pub struct AgentConfig {
     /// (declare that the application's functions do not write).
     #[arg(long, env = "PGBALANCER_READ_ONLY_FUNCTIONS")]
     pub read_only_functions: bool,
+    /// Native engine: TLS from clients, with `tls/tls.crt` and `tls/tls.key` (pgpool takes
+    /// its TLS settings from `pgpool.conf` and `pool_hba.conf`).
+    #[arg(long, env = "PGBALANCER_TLS", value_enum, default_value_t = crate::balancer::TlsMode::Disabled)]
+    pub tls: crate::balancer::TlsMode,
     /// Instead of running: wait until clients stop opening connections to the balancer's
     /// port (at least 5 s, then 2 s without one, at most 20 s) and exit. The preStop hook of
     /// a balancer pod.
@@ -152,6 +156,7 @@ pub async fn run(config: AgentConfig) -> std::io::Result<()> {
                 } else {
                     crate::balancer::classify::UnknownFunctions::Primary
                 },
+                tls: config.tls,
                 ..Default::default()
             };
             engine::Engine::Native(native::start(&config, settings).await?)

@@ -1,7 +1,8 @@
 //! Runs the native engine from the same files pgpool reads: the listen port, the backends
 //! and the lag bound from `pgpool.conf`, the users from `secrets/pool_passwd`, the monitoring
-//! password from `secrets/monitor-password`; the files are followed, so scaling and changed
-//! credentials take effect without a restart.
+//! password from `secrets/monitor-password`, with TLS on the certificate and key from `tls/`;
+//! the files are followed, so scaling, changed credentials and a renewed certificate take
+//! effect without a restart.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -172,7 +173,23 @@ pub fn apply(config: &AgentConfig, engine: &balancer::Engine) -> Result<(), Read
     let users = read(config, "secrets/pool_passwd").map(|users| {
         engine.configure_users(&parse_pool_passwd(&users));
     });
-    conf.and(users)
+    conf.and(users).and(apply_tls(config, engine))
+}
+
+/// With TLS on, serves the certificate and key in `tls/` (a pair that cannot be read or used
+/// leaves the previous one in place).
+fn apply_tls(config: &AgentConfig, engine: &balancer::Engine) -> Result<(), ReadError> {
+    if engine.settings.tls == balancer::TlsMode::Disabled {
+        return Ok(());
+    }
+    let cert = read(config, crate::tls::CERT_FILE)?;
+    let key = read(config, crate::tls::KEY_FILE)?;
+    engine
+        .configure_tls(cert.as_bytes(), key.as_bytes())
+        .map_err(|e| ReadError {
+            path: config.path(crate::tls::CERT_FILE).display().to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+        })
 }
 
 /// Applies the files every sync interval; a read failure is logged when it starts or changes

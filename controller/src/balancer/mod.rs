@@ -11,6 +11,7 @@
 
 pub mod backends;
 pub mod classify;
+pub mod client;
 pub mod monitor;
 pub mod scram;
 pub mod server;
@@ -44,6 +45,18 @@ pub enum Consistency {
     Strict,
 }
 
+/// Whether clients use TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum TlsMode {
+    /// Clients asking for TLS are told no.
+    #[default]
+    Disabled,
+    /// Clients may use TLS.
+    Enabled,
+    /// Clients must use TLS, except over loopback (the agent's own sessions).
+    Required,
+}
+
 /// The engine's settings.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -57,6 +70,8 @@ pub struct Settings {
     pub check_interval: Duration,
     /// Reads may go to replicas at all.
     pub load_balance: bool,
+    /// TLS from clients.
+    pub tls: TlsMode,
 }
 
 impl Default for Settings {
@@ -67,6 +82,7 @@ impl Default for Settings {
             unknown_functions: UnknownFunctions::Primary,
             check_interval: Duration::from_millis(20),
             load_balance: true,
+            tls: TlsMode::Disabled,
         }
     }
 }
@@ -156,6 +172,8 @@ pub struct Engine {
     /// A verifier of a random password, made once: an unknown user goes through the same
     /// exchange as a known one, at no extra cost.
     pub decoy: Verifier,
+    /// The TLS server side, and the certificate and key files it was made from.
+    tls: RwLock<Option<(tokio_rustls::TlsAcceptor, Vec<u8>)>>,
 }
 
 impl Engine {
@@ -172,7 +190,31 @@ impl Engine {
             accepted: AtomicU64::new(0),
             started: Instant::now(),
             decoy: Verifier::new(&rand::random::<u128>().to_string()),
+            tls: RwLock::new(None),
         })
+    }
+
+    /// Serves TLS with this certificate chain and key (PEM). Unchanged files keep the
+    /// configuration; files that are not a usable pair keep the previous one and are the error.
+    pub fn configure_tls(&self, cert: &[u8], key: &[u8]) -> Result<(), String> {
+        let source = [cert, b"\0", key].concat();
+        let mut tls = self.tls.write().unwrap_or_else(|e| e.into_inner());
+        if tls.as_ref().is_some_and(|(_, s)| *s == source) {
+            return Ok(());
+        }
+        let config = crate::tls::server_config(cert, key)?;
+        *tls = Some((tokio_rustls::TlsAcceptor::from(config), source));
+        tracing::info!("TLS certificate loaded");
+        Ok(())
+    }
+
+    /// The TLS server side, when TLS is on and a certificate was loaded.
+    pub fn tls_acceptor(&self) -> Option<tokio_rustls::TlsAcceptor> {
+        if self.settings.tls == TlsMode::Disabled {
+            return None;
+        }
+        let tls = self.tls.read().unwrap_or_else(|e| e.into_inner());
+        tls.as_ref().map(|(a, _)| a.clone())
     }
 
     /// Sets the backends (slot, host, port); new ones get a monitor.
@@ -224,7 +266,7 @@ impl Engine {
             tokio::spawn(async move {
                 engine.clients.fetch_add(1, Ordering::Relaxed);
                 engine.accepted.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = startup::serve(engine.clone(), socket).await {
+                if let Err(e) = startup::serve(engine.clone(), socket, peer).await {
                     tracing::debug!(%peer, error = %e, "client session ended");
                 }
                 engine.clients.fetch_sub(1, Ordering::Relaxed);

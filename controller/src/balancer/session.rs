@@ -18,11 +18,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 use super::backends::Reader;
 use super::classify::{classify, Class};
+use super::client::ClientStream;
 use super::server::{ConnectError, Server, Swallow};
 use super::wire::{self, Message, WireError};
 use super::{CancelSlot, Engine};
@@ -52,7 +51,7 @@ struct Batch {
 /// A session after startup.
 pub struct Session {
     engine: Arc<Engine>,
-    client: TcpStream,
+    client: ClientStream,
     crbuf: BytesMut,
     out: BytesMut,
     params: Vec<(String, String)>,
@@ -100,7 +99,7 @@ impl Session {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         engine: Arc<Engine>,
-        client: TcpStream,
+        client: ClientStream,
         crbuf: BytesMut,
         params: Vec<(String, String)>,
         user: String,
@@ -192,7 +191,7 @@ impl Session {
             .and_then(|id| self.servers.get(&id))
             .is_some_and(|s| wire::has_message(&s.rbuf));
         if !self.out.is_empty() && (!more || self.out.len() > 65_536) {
-            self.client.write_all(&self.out).await?;
+            self.client.send(&self.out).await?;
             self.out.clear();
         }
         Ok(())
@@ -415,7 +414,7 @@ impl Session {
                 && server.pending.is_empty()
                 && !server.swallow.contains(&Swallow::UntilReady);
             if self.out.len() > 65_536 {
-                self.client.write_all(&self.out).await?;
+                self.client.send(&self.out).await?;
                 self.out.clear();
             }
             let before = self.out.len();
@@ -670,7 +669,7 @@ impl Session {
                     "the server holding this session's transaction or state was lost",
                 ),
             }
-            self.client.write_all(&self.out).await?;
+            self.client.send(&self.out).await?;
             return Err(e);
         }
         let mut said = said.map(|(_, error)| error);
@@ -728,7 +727,7 @@ impl Session {
             self.on_server(id, m).await?;
         }
         if !self.out.is_empty() {
-            self.client.write_all(&self.out).await?;
+            self.client.send(&self.out).await?;
             self.out.clear();
         }
         Ok(())

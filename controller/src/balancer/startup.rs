@@ -1,27 +1,41 @@
-//! A client connection's first steps: SSL and GSS encryption refused cleanly (`N`), cancel
-//! requests passed to the server running the query, the startup parameters checked, SCRAM
+//! A client connection's first steps: TLS when the client asks and the balancer has a
+//! certificate (refused cleanly with `N` otherwise, as GSS encryption always is; required of
+//! every client but loopback ones when so configured), cancel requests passed to the server
+//! running the query, the startup parameters checked, SCRAM
 //! authentication against the verifier the balancer keeps for the user, and the first server
 //! connection (the primary, or a replica while there is none) whose parameters the client gets.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::{BufMut, BytesMut};
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use super::client::ClientStream;
 use super::scram::{Exchange, MECHANISM};
 use super::server::{ConnectError, Server};
 use super::session::Session;
 use super::wire::{self, Startup, WireError};
-use super::Engine;
+use super::{Engine, TlsMode};
 
 /// Serves one client connection until it ends.
-pub async fn serve(engine: Arc<Engine>, mut client: TcpStream) -> Result<(), WireError> {
+pub async fn serve(engine: Arc<Engine>, tcp: TcpStream, peer: SocketAddr) -> Result<(), WireError> {
     // Only latency depends on it: the session works without `TCP_NODELAY`.
-    let _ = client.set_nodelay(true);
+    let _ = tcp.set_nodelay(true);
+    let mut client = ClientStream::Plain(tcp);
     let params = loop {
         match wire::read_startup(&mut client).await? {
-            Startup::Ssl | Startup::GssEnc => client.write_all(b"N").await?,
+            Startup::Ssl => match (client, engine.tls_acceptor()) {
+                (ClientStream::Plain(mut tcp), Some(acceptor)) => {
+                    tokio::io::AsyncWriteExt::write_all(&mut tcp, b"S").await?;
+                    client = ClientStream::Tls(Box::new(acceptor.accept(tcp).await?));
+                }
+                (mut other, _) => {
+                    other.send(b"N").await?;
+                    client = other;
+                }
+            },
+            Startup::GssEnc => client.send(b"N").await?,
             Startup::Cancel(pid, secret) => {
                 engine.cancel(pid, secret).await;
                 return Ok(());
@@ -29,6 +43,15 @@ pub async fn serve(engine: Arc<Engine>, mut client: TcpStream) -> Result<(), Wir
             Startup::Params(params) => break params,
         }
     };
+    if engine.settings.tls == TlsMode::Required && !client.is_tls() && !peer.ip().is_loopback() {
+        return fatal(
+            &mut client,
+            "28000",
+            "the balancer accepts TLS connections only: connect with sslmode=require, or \
+             verify-full with the cluster's CA",
+        )
+        .await;
+    }
     let param = |k: &str| {
         params
             .iter()
@@ -69,7 +92,7 @@ pub async fn serve(engine: Arc<Engine>, mut client: TcpStream) -> Result<(), Wir
     let server = match Server::connect(first, &server_params, &user, Some(&password)).await {
         Ok(s) => s,
         Err(ConnectError::Refused(error)) => {
-            client.write_all(&error.frame).await?;
+            client.send(&error.frame).await?;
             return Ok(());
         }
         Err(e) => {
@@ -88,7 +111,7 @@ pub async fn serve(engine: Arc<Engine>, mut client: TcpStream) -> Result<(), Wir
     key.put_i32(cancel_key.1);
     wire::put(&mut out, b'K', &key);
     wire::ready(&mut out, b'I');
-    client.write_all(&out).await?;
+    client.send(&out).await?;
     let mut session = Session::new(
         engine.clone(),
         client,
@@ -109,7 +132,7 @@ pub async fn serve(engine: Arc<Engine>, mut client: TcpStream) -> Result<(), Wir
 /// password the balancer uses for the user towards servers.
 async fn authenticate(
     engine: &Engine,
-    client: &mut TcpStream,
+    client: &mut ClientStream,
     rbuf: &mut BytesMut,
     user: &str,
 ) -> Result<Option<Arc<str>>, WireError> {
@@ -150,19 +173,23 @@ async fn authenticate(
 }
 
 /// An `Authentication` request with `code` and its data.
-async fn authentication(client: &mut TcpStream, code: i32, data: &[u8]) -> Result<(), WireError> {
+async fn authentication(
+    client: &mut ClientStream,
+    code: i32,
+    data: &[u8],
+) -> Result<(), WireError> {
     let mut body = code.to_be_bytes().to_vec();
     body.extend_from_slice(data);
     let mut out = BytesMut::new();
     wire::put(&mut out, b'R', &body);
-    client.write_all(&out).await?;
+    client.send(&out).await?;
     Ok(())
 }
 
 /// Sends a FATAL error and ends the connection.
-pub async fn fatal(client: &mut TcpStream, code: &str, message: &str) -> Result<(), WireError> {
+pub async fn fatal(client: &mut ClientStream, code: &str, message: &str) -> Result<(), WireError> {
     let mut out = BytesMut::new();
     wire::error(&mut out, "FATAL", code, message);
-    client.write_all(&out).await?;
+    client.send(&out).await?;
     Ok(())
 }

@@ -90,6 +90,11 @@ pub struct BalancerDoc {
     pub endpoint: Option<String>,
     /// Each balancer container.
     pub instances: Vec<BalancerInstanceDoc>,
+    /// TLS between clients and the balancers: `disabled`, `enabled` or `required`.
+    pub tls: String,
+    /// The CA certificate to verify the balancers with (`sslrootcert`), while TLS is on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
 }
 
 /// One balancer container.
@@ -149,6 +154,7 @@ pub fn status_document(view: &ClusterView, show_secrets: bool) -> StatusDocument
         plan,
         observed,
         controller,
+        ..
     } = view;
     let record = stored.record();
     let computed = status::compute(
@@ -247,6 +253,8 @@ pub fn status_document(view: &ClusterView, show_secrets: bool) -> StatusDocument
             port: balancer_port,
             endpoint: balancer_port.map(|p| format!("{host}:{p}")),
             instances: balancers,
+            tls: plan.balancer.tls.as_str().into(),
+            ca_file: view.ca_file.as_ref().map(|p| p.display().to_string()),
         },
         pending: crate::reconcile::pending(plan, observed, &record),
         controller: ControllerDoc {
@@ -358,7 +366,11 @@ pub fn ready_summary(view: &ClusterView, took: Duration) -> String {
         doc.replicas.iter().filter(|r| r.ready).count()
     );
     if let Some(port) = doc.balancer.port {
-        let _ = writeln!(out, "  balancer (reads spread, writes to primary): psql \"postgresql://{user}@{host}:{port}/{db}\"");
+        let tls = match &doc.balancer.ca_file {
+            Some(ca) => format!("?sslmode=verify-full&sslrootcert={ca}"),
+            None => String::new(),
+        };
+        let _ = writeln!(out, "  balancer (reads spread, writes to primary): psql \"postgresql://{user}@{host}:{port}/{db}{tls}\"");
     }
     if let Some(port) = doc.primary.as_ref().and_then(|p| p.port) {
         let _ = writeln!(out, "  primary (direct):                          psql \"postgresql://{user}@{host}:{port}/{db}\"");

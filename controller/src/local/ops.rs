@@ -57,6 +57,8 @@ pub struct ClusterView {
     pub observed: Observed,
     /// The controller of the state directory.
     pub controller: ControllerView,
+    /// The balancers' CA certificate file, while TLS is on.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// The controller container of a state directory, as seen.
@@ -142,7 +144,7 @@ impl Local {
         for cluster in clusters {
             let name = cluster.metadata.name.clone().unwrap_or_default();
             let previous = self.state.load(&name)?;
-            let (credentials, record) = match &previous {
+            let (mut credentials, record) = match &previous {
                 Some(p) => {
                     pgbalancer_crd::validate::validate_update(&p.cluster.spec, &cluster.spec)
                         .map_err(|e| OpError::Input(format!("cluster {name}: {e}")))?;
@@ -153,6 +155,8 @@ impl Local {
                     (Credentials::generate(), Record::default())
                 }
             };
+            ensure_tls(&cluster, &mut credentials)
+                .map_err(|e| OpError::Input(format!("cluster {name}: {e}")))?;
             let seed_file = seed_file
                 .clone()
                 .or(previous.as_ref().and_then(|p| p.seed_file.clone()));
@@ -209,11 +213,13 @@ impl Local {
                 source: Box::new(source),
             })?;
             stored.set_record(&record);
+            let ca_file = stored.tls_ca().map(|_| self.state.ca_file(&name));
             Ok::<_, OpError>(ClusterView {
                 stored,
                 plan,
                 observed,
                 controller: ControllerView::default(),
+                ca_file,
             })
         });
         let results: Vec<Result<ClusterView, OpError>> = join_all(runs).await;
@@ -365,6 +371,7 @@ impl Local {
         })?;
         stored.set_record(&record);
         Ok(ClusterView {
+            ca_file: stored.tls_ca().map(|_| self.state.ca_file(name)),
             stored,
             plan,
             observed,
@@ -379,6 +386,7 @@ impl Local {
         let backend = DockerBackend::new(self.docker.clone(), stored.credentials.clone());
         let observed = backend.observe(&plan).await?;
         Ok(ClusterView {
+            ca_file: stored.tls_ca().map(|_| self.state.ca_file(name)),
             stored,
             plan,
             observed,
@@ -527,4 +535,35 @@ impl Local {
         }
         Ok(())
     }
+}
+
+/// With TLS on, the credentials hold a certificate for the balancer's names: generated when
+/// there is none, again when the names changed (an explicit hostname, the bind address).
+fn ensure_tls(cluster: &PgBalancerCluster, creds: &mut Credentials) -> Result<(), String> {
+    let tls = &cluster.spec.balancer.tls;
+    if tls.mode == pgbalancer_crd::TlsMode::Disabled {
+        return Ok(());
+    }
+    if tls.certificate_secret.is_some() {
+        return Err(
+            "spec.balancer.tls.certificateSecret: a Kubernetes Secret cannot be used \
+             on Docker; remove it to use a generated certificate"
+                .into(),
+        );
+    }
+    let name = cluster.metadata.name.clone().unwrap_or_default();
+    let local = cluster.spec.local.clone().unwrap_or_default();
+    let mut extra: Vec<String> = local.bind_address.into_iter().collect();
+    extra.extend(local.balancer.and_then(|b| b.hostname));
+    let names = crate::tls::balancer_names(&name, None, &extra);
+    if creds.balancer_tls.as_ref().is_none_or(|t| t.names != names) {
+        let bundle = crate::tls::generate(&name, &names).map_err(|e| {
+            format!(
+                "spec.balancer.tls: {}",
+                crate::local::controller::error_chain(&e)
+            )
+        })?;
+        creds.balancer_tls = Some(bundle);
+    }
+    Ok(())
 }

@@ -95,6 +95,14 @@ impl LastFailover {
 }
 
 impl StoredCluster {
+    /// The balancers' CA certificate (PEM) while TLS is on.
+    pub fn tls_ca(&self) -> Option<&str> {
+        (self.cluster.spec.balancer.tls.mode != pgbalancer_crd::TlsMode::Disabled)
+            .then_some(self.credentials.balancer_tls.as_ref())
+            .flatten()
+            .map(|t| t.ca_cert.as_str())
+    }
+
     /// The status the conditions were last computed into, for `status::compute` to keep
     /// their transition times.
     pub fn previous_status(&self) -> PgBalancerClusterStatus {
@@ -239,11 +247,26 @@ impl StateDir {
             .map_err(io(&tmp))?;
         f.write_all(text.as_bytes()).map_err(io(&tmp))?;
         f.sync_all().map_err(io(&tmp))?;
-        std::fs::rename(&tmp, &path).map_err(io(&path))
+        std::fs::rename(&tmp, &path).map_err(io(&path))?;
+        // The balancer's CA next to it, for clients to verify the balancer with.
+        let ca = self.ca_file(&name);
+        match stored.tls_ca() {
+            Some(pem) => std::fs::write(&ca, pem).map_err(io(&ca)),
+            None => match std::fs::remove_file(&ca) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(&ca)(e)),
+                _ => Ok(()),
+            },
+        }
+    }
+
+    /// The CA certificate of cluster `name`'s balancers, written while TLS is on.
+    pub fn ca_file(&self, name: &str) -> PathBuf {
+        self.root.join("clusters").join(format!("{name}-ca.crt"))
     }
 
     /// Forgets cluster `name`.
     pub fn remove(&self, name: &str) -> Result<(), StateError> {
+        let _ = std::fs::remove_file(self.ca_file(name));
         let path = self.file(name);
         match std::fs::remove_file(&path) {
             Ok(()) => Ok(()),

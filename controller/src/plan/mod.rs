@@ -181,8 +181,12 @@ pub struct BalancerPlan {
     pub max_pool: u32,
     /// pgpool `load_balance_mode`.
     pub load_balance_mode: bool,
-    /// Engine, read consistency and unknown functions, as the agent's environment.
+    /// Engine, read consistency, unknown functions and TLS mode, as the agent's environment.
     pub engine_env: Vec<(String, String)>,
+    /// TLS between clients and the balancer.
+    pub tls: pgbalancer_crd::TlsMode,
+    /// Kubernetes: the user's `kubernetes.io/tls` Secret, instead of a generated certificate.
+    pub certificate_secret: Option<String>,
     /// Balancer containers (Docker) / replicas of the Deployment (Kubernetes).
     pub instances: Vec<BalancerInstancePlan>,
 }
@@ -312,6 +316,8 @@ impl Plan {
                 max_pool: spec.balancer.max_pool,
                 load_balance_mode: spec.balancer.load_balance_mode,
                 engine_env: engine_env(&spec.balancer),
+                tls: spec.balancer.tls.mode,
+                certificate_secret: spec.balancer.tls.certificate_secret.clone(),
                 instances: balancers,
             },
             local: LocalPlan {
@@ -394,5 +400,6 @@ fn engine_env(spec: &pgbalancer_crd::BalancerSpec) -> Vec<(String, String)> {
             "PGBALANCER_READ_ONLY_FUNCTIONS".into(),
             (spec.unknown_functions == pgbalancer_crd::UnknownFunctions::Replica).to_string(),
         ),
+        ("PGBALANCER_TLS".into(), spec.tls.mode.as_str().into()),
     ]
 }

@@ -79,17 +79,26 @@ pub fn postgres_files(plan: &Plan, creds: &Credentials) -> Vec<ConfigFile> {
     ]
 }
 
-/// Files of a balancer.
+/// Files of a balancer. With TLS on, the certificate and key when the credentials hold them
+/// (Docker; on Kubernetes they come from a Secret of their own).
 pub fn balancer_files(plan: &Plan, creds: &Credentials) -> Vec<ConfigFile> {
-    vec![
+    let mut files = vec![
         file("pgpool.conf", pgpool_conf(plan)),
-        file("pool_hba.conf", pool_hba()),
+        file("pool_hba.conf", pool_hba(plan)),
         file("pcp.conf", pcp_conf(creds)),
         secret("secrets/pool_passwd", pool_passwd(plan, creds)),
         secret("secrets/pcppass", pcppass(creds)),
         secret("secrets/monitor-password", creds.monitor_password.clone()),
         secret("secrets/api-token", creds.api_token.clone()),
-    ]
+    ];
+    if let (true, Some(tls)) = (
+        plan.balancer.tls != pgbalancer_crd::TlsMode::Disabled,
+        &creds.balancer_tls,
+    ) {
+        files.push(file(crate::tls::CERT_FILE, tls.cert.clone()));
+        files.push(secret(crate::tls::KEY_FILE, tls.key.clone()));
+    }
+    files
 }
 
 /// Escapes `:` and `\` for pgpass-style files.

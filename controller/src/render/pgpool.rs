@@ -11,7 +11,9 @@ use std::fmt::Write;
 
 use md5::{Digest, Md5};
 
-use super::{conf_quote, pgpass_escape, PGDATA};
+use pgbalancer_crd::TlsMode;
+
+use super::{conf_quote, pgpass_escape, CONFIG_DIR, PGDATA};
 use crate::credentials::Credentials;
 use crate::plan::{
     Plan, BALANCER_PORT, MONITOR_USER, PCP_PORT, PCP_USER, POSTGRES_PORT, SUPERUSER,
@@ -71,12 +73,23 @@ pub fn pgpool_conf(plan: &Plan) -> String {
          search_primary_node_timeout = 10\n\
          use_watchdog = off\n\
          memory_cache_enabled = off\n\
-         ssl = off\n\
+         {ssl}\
          # Backends: slot = instance ordinal.\n",
         cluster = plan.cluster,
         children = b.num_init_children,
         max_pool = b.max_pool,
         lb = on_off(b.load_balance_mode),
+        ssl = match b.tls {
+            TlsMode::Disabled => "ssl = off\n".to_owned(),
+            TlsMode::Enabled | TlsMode::Required => format!(
+                "# TLS from clients (pool_hba.conf says whether it is required).\n\
+                 ssl = on\n\
+                 ssl_cert = '{CONFIG_DIR}/{}'\n\
+                 ssl_key = '{CONFIG_DIR}/{}'\n",
+                crate::tls::CERT_FILE,
+                crate::tls::KEY_FILE
+            ),
+        },
     );
     for inst in &plan.instances {
         let n = inst.ordinal;
@@ -95,13 +108,23 @@ pub fn pgpool_conf(plan: &Plan) -> String {
     out
 }
 
-/// Client authentication of the balancer: SCRAM over the network only.
-pub fn pool_hba() -> String {
-    "# Rendered by pgbalancer.\n\
-     # TYPE  DATABASE  USER  ADDRESS    METHOD\n\
-     host    all       all   0.0.0.0/0  scram-sha-256\n\
-     host    all       all   ::/0       scram-sha-256\n"
-        .to_owned()
+/// Client authentication of the balancer: SCRAM over the network only; with TLS required,
+/// over TLS only, except from loopback (the agent's own checks).
+pub fn pool_hba(plan: &Plan) -> String {
+    match plan.balancer.tls {
+        TlsMode::Disabled | TlsMode::Enabled => "# Rendered by pgbalancer.\n\
+             # TYPE  DATABASE  USER  ADDRESS    METHOD\n\
+             host    all       all   0.0.0.0/0  scram-sha-256\n\
+             host    all       all   ::/0       scram-sha-256\n"
+            .to_owned(),
+        TlsMode::Required => "# Rendered by pgbalancer: TLS required.\n\
+             # TYPE   DATABASE  USER  ADDRESS       METHOD\n\
+             host     all       all   127.0.0.1/32  scram-sha-256\n\
+             host     all       all   ::1/128       scram-sha-256\n\
+             hostssl  all       all   0.0.0.0/0     scram-sha-256\n\
+             hostssl  all       all   ::/0          scram-sha-256\n"
+            .to_owned(),
+    }
 }
 
 /// `pool_passwd`: the roles that may connect through the balancer (clear text is what SCRAM

@@ -20,6 +20,7 @@ fn creds() -> Credentials {
         monitor_password: "mo".into(),
         pcp_password: "pc".into(),
         api_token: "to".into(),
+        balancer_tls: None,
     }
 }
 
@@ -160,4 +161,56 @@ fn synchronous_replication_names_every_possible_instance_so_scaling_changes_noth
     assert_eq!(conf, postgresql_conf(&five));
     let (async_plan, _) = plan_with("  replicas: 2");
     assert!(!postgresql_conf(&async_plan).contains("synchronous_standby_names"));
+}
+
+#[test]
+fn tls_turns_on_pgpool_ssl_ships_the_certificate_and_can_require_it() {
+    let mut plan = plan();
+    let mut creds = creds();
+    let off = balancer_files(&plan, &creds);
+    assert!(off.iter().all(|f| !f.path.starts_with("tls/")));
+    assert!(pgpool_conf(&plan).contains("ssl = off\n"));
+    creds.balancer_tls = Some(crate::tls::TlsBundle {
+        ca_cert: "CA".into(),
+        cert: "CERT".into(),
+        key: "KEY".into(),
+        names: vec!["localhost".into()],
+    });
+    // Held by the credentials, but TLS is off: not shipped.
+    assert!(balancer_files(&plan, &creds)
+        .iter()
+        .all(|f| !f.path.starts_with("tls/")));
+    plan.balancer.tls = pgbalancer_crd::TlsMode::Enabled;
+    let on = balancer_files(&plan, &creds);
+    let get = |path: &str| on.iter().find(|f| f.path == path).cloned().unwrap();
+    assert_eq!(
+        (
+            get("tls/tls.crt").contents.as_str(),
+            get("tls/tls.crt").secret
+        ),
+        ("CERT", false)
+    );
+    assert_eq!(
+        (
+            get("tls/tls.key").contents.as_str(),
+            get("tls/tls.key").secret
+        ),
+        ("KEY", true)
+    );
+    let conf = pgpool_conf(&plan);
+    assert!(conf.contains("ssl = on\n"), "{conf}");
+    assert!(conf.contains("ssl_cert = '/etc/pgbalancer/tls/tls.crt'\n"));
+    assert!(conf.contains("ssl_key = '/etc/pgbalancer/tls/tls.key'\n"));
+    assert!(!pool_hba(&plan).contains("hostssl"));
+    plan.balancer.tls = pgbalancer_crd::TlsMode::Required;
+    let hba = pool_hba(&plan);
+    let network: Vec<&str> = hba
+        .lines()
+        .filter(|l| l.contains("0.0.0.0/0") || l.contains("::/0"))
+        .collect();
+    assert_eq!(network.len(), 2, "{hba}");
+    assert!(network.iter().all(|l| l.starts_with("hostssl ")), "{hba}");
+    assert!(hba
+        .lines()
+        .any(|l| l.starts_with("host ") && l.contains("127.0.0.1/32")));
 }

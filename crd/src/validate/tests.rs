@@ -373,3 +373,29 @@ fn every_field_refuses_wrong_types_and_ranges_naming_itself() {
     }
     println!("tried {} bad specs:\n{}", tried.len(), tried.join("\n"));
 }
+
+#[test]
+fn balancer_tls_names_its_fields() {
+    assert_eq!(
+        validate(&cluster("  balancer: {tls: {mode: required}}\n")),
+        Ok(())
+    );
+    assert_eq!(
+        fields(validate(&cluster(
+            "  balancer: {tls: {mode: enabled, certificateSecret: Bad_Name}}\n"
+        ))),
+        ["spec.balancer.tls.certificateSecret"]
+    );
+    assert_eq!(
+        fields(validate(&cluster(
+            "  balancer: {tls: {certificateSecret: balancer-cert}}\n"
+        ))),
+        ["spec.balancer.tls.certificateSecret"]
+    );
+    let e = parse_documents(
+        "apiVersion: pgbalancer.io/v1alpha1\nkind: PgBalancerCluster\nmetadata: {name: d}\nspec:\n  balancer: {tls: {mode: sometimes}}\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("tls") || e.contains("sometimes"), "{e}");
+}

@@ -24,6 +24,7 @@ use bollard::query_parameters::{
 };
 use bollard::Docker;
 use futures::future::join_all;
+use pgbalancer_crd::TlsMode;
 
 pub use error::DockerError;
 
@@ -209,14 +210,20 @@ impl DockerBackend {
         };
         if let (true, Some(port), Some(bound)) = (running, host_port, self.balancer_probe) {
             let probe = async {
-                let client = pg::connect(
+                let (host, user, db) = (
                     plan.connect_address(),
-                    port,
                     &plan.postgres.user,
-                    &self.creds.app_password,
                     &plan.postgres.database,
-                )
-                .await
+                );
+                let password = &self.creds.app_password;
+                // With TLS on, through TLS, verifying the balancer's certificate as a client
+                // would: a balancer that presents a wrong one does not count as routing.
+                let client = match (&self.creds.balancer_tls, plan.balancer.tls) {
+                    (Some(tls), TlsMode::Enabled | TlsMode::Required) => {
+                        pg::connect_tls(host, port, user, password, db, &tls.ca_cert).await
+                    }
+                    _ => pg::connect(host, port, user, password, db).await,
+                }
                 .ok()?;
                 let nodes = pg::pool_nodes(&client).await.ok()?;
                 Some((client.simple_query("SELECT 1").await.is_ok(), nodes))

@@ -96,7 +96,7 @@ pub fn balancer_hash(plan: &Plan, b: &BalancerInstancePlan) -> String {
     for part in [
         plan.balancer.image.as_str(),
         &render::pgpool_conf(&without_backends),
-        &render::pool_hba(),
+        &render::pool_hba(plan),
         &plan.local.network,
         &plan.local.bind_address,
         &b.host,
@@ -277,6 +277,11 @@ pub fn files_tar(files: &[ConfigFile]) -> std::io::Result<Vec<u8>> {
     dir.set_gid(IMAGE_UID);
     dir.set_size(0);
     builder.append_data(&mut dir, "secrets/", std::io::empty())?;
+    if files.iter().any(|f| f.path.starts_with("tls/")) {
+        // The certificate is public; its key (0600) is what stays private.
+        dir.set_mode(0o755);
+        builder.append_data(&mut dir, "tls/", std::io::empty())?;
+    }
     for f in files {
         let mut header = tar::Header::new_gnu();
         header.set_mode(if f.secret { 0o600 } else { 0o644 });

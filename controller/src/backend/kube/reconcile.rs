@@ -139,10 +139,12 @@ async fn reconcile_inner(
     };
     let record = record_of(&name, previous.as_ref());
     let plan = Plan::kubernetes(cluster, record.target);
+    let creds = credentials(cluster, &plan, &owner, ctx).await?;
+    balancer_tls(&plan, &owner, ctx).await?;
     let backend = KubeBackend {
         client: ctx.client.clone(),
         metrics: &ctx.metrics,
-        creds: credentials(cluster, &plan, &owner, ctx).await?,
+        creds,
         owner,
         in_cluster: ctx.in_cluster,
         pdb_supported: ctx.pdb_supported,
@@ -493,6 +495,52 @@ async fn credentials(
             objects::credentials_from_secret(&existing).map_err(Error::Invalid)
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+/// With TLS on, the Secret the balancers present exists: the user's (`certificateSecret`,
+/// with `tls.crt` and `tls.key`), or the generated one (created once, for the balancer
+/// Service's names).
+async fn balancer_tls(plan: &Plan, owner: &Owner, ctx: &Context) -> Result<(), Error> {
+    let Some(name) = objects::balancer_tls_name(plan) else {
+        return Ok(());
+    };
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &owner.namespace);
+    let existing = secrets.get_opt(&name).await?;
+    if plan.balancer.certificate_secret.is_some() {
+        let Some(existing) = existing else {
+            return Err(Error::Invalid(format!(
+                "spec.balancer.tls.certificateSecret: secret {name} does not exist"
+            )));
+        };
+        let data = existing.data.unwrap_or_default();
+        return match ["tls.crt", "tls.key"]
+            .iter()
+            .find(|k| !data.contains_key(**k))
+        {
+            Some(missing) => Err(Error::Invalid(format!(
+                "spec.balancer.tls.certificateSecret: secret {name} has no {missing}"
+            ))),
+            None => Ok(()),
+        };
+    }
+    if existing.is_some() {
+        return Ok(());
+    }
+    let names = crate::tls::balancer_names(&plan.cluster, Some(&owner.namespace), &[]);
+    let bundle = crate::tls::generate(&plan.cluster, &names)
+        .map_err(|e| Error::Invalid(format!("spec.balancer.tls: {e}")))?;
+    ctx.metrics.wrote("create", "Secret");
+    match secrets
+        .create(
+            &PostParams::default(),
+            &objects::balancer_tls_secret(&name, plan, owner, &bundle),
+        )
+        .await
+    {
+        // Created meanwhile (another reconcile): that one stays.
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        other => other.map(|_| ()).map_err(Into::into),
     }
 }
 

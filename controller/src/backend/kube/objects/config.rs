@@ -11,6 +11,41 @@ use crate::labels;
 use crate::plan::Plan;
 use crate::render::{self, ConfigFile};
 
+/// Name of the Secret whose `tls.crt` and `tls.key` the balancers present: the user's, or
+/// the generated one. `None` while TLS is off.
+pub fn balancer_tls_name(plan: &Plan) -> Option<String> {
+    (plan.balancer.tls != pgbalancer_crd::TlsMode::Disabled).then(|| {
+        plan.balancer
+            .certificate_secret
+            .clone()
+            .unwrap_or_else(|| format!("{}-tls", crate::plan::balancer_name(&plan.cluster)))
+    })
+}
+
+/// The generated balancer certificate as a `kubernetes.io/tls` Secret, with the CA that
+/// signed it in `ca.crt`; created once, never overwritten.
+pub fn balancer_tls_secret(
+    name: &str,
+    plan: &Plan,
+    owner: &Owner,
+    bundle: &crate::tls::TlsBundle,
+) -> Secret {
+    let data = [
+        ("tls.crt", &bundle.cert),
+        ("tls.key", &bundle.key),
+        ("ca.crt", &bundle.ca_cert),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), ByteString(v.as_bytes().to_vec())))
+    .collect();
+    Secret {
+        metadata: meta(owner, name, labels::cluster(&plan.cluster)),
+        data: Some(data),
+        type_: Some("kubernetes.io/tls".into()),
+        ..Default::default()
+    }
+}
+
 /// Name of the generated credentials Secret.
 pub fn credentials_name(cluster: &str) -> String {
     format!("{cluster}-credentials")

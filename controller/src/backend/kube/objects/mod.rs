@@ -14,8 +14,9 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 pub use config::{
-    balancer_config, balancer_secret, credentials_from_secret, credentials_name,
-    credentials_secret, postgres_config, postgres_secret,
+    balancer_config, balancer_secret, balancer_tls_name, balancer_tls_secret,
+    credentials_from_secret, credentials_name, credentials_secret, postgres_config,
+    postgres_secret,
 };
 pub use services::{balancer_service, headless_service, ro_service, rw_service};
 pub use workloads::{

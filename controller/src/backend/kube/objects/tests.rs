@@ -289,3 +289,59 @@ fn a_balancer_is_ready_by_its_healthz_with_time_to_answer_under_load() {
     assert_eq!(path.as_deref(), Some("/healthz"));
     assert!(probe.timeout_seconds.unwrap_or(1) >= 3);
 }
+
+#[test]
+fn with_tls_the_balancer_mounts_its_certificate_secret_and_the_agent_is_told() {
+    let tls_sources = |p: &Plan| {
+        let d = balancer_deployment(p, &owner(), &creds());
+        let pod = d.spec.unwrap().template.spec.unwrap();
+        let env = pod.containers[0].env.clone().unwrap();
+        let mode = env
+            .iter()
+            .find(|e| e.name == "PGBALANCER_TLS")
+            .and_then(|e| e.value.clone());
+        let config = pod
+            .volumes
+            .unwrap()
+            .into_iter()
+            .find(|v| v.name == "config");
+        let secrets: Vec<(String, Vec<String>)> = config
+            .unwrap()
+            .projected
+            .unwrap()
+            .sources
+            .unwrap()
+            .into_iter()
+            .filter_map(|s| s.secret)
+            .map(|s| {
+                let paths = s.items.unwrap().into_iter().map(|i| i.path).collect();
+                (s.name, paths)
+            })
+            .collect();
+        (mode, secrets)
+    };
+    let mut p = plan(1);
+    let (mode, secrets) = tls_sources(&p);
+    assert_eq!(mode.as_deref(), Some("disabled"));
+    assert_eq!(secrets.len(), 1, "no TLS secret while TLS is off");
+    assert_eq!(balancer_tls_name(&p), None);
+
+    p.balancer.tls = pgbalancer_crd::TlsMode::Required;
+    let (_, secrets) = tls_sources(&p);
+    assert_eq!(
+        secrets[1],
+        (
+            "demo-balancer-tls".to_owned(),
+            vec!["tls/tls.crt".to_owned(), "tls/tls.key".to_owned()]
+        )
+    );
+    p.balancer.certificate_secret = Some("from-cert-manager".into());
+    assert_eq!(tls_sources(&p).1[1].0, "from-cert-manager");
+
+    let bundle = crate::tls::generate("demo", &["demo-balancer.ns.svc".into()]).unwrap();
+    let secret = balancer_tls_secret("demo-balancer-tls", &p, &owner(), &bundle);
+    assert_eq!(secret.type_.as_deref(), Some("kubernetes.io/tls"));
+    let keys: Vec<&String> = secret.data.as_ref().unwrap().keys().collect();
+    assert_eq!(keys, ["ca.crt", "tls.crt", "tls.key"]);
+    assert_eq!(secret.metadata.owner_references.unwrap()[0].uid, "u-1");
+}

@@ -138,6 +138,34 @@ fn projected(
     }
 }
 
+/// Adds the TLS Secret's certificate and key to the balancer's configuration volume, as
+/// `tls/tls.crt` and `tls/tls.key` (a renewed certificate reaches the files in place).
+fn with_tls(mut volume: Volume, tls_secret: Option<String>) -> Volume {
+    let (Some(name), Some(projected)) = (tls_secret, volume.projected.as_mut()) else {
+        return volume;
+    };
+    let items = [crate::tls::CERT_FILE, crate::tls::KEY_FILE]
+        .iter()
+        .map(|path| KeyToPath {
+            key: path.trim_start_matches("tls/").to_owned(),
+            path: (*path).to_owned(),
+            mode: None,
+        })
+        .collect();
+    projected
+        .sources
+        .get_or_insert_with(Vec::new)
+        .push(VolumeProjection {
+            secret: Some(SecretProjection {
+                name,
+                items: Some(items),
+                optional: None,
+            }),
+            ..Default::default()
+        });
+    volume
+}
+
 /// Where the pod's labels are projected: the entrypoint reads its role there, and a label
 /// patched at runtime reaches the file without a restart.
 const PODINFO_DIR: &str = "/etc/podinfo";
@@ -527,12 +555,15 @@ pub fn balancer_deployment(
                         termination_grace_period_seconds: Some(40),
                         enable_service_links: Some(false),
                         volumes: Some(
-                            std::iter::once(projected(
-                                "config",
-                                &balancer_config_name(&plan.cluster),
-                                &["pgpool.conf", "pool_hba.conf", "pcp.conf"],
-                                &balancer_config_name(&plan.cluster),
-                                &["pool_passwd", "pcppass", "monitor-password", "api-token"],
+                            std::iter::once(with_tls(
+                                projected(
+                                    "config",
+                                    &balancer_config_name(&plan.cluster),
+                                    &["pgpool.conf", "pool_hba.conf", "pcp.conf"],
+                                    &balancer_config_name(&plan.cluster),
+                                    &["pool_passwd", "pcppass", "monitor-password", "api-token"],
+                                ),
+                                super::balancer_tls_name(plan),
                             ))
                             .chain(scratch_volumes)
                             .collect(),
