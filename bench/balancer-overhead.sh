@@ -59,21 +59,8 @@ pgbench -q -i -s 10 -h 127.0.0.1 -p "$primary" -U app app >/dev/null 2>&1
 sleep 3
 
 # HAProxy and PgBouncer in front of the primary, on free loopback ports.
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-haproxy_port=$(free_port)
-cat >"$work/haproxy.cfg" <<CFG
-global
-  maxconn 4096
-defaults
-  mode tcp
-  timeout connect 5s
-  timeout client 1h
-  timeout server 1h
-listen postgres
-  bind 127.0.0.1:$haproxy_port
-  server primary 127.0.0.1:$primary
-CFG
-haproxy -D -f "$work/haproxy.cfg" -p "$work/haproxy.pid"
+. bench/haproxy.sh
+haproxy_port=$(start_haproxy "$work" "$primary")
 bouncer_port=$(free_port)
 printf '"app" "%s"\n' "$PGPASSWORD" >"$work/userlist.txt"
 cat >"$work/pgbouncer.ini" <<INI

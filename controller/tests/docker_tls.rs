@@ -103,6 +103,45 @@ async fn clients_verify_the_balancer_and_plain_text_is_refused_when_tls_is_requi
     );
     assert!(!ok && out.contains("TLS"), "{out}");
 
+    // Load over TLS: pgbench's initialisation (COPY in) and a select-only run with the
+    // extended protocol, no transaction failed.
+    let pgbench = |args: &[&str]| {
+        let out = Command::new("pgbench")
+            .args(args)
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-U",
+                "app",
+                "app",
+            ])
+            .env("PGPASSWORD", &password)
+            .env("PGSSLMODE", "verify-full")
+            .env("PGSSLROOTCERT", &ca)
+            .output()
+            .expect("pgbench");
+        (out.status.success(), text(&out))
+    };
+    let (ok, out) = pgbench(&["-i", "-s", "1", "-q"]);
+    assert!(ok, "pgbench -i over TLS: {out}");
+    let (ok, out) = pgbench(&[
+        "-n", "-S", "-M", "extended", "-c", "4", "-j", "2", "-T", "3",
+    ]);
+    assert!(ok, "pgbench over TLS: {out}");
+    let failed = out
+        .lines()
+        .find_map(|l| l.strip_prefix("number of failed transactions: "))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(failed.starts_with("0 "), "{out}");
+    let processed: u64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+        .and_then(|v| v.split('/').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(processed > 100, "{out}");
+
     // pgpool, TLS enabled: the same certificate; plain text accepted too.
     std::fs::write(&file, spec("{engine: pgpool, tls: {mode: enabled}}")).unwrap();
     assert_success(&s.pgbalancer(&["up", "-f", file.to_str().unwrap()]));

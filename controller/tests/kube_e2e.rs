@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::kube::*;
-use common::{eventually, kubectl};
+use common::{eventually, kubectl, text};
 use serde_json::Value;
 
 fn up_nodes(ip: &str) -> usize {
@@ -611,6 +611,10 @@ async fn operator_in_cluster_runs_a_real_cluster() {
         .filter(|v| v.len() >= 16)
         .collect();
     assert!(secrets.len() >= 4, "too few secrets: {}", secrets.len());
+    // And the balancer's TLS key (a line of its PEM text).
+    let mut secrets = secrets;
+    let key = secret(ns, "demo-balancer-tls", "tls.key");
+    secrets.push(key.lines().nth(1).expect("a PEM key").to_owned());
     let places = [
         kubectl(&["-n", ns, "get", "pgbc", "demo", "-o", "yaml"]),
         kubectl(&["-n", ns, "describe", "pgbc", "demo"]),
@@ -674,7 +678,11 @@ async fn operator_in_cluster_runs_a_real_cluster() {
 /// served by the replica, and after a switchover writes go on through the same balancer pods.
 async fn native_engine(ns: &str, password: &str, run_plugin: &dyn Fn(&[&str]) -> (bool, String)) {
     let through_balancer = |sql: &str| psql_in_cluster(ns, "demo-balancer", 9999, password, sql);
-    patch_demo(ns, r#"{"spec":{"balancer":{"engine":"native"}}}"#);
+    // With TLS required: psql's default `sslmode=prefer` below takes it without being told.
+    patch_demo(
+        ns,
+        r#"{"spec":{"balancer":{"engine":"native","tls":{"mode":"required"}}}}"#,
+    );
     let started = Instant::now();
     let native = eventually(180, || async {
         (0..5).all(|_| {
@@ -692,6 +700,7 @@ async fn native_engine(ns: &str, password: &str, run_plugin: &dyn Fn(&[&str]) ->
         "BENCH k8s_engine_change_seconds {:.1}",
         started.elapsed().as_secs_f64()
     );
+    balancer_tls(ns, password);
 
     // Read-your-writes: one session, each statement its own query, each read right after
     // its write.
@@ -751,6 +760,54 @@ async fn native_engine(ns: &str, password: &str, run_plugin: &dyn Fn(&[&str]) ->
         Some("51")
     );
     assert_eq!(pods(), before, "the balancer pods changed in a switchover");
+}
+
+/// TLS through the balancer Service, as a client in the cluster sees it: the generated
+/// certificate verifies against the CA in `demo-balancer-tls` by the Service's names, and a
+/// plain-text session is refused.
+fn balancer_tls(ns: &str, password: &str) {
+    let ca = secret(ns, "demo-balancer-tls", "ca.crt");
+    assert!(
+        ca.contains("BEGIN CERTIFICATE"),
+        "no CA in demo-balancer-tls"
+    );
+    let mut put = Command::new("kubectl")
+        .args(["-n", ns, "exec", "-i", "sql-client", "--", "sh", "-c"])
+        .arg("cat > /tmp/ca.crt")
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut put.stdin.take().unwrap(), ca.as_bytes()).unwrap();
+    assert!(put.wait().unwrap().success(), "the CA could not be copied");
+    let psql = |host: &str, sslmode: &str| {
+        let out = Command::new("kubectl")
+            .args(["-n", ns, "exec", "sql-client", "--", "env"])
+            .arg(format!("PGPASSWORD={password}"))
+            .arg(format!("PGSSLMODE={sslmode}"))
+            .args([
+                "PGSSLROOTCERT=/tmp/ca.crt",
+                "PGCONNECT_TIMEOUT=5",
+                "psql",
+                "-X",
+            ])
+            .args(["-h", host, "-p", "9999", "-U", "app", "-d", "app"])
+            .args(["-c", "\\conninfo"])
+            .output()
+            .unwrap();
+        (out.status.success(), text(&out))
+    };
+    for host in ["demo-balancer", &format!("demo-balancer.{ns}.svc")] {
+        let (ok, out) = psql(host, "verify-full");
+        assert!(
+            ok && out.contains("SSL connection"),
+            "verify-full to {host}: {out}"
+        );
+    }
+    let (ok, out) = psql("demo-balancer", "disable");
+    assert!(
+        !ok && out.contains("TLS"),
+        "plain text through the balancer: {out}"
+    );
 }
 
 fn patch_failover_delay(ns: &str, seconds: u32) {

@@ -239,7 +239,7 @@ pub struct BalancerSpec {
     #[serde(default)]
     pub unknown_functions: UnknownFunctions,
     /// TLS between clients and the balancer (either engine).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BalancerTls::is_default")]
     pub tls: BalancerTls,
 }
 
@@ -271,6 +271,14 @@ pub enum TlsMode {
     Enabled,
     /// TLS for every client.
     Required,
+}
+
+impl BalancerTls {
+    /// TLS off and nothing else set (left out when written, so files of clusters without TLS
+    /// read as before).
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 impl TlsMode {

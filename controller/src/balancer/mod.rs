@@ -266,7 +266,7 @@ impl Engine {
             tokio::spawn(async move {
                 engine.clients.fetch_add(1, Ordering::Relaxed);
                 engine.accepted.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = startup::serve(engine.clone(), socket, peer).await {
+                if let Err(e) = startup::serve(engine.clone(), socket).await {
                     tracing::debug!(%peer, error = %e, "client session ended");
                 }
                 engine.clients.fetch_sub(1, Ordering::Relaxed);

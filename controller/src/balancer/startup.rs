@@ -5,8 +5,8 @@
 //! authentication against the verifier the balancer keeps for the user, and the first server
 //! connection (the primary, or a replica while there is none) whose parameters the client gets.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
 use tokio::net::TcpStream;
@@ -18,32 +18,31 @@ use super::session::Session;
 use super::wire::{self, Startup, WireError};
 use super::{Engine, TlsMode};
 
+/// Longest a client may take from connecting to being logged in (PostgreSQL's default
+/// `authentication_timeout`): a client that stalls in a TLS handshake or in authentication
+/// holds nothing longer.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How a connection opened.
+enum Opening {
+    /// A session's startup packet, on a plain or TLS connection.
+    Session(ClientStream, Vec<(String, String)>),
+    /// A cancel request, passed on: nothing more comes on this connection.
+    Cancelled,
+}
+
 /// Serves one client connection until it ends.
-pub async fn serve(engine: Arc<Engine>, tcp: TcpStream, peer: SocketAddr) -> Result<(), WireError> {
+pub async fn serve(engine: Arc<Engine>, tcp: TcpStream) -> Result<(), WireError> {
     // Only latency depends on it: the session works without `TCP_NODELAY`.
     let _ = tcp.set_nodelay(true);
-    let mut client = ClientStream::Plain(tcp);
-    let params = loop {
-        match wire::read_startup(&mut client).await? {
-            Startup::Ssl => match (client, engine.tls_acceptor()) {
-                (ClientStream::Plain(mut tcp), Some(acceptor)) => {
-                    tokio::io::AsyncWriteExt::write_all(&mut tcp, b"S").await?;
-                    client = ClientStream::Tls(Box::new(acceptor.accept(tcp).await?));
-                }
-                (mut other, _) => {
-                    other.send(b"N").await?;
-                    client = other;
-                }
-            },
-            Startup::GssEnc => client.send(b"N").await?,
-            Startup::Cancel(pid, secret) => {
-                engine.cancel(pid, secret).await;
-                return Ok(());
-            }
-            Startup::Params(params) => break params,
-        }
+    let opened = tokio::time::timeout(STARTUP_TIMEOUT, open(&engine, tcp))
+        .await
+        .map_err(|_| WireError::Protocol("no startup packet in time".into()))??;
+    let (mut client, params) = match opened {
+        Opening::Session(client, params) => (client, params),
+        Opening::Cancelled => return Ok(()),
     };
-    if engine.settings.tls == TlsMode::Required && !client.is_tls() && !peer.ip().is_loopback() {
+    if engine.settings.tls == TlsMode::Required && !client.is_tls() {
         return fatal(
             &mut client,
             "28000",
@@ -75,7 +74,15 @@ pub async fn serve(engine: Arc<Engine>, tcp: TcpStream, peer: SocketAddr) -> Res
         .await;
     }
     let mut rbuf = BytesMut::with_capacity(8192);
-    let password = match authenticate(&engine, &mut client, &mut rbuf, &user).await? {
+    let authenticated = tokio::time::timeout(
+        STARTUP_TIMEOUT,
+        authenticate(&engine, &mut client, &mut rbuf, &user),
+    )
+    .await;
+    let Ok(authenticated) = authenticated else {
+        return fatal(&mut client, "08006", "authentication timed out").await;
+    };
+    let password = match authenticated? {
         Some(p) => p,
         None => {
             let message = format!("password authentication failed for user \"{user}\"");
@@ -125,6 +132,32 @@ pub async fn serve(engine: Arc<Engine>, tcp: TcpStream, peer: SocketAddr) -> Res
     let result = session.run().await;
     engine.unregister_session(cancel_key);
     result
+}
+
+/// Reads the startup packet, after TLS when the client asks for it and the balancer has a
+/// certificate (`N` otherwise, and always to GSS encryption).
+async fn open(engine: &Engine, tcp: TcpStream) -> Result<Opening, WireError> {
+    let mut client = ClientStream::Plain(tcp);
+    loop {
+        match wire::read_startup(&mut client).await? {
+            Startup::Ssl => match (client, engine.tls_acceptor()) {
+                (ClientStream::Plain(mut tcp), Some(acceptor)) => {
+                    tokio::io::AsyncWriteExt::write_all(&mut tcp, b"S").await?;
+                    client = ClientStream::Tls(Box::new(acceptor.accept(tcp).await?));
+                }
+                (mut other, _) => {
+                    other.send(b"N").await?;
+                    client = other;
+                }
+            },
+            Startup::GssEnc => client.send(b"N").await?,
+            Startup::Cancel(pid, secret) => {
+                engine.cancel(pid, secret).await;
+                return Ok(Opening::Cancelled);
+            }
+            Startup::Params(params) => return Ok(Opening::Session(client, params)),
+        }
+    }
 }
 
 /// SCRAM-SHA-256 against the stored verifier. An unknown user goes through the same exchange
@@ -191,5 +224,7 @@ pub async fn fatal(client: &mut ClientStream, code: &str, message: &str) -> Resu
     let mut out = BytesMut::new();
     wire::error(&mut out, "FATAL", code, message);
     client.send(&out).await?;
+    // Over TLS, a close_notify: the client sees the error, not a truncated connection.
+    let _ = tokio::io::AsyncWriteExt::shutdown(client).await;
     Ok(())
 }

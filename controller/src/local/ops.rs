@@ -554,7 +554,9 @@ fn ensure_tls(cluster: &PgBalancerCluster, creds: &mut Credentials) -> Result<()
     let name = cluster.metadata.name.clone().unwrap_or_default();
     let local = cluster.spec.local.clone().unwrap_or_default();
     let mut extra: Vec<String> = local.bind_address.into_iter().collect();
-    extra.extend(local.balancer.and_then(|b| b.hostname));
+    if let Some(b) = local.balancer {
+        extra.extend([b.hostname, b.container_name, b.ip].into_iter().flatten());
+    }
     let names = crate::tls::balancer_names(&name, None, &extra);
     if creds.balancer_tls.as_ref().is_none_or(|t| t.names != names) {
         let bundle = crate::tls::generate(&name, &names).map_err(|e| {

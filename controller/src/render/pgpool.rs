@@ -109,7 +109,8 @@ pub fn pgpool_conf(plan: &Plan) -> String {
 }
 
 /// Client authentication of the balancer: SCRAM over the network only; with TLS required,
-/// over TLS only, except from loopback (the agent's own checks).
+/// over TLS only, except the agent's own sessions (the monitoring role, from loopback inside
+/// the balancer).
 pub fn pool_hba(plan: &Plan) -> String {
     match plan.balancer.tls {
         TlsMode::Disabled | TlsMode::Enabled => "# Rendered by pgbalancer.\n\
@@ -117,13 +118,13 @@ pub fn pool_hba(plan: &Plan) -> String {
              host    all       all   0.0.0.0/0  scram-sha-256\n\
              host    all       all   ::/0       scram-sha-256\n"
             .to_owned(),
-        TlsMode::Required => "# Rendered by pgbalancer: TLS required.\n\
+        TlsMode::Required => format!(
+            "# Rendered by pgbalancer: TLS required.\n\
              # TYPE   DATABASE  USER  ADDRESS       METHOD\n\
-             host     all       all   127.0.0.1/32  scram-sha-256\n\
-             host     all       all   ::1/128       scram-sha-256\n\
+             host     all       {MONITOR_USER}  127.0.0.1/32  scram-sha-256\n\
              hostssl  all       all   0.0.0.0/0     scram-sha-256\n\
              hostssl  all       all   ::/0          scram-sha-256\n"
-            .to_owned(),
+        ),
     }
 }
 

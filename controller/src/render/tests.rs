@@ -210,7 +210,8 @@ fn tls_turns_on_pgpool_ssl_ships_the_certificate_and_can_require_it() {
         .collect();
     assert_eq!(network.len(), 2, "{hba}");
     assert!(network.iter().all(|l| l.starts_with("hostssl ")), "{hba}");
-    assert!(hba
-        .lines()
-        .any(|l| l.starts_with("host ") && l.contains("127.0.0.1/32")));
+    // Plain text from loopback for the agent's monitoring role only.
+    let plain: Vec<&str> = hba.lines().filter(|l| l.starts_with("host ")).collect();
+    assert_eq!(plain.len(), 1, "{hba}");
+    assert!(plain[0].contains(crate::plan::MONITOR_USER) && plain[0].contains("127.0.0.1/32"));
 }

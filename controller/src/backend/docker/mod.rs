@@ -194,7 +194,8 @@ impl DockerBackend {
         let (state, health) = state_and_health(c);
         let running = state == "running";
         let up_to_date = plan.balancer.instances.get(index as usize).is_none_or(|b| {
-            label(c, labels::CONFIG_HASH) == Some(objects::balancer_hash(plan, b).as_str())
+            let cert = objects::balancer_cert(plan, &self.creds);
+            label(c, labels::CONFIG_HASH) == Some(objects::balancer_hash(plan, b, cert).as_str())
         }) && self.same_image(c, &plan.balancer.image).await;
         let host_port = public_port(c, BALANCER_PORT);
         let rest_port = public_port(c, crate::plan::REST_PORT);
@@ -302,7 +303,7 @@ impl DockerBackend {
             .instances
             .get(index as usize)
             .ok_or_else(|| DockerError::Missing(format!("balancer {index}")))?;
-        let body = objects::balancer_container(plan, b);
+        let body = objects::balancer_container(plan, b, objects::balancer_cert(plan, &self.creds));
         let files = objects::balancer_files(plan, &self.creds)
             .map_err(|e| DockerError::Conflict(format!("configuration archive: {e}")))?;
         self.create_and_start(&b.container, body, files, previous)

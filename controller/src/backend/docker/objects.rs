@@ -87,9 +87,18 @@ pub fn instance_hash(plan: &Plan, inst: &InstancePlan) -> String {
     hex::encode(&h.finalize()[..12])
 }
 
+/// The certificate the balancers present, while TLS is on.
+pub fn balancer_cert<'a>(plan: &Plan, creds: &'a Credentials) -> Option<&'a str> {
+    (plan.balancer.tls != pgbalancer_crd::TlsMode::Disabled)
+        .then_some(creds.balancer_tls.as_ref())
+        .flatten()
+        .map(|t| t.cert.as_str())
+}
+
 /// Hash of what needs a new balancer container: everything but the backend list, which is
-/// changed live (reload + attach/detach).
-pub fn balancer_hash(plan: &Plan, b: &BalancerInstancePlan) -> String {
+/// changed live (reload + attach/detach). A new certificate (`cert`) is one: pgpool reads it
+/// only when it starts.
+pub fn balancer_hash(plan: &Plan, b: &BalancerInstancePlan, cert: Option<&str>) -> String {
     let mut without_backends = plan.clone();
     without_backends.instances.clear();
     let mut h = Sha256::new();
@@ -105,6 +114,7 @@ pub fn balancer_hash(plan: &Plan, b: &BalancerInstancePlan) -> String {
             b.ip, b.sql_port, b.pcp_port, b.rest_port
         ),
         &format!("{:?}", plan.balancer.engine_env),
+        cert.unwrap_or_default(),
     ] {
         h.update(part.as_bytes());
         h.update([0]);
@@ -222,9 +232,13 @@ pub fn instance_container(plan: &Plan, inst: &InstancePlan) -> ContainerCreateBo
 }
 
 /// The container of balancer `b`.
-pub fn balancer_container(plan: &Plan, b: &BalancerInstancePlan) -> ContainerCreateBody {
+pub fn balancer_container(
+    plan: &Plan,
+    b: &BalancerInstancePlan,
+    cert: Option<&str>,
+) -> ContainerCreateBody {
     let mut labels = balancer_labels(plan, b);
-    labels.insert(labels::CONFIG_HASH.into(), balancer_hash(plan, b));
+    labels.insert(labels::CONFIG_HASH.into(), balancer_hash(plan, b, cert));
     ContainerCreateBody {
         image: Some(plan.balancer.image.clone()),
         hostname: Some(truncate_hostname(&b.host)),
@@ -424,9 +438,12 @@ mod tests {
         let two = plan("");
         let three = plan_n(3, "");
         let b = &two.balancer.instances[0];
-        assert_eq!(balancer_hash(&two, b), balancer_hash(&three, b));
+        assert_eq!(balancer_hash(&two, b, None), balancer_hash(&three, b, None));
         let bigger = plan("  balancer: {maxPool: 2}\n");
-        assert_ne!(balancer_hash(&two, b), balancer_hash(&bigger, b));
+        assert_ne!(
+            balancer_hash(&two, b, None),
+            balancer_hash(&bigger, b, None)
+        );
     }
 
     #[test]

@@ -140,7 +140,20 @@ async fn reconcile_inner(
     let record = record_of(&name, previous.as_ref());
     let plan = Plan::kubernetes(cluster, record.target);
     let creds = credentials(cluster, &plan, &owner, ctx).await?;
-    balancer_tls(&plan, &owner, ctx).await?;
+    if let Some(problem) = balancer_tls(&plan, &owner, ctx).await? {
+        // Not an error that stops the reconcile: the Secret may come later (cert-manager
+        // creates it after the cluster), and until then the balancer pods wait for it while
+        // the instances, failover and status go on.
+        tracing::warn!(cluster = %name, "{problem}");
+        event(
+            ctx,
+            cluster,
+            EventType::Warning,
+            "CertificateSecret",
+            &problem,
+        )
+        .await;
+    }
     let backend = KubeBackend {
         client: ctx.client.clone(),
         metrics: &ctx.metrics,
@@ -500,32 +513,33 @@ async fn credentials(
 
 /// With TLS on, the Secret the balancers present exists: the user's (`certificateSecret`,
 /// with `tls.crt` and `tls.key`), or the generated one (created once, for the balancer
-/// Service's names).
-async fn balancer_tls(plan: &Plan, owner: &Owner, ctx: &Context) -> Result<(), Error> {
+/// Service's names). Returns what is wrong with the user's Secret, if anything.
+async fn balancer_tls(plan: &Plan, owner: &Owner, ctx: &Context) -> Result<Option<String>, Error> {
     let Some(name) = objects::balancer_tls_name(plan) else {
-        return Ok(());
+        return Ok(None);
     };
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &owner.namespace);
     let existing = secrets.get_opt(&name).await?;
     if plan.balancer.certificate_secret.is_some() {
-        let Some(existing) = existing else {
-            return Err(Error::Invalid(format!(
-                "spec.balancer.tls.certificateSecret: secret {name} does not exist"
-            )));
+        let problem = match existing {
+            None => Some("does not exist".to_owned()),
+            Some(existing) => {
+                let data = existing.data.unwrap_or_default();
+                ["tls.crt", "tls.key"]
+                    .iter()
+                    .find(|k| !data.contains_key(**k))
+                    .map(|missing| format!("has no {missing}"))
+            }
         };
-        let data = existing.data.unwrap_or_default();
-        return match ["tls.crt", "tls.key"]
-            .iter()
-            .find(|k| !data.contains_key(**k))
-        {
-            Some(missing) => Err(Error::Invalid(format!(
-                "spec.balancer.tls.certificateSecret: secret {name} has no {missing}"
-            ))),
-            None => Ok(()),
-        };
+        return Ok(problem.map(|p| {
+            format!(
+                "spec.balancer.tls.certificateSecret: secret {name} {p}; the balancer pods \
+                 wait for it"
+            )
+        }));
     }
     if existing.is_some() {
-        return Ok(());
+        return Ok(None);
     }
     let names = crate::tls::balancer_names(&plan.cluster, Some(&owner.namespace), &[]);
     let bundle = crate::tls::generate(&plan.cluster, &names)
@@ -539,8 +553,8 @@ async fn balancer_tls(plan: &Plan, owner: &Owner, ctx: &Context) -> Result<(), E
         .await
     {
         // Created meanwhile (another reconcile): that one stays.
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
-        other => other.map(|_| ()).map_err(Into::into),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(None),
+        other => other.map(|_| None).map_err(Into::into),
     }
 }
 
