@@ -64,8 +64,9 @@ us_per_txn() { # ticks transactions
   awk -v t="$1" -v n="$2" -v hz="$hz" 'BEGIN { printf "%.1f", n ? t * 1e6 / hz / n : 0 }'
 }
 printf 'machine: %s cores; pgbench -S -c 8 -j 2 -T %s, scale 10, 2 replicas\n' "$(nproc)" "$duration"
-printf '%-8s %5s %8s %6s | CPU us per transaction: %7s %7s %12s | %s\n' \
-  path round tps ratio engine haproxy docker-proxy "engine kernel share"
+printf 'CPU time per transaction, in microseconds (us), by process:\n'
+printf '%-8s %5s %8s %6s | %9s %10s %15s | %s\n' \
+  path round tps ratio "engine us" "haproxy us" "docker-proxy us" "engine kernel share"
 for round in $(seq 1 "$rounds"); do
   direct_tps=
   for path in direct native haproxy; do
@@ -84,7 +85,7 @@ for round in $(seq 1 "$rounds"); do
     [ "$path" = direct ] && direct_tps=$tps
     e=$((eu1 - eu0 + ek1 - ek0))
     share=$(awk -v k=$((ek1 - ek0)) -v e=$e 'BEGIN { printf "%.0f %%", e ? 100 * k / e : 0 }')
-    printf '%-8s %5s %8s %6s | %30s %7s %12s | %s\n' "$path" "$round" "$tps" \
+    printf '%-8s %5s %8s %6s | %9s %10s %15s | %s\n' "$path" "$round" "$tps" \
       "$(awk -v a="$tps" -v b="$direct_tps" 'BEGIN { printf "%.2f", a / b }')" \
       "$(us_per_txn $e "$n")" "$(us_per_txn $((hu1 - hu0 + hk1 - hk0)) "$n")" \
       "$(us_per_txn $((du1 - du0 + dk1 - dk0)) "$n")" "$([ "$path" = native ] && echo "$share" || echo -)"
