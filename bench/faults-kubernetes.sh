@@ -8,7 +8,8 @@
 # About 10 minutes a run. Starts its own Kubernetes; do not run beside the tests.
 # ROUNDS (default 1) repeats the two pod deletions within each run; DELETIONS_ONLY=1 leaves out
 # the operator and API server scenarios (RUNS=1 ROUNDS=10 DELETIONS_ONLY=1: ten of each
-# deletion in about 25 minutes).
+# deletion in about 25 minutes). ENGINE (pgpool, the default, or native) serves the balancer's
+# port.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
@@ -23,7 +24,7 @@ work=$(mktemp -d)
 trap './tests/k8s/node.sh stop || true; ./tests/k8s/control-plane.sh stop || true; rm -rf "$work"' EXIT
 ./tests/k8s/with-node.sh
 export KUBECONFIG=${PGBALANCER_K8S_DIR:-/tmp/pgbalancer-k8s}/kubeconfig PGBALANCER_E2E=1
-export PGBALANCER_FAULT_ROUNDS=${ROUNDS:-1}
+export PGBALANCER_FAULT_ROUNDS=${ROUNDS:-1} PGBALANCER_FAULT_ENGINE=${ENGINE:-pgpool}
 [ -n "${DELETIONS_ONLY:-}" ] && export PGBALANCER_FAULT_DELETIONS_ONLY=1
 
 for run in $(seq 1 "$runs"); do

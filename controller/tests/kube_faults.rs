@@ -329,7 +329,14 @@ async fn the_cluster_survives_each_fault_by_itself() {
     );
     install_operator();
     let _ = kubectl(&["create", "namespace", NS]);
-    let cluster = "apiVersion: pgbalancer.io/v1alpha1\nkind: PgBalancerCluster\nmetadata:\n  name: fx\nspec:\n  replicas: 2\n  postgres:\n    version: 17\n    storage: {size: 1Gi, fixPermissions: true}\n  balancer: {instances: 2, numInitChildren: 16, maxPool: 2}\n";
+    // `PGBALANCER_FAULT_ENGINE` (pgpool, the default, or native) serves the balancer's port.
+    let engine = std::env::var("PGBALANCER_FAULT_ENGINE").unwrap_or_else(|_| "pgpool".into());
+    assert!(
+        matches!(engine.as_str(), "pgpool" | "native"),
+        "PGBALANCER_FAULT_ENGINE: {engine} is neither pgpool nor native"
+    );
+    eprintln!("MEASURED engine {engine}");
+    let cluster = format!("apiVersion: pgbalancer.io/v1alpha1\nkind: PgBalancerCluster\nmetadata:\n  name: fx\nspec:\n  replicas: 2\n  postgres:\n    version: 17\n    storage: {{size: 1Gi, fixPermissions: true}}\n  balancer: {{engine: {engine}, instances: 2, numInitChildren: 16, maxPool: 2}}\n");
     let file = std::env::temp_dir().join("pgbalancer-faults-cluster.yaml");
     std::fs::write(&file, cluster).unwrap();
     let (ok, out) = kubectl(&["-n", NS, "apply", "-f", file.to_str().unwrap()]);
@@ -368,8 +375,14 @@ async fn the_cluster_survives_each_fault_by_itself() {
             "fx-1-0"
         };
         // The balancers' agents take the node out of pgpool's rotation themselves, the moment
-        // its server stops, instead of waiting for pgpool's health check: one more such line
-        // than before the deletion (earlier rounds logged the same node's detach).
+        // its server stops, instead of waiting for pgpool's health check (the native engine's
+        // monitor marks it down): one more such line than before the deletion (earlier rounds
+        // logged the same node's).
+        let detached = if engine == "native" {
+            "backend down"
+        } else {
+            "detached: its server went away"
+        };
         let slot = replica
             .strip_prefix("fx-")
             .and_then(|r| r.split('-').next())
@@ -387,10 +400,7 @@ async fn the_cluster_survives_each_fault_by_itself() {
             assert!(ok, "{logs}");
             let n = logs
                 .lines()
-                .filter(|l| {
-                    l.contains("detached: its server went away")
-                        && l.contains(&format!("node={slot}"))
-                })
+                .filter(|l| l.contains(detached) && l.contains(&format!("node={slot}")))
                 .count();
             (n, logs)
         };

@@ -187,6 +187,9 @@ pub struct BalancerPlan {
     pub tls: pgbalancer_crd::TlsMode,
     /// Kubernetes: the user's `kubernetes.io/tls` Secret, instead of a generated certificate.
     pub certificate_secret: Option<String>,
+    /// Kubernetes: a digest of the certificate the balancers present, as the reconcile read
+    /// it (pgpool reads the certificate only when it starts: a renewed one rolls its pods).
+    pub certificate_digest: Option<String>,
     /// Balancer containers (Docker) / replicas of the Deployment (Kubernetes).
     pub instances: Vec<BalancerInstancePlan>,
 }
@@ -318,6 +321,7 @@ impl Plan {
                 engine_env: engine_env(&spec.balancer),
                 tls: spec.balancer.tls.mode,
                 certificate_secret: spec.balancer.tls.certificate_secret.clone(),
+                certificate_digest: None,
                 instances: balancers,
             },
             local: LocalPlan {

@@ -138,9 +138,11 @@ async fn reconcile_inner(
             .ok_or_else(|| Error::Invalid("the cluster has no uid yet".into()))?,
     };
     let record = record_of(&name, previous.as_ref());
-    let plan = Plan::kubernetes(cluster, record.target);
+    let mut plan = Plan::kubernetes(cluster, record.target);
     let creds = credentials(cluster, &plan, &owner, ctx).await?;
-    if let Some(problem) = balancer_tls(&plan, &owner, ctx).await? {
+    let (problem, digest) = balancer_tls(&plan, &owner, ctx).await?;
+    plan.balancer.certificate_digest = digest;
+    if let Some(problem) = problem {
         // Not an error that stops the reconcile: the Secret may come later (cert-manager
         // creates it after the cluster), and until then the balancer pods wait for it while
         // the instances, failover and status go on.
@@ -513,33 +515,40 @@ async fn credentials(
 
 /// With TLS on, the Secret the balancers present exists: the user's (`certificateSecret`,
 /// with `tls.crt` and `tls.key`), or the generated one (created once, for the balancer
-/// Service's names). Returns what is wrong with the user's Secret, if anything.
-async fn balancer_tls(plan: &Plan, owner: &Owner, ctx: &Context) -> Result<Option<String>, Error> {
+/// Service's names). Returns what is wrong with the user's Secret, if anything, and a digest
+/// of the certificate.
+async fn balancer_tls(
+    plan: &Plan,
+    owner: &Owner,
+    ctx: &Context,
+) -> Result<(Option<String>, Option<String>), Error> {
     let Some(name) = objects::balancer_tls_name(plan) else {
-        return Ok(None);
+        return Ok((None, None));
     };
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &owner.namespace);
     let existing = secrets.get_opt(&name).await?;
+    let digest = |cert: &[u8]| objects::content_hash(&hex::encode(cert));
     if plan.balancer.certificate_secret.is_some() {
-        let problem = match existing {
-            None => Some("does not exist".to_owned()),
-            Some(existing) => {
-                let data = existing.data.unwrap_or_default();
-                ["tls.crt", "tls.key"]
-                    .iter()
-                    .find(|k| !data.contains_key(**k))
-                    .map(|missing| format!("has no {missing}"))
-            }
+        let data = existing.and_then(|s| s.data).unwrap_or_default();
+        let problem = if data.is_empty() {
+            Some("does not exist".to_owned())
+        } else {
+            ["tls.crt", "tls.key"]
+                .iter()
+                .find(|k| !data.contains_key(**k))
+                .map(|missing| format!("has no {missing}"))
         };
-        return Ok(problem.map(|p| {
+        let problem = problem.map(|p| {
             format!(
                 "spec.balancer.tls.certificateSecret: secret {name} {p}; the balancer pods \
                  wait for it"
             )
-        }));
+        });
+        return Ok((problem, data.get("tls.crt").map(|c| digest(&c.0))));
     }
-    if existing.is_some() {
-        return Ok(None);
+    if let Some(existing) = existing {
+        let cert = existing.data.unwrap_or_default();
+        return Ok((None, cert.get("tls.crt").map(|c| digest(&c.0))));
     }
     let names = crate::tls::balancer_names(&plan.cluster, Some(&owner.namespace), &[]);
     let bundle = crate::tls::generate(&plan.cluster, &names)
@@ -552,9 +561,13 @@ async fn balancer_tls(plan: &Plan, owner: &Owner, ctx: &Context) -> Result<Optio
         )
         .await
     {
+        Ok(_) => Ok((None, Some(digest(bundle.cert.as_bytes())))),
         // Created meanwhile (another reconcile): that one stays.
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(None),
-        other => other.map(|_| None).map_err(Into::into),
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            let data = secrets.get(&name).await?.data.unwrap_or_default();
+            Ok((None, data.get("tls.crt").map(|c| digest(&c.0))))
+        }
+        Err(e) => Err(e.into()),
     }
 }
 

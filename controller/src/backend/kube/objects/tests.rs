@@ -345,3 +345,37 @@ fn with_tls_the_balancer_mounts_its_certificate_secret_and_the_agent_is_told() {
     assert_eq!(keys, ["ca.crt", "tls.crt", "tls.key"]);
     assert_eq!(secret.metadata.owner_references.unwrap()[0].uid, "u-1");
 }
+
+#[test]
+fn a_renewed_certificate_rolls_pgpool_balancers_only() {
+    let c = creds();
+    let hash_with = |p: &Plan| {
+        balancer_deployment(p, &owner(), &c)
+            .spec
+            .unwrap()
+            .template
+            .metadata
+            .unwrap()
+            .annotations
+            .unwrap()[crate::labels::CONFIG_HASH]
+            .clone()
+    };
+    let mut p = plan(1);
+    let before = hash_with(&p);
+    p.balancer.certificate_digest = Some("first".into());
+    let first = hash_with(&p);
+    p.balancer.certificate_digest = Some("renewed".into());
+    let renewed = hash_with(&p);
+    assert_ne!(before, first);
+    assert_ne!(first, renewed, "pgpool reads its certificate only at start");
+    let text = "apiVersion: pgbalancer.io/v1alpha1\nkind: PgBalancerCluster\nmetadata: {name: demo}\nspec: {replicas: 1, balancer: {engine: native}}\n";
+    let mut native = Plan::kubernetes(&parse_documents(text).unwrap()[0], 0);
+    native.balancer.certificate_digest = Some("first".into());
+    let first = hash_with(&native);
+    native.balancer.certificate_digest = Some("renewed".into());
+    assert_eq!(
+        first,
+        hash_with(&native),
+        "the native engine follows the files"
+    );
+}

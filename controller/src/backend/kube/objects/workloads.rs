@@ -452,7 +452,18 @@ pub fn balancer_deployment(
 ) -> Deployment {
     let mut without_backends = plan.clone();
     without_backends.instances.clear();
-    let static_hash = content_hash(&render::balancer_files(&without_backends, creds));
+    let files_hash = content_hash(&render::balancer_files(&without_backends, creds));
+    let pgpool = plan
+        .balancer
+        .engine_env
+        .iter()
+        .any(|(k, v)| k == "PGBALANCER_ENGINE" && v == "pgpool");
+    // pgpool reads its certificate only when it starts (the native engine follows the file);
+    // without TLS the hash stays what it was, so no pod rolls for it.
+    let static_hash = match (&plan.balancer.certificate_digest, pgpool) {
+        (Some(cert), true) => content_hash(&[files_hash, cert.clone()]),
+        _ => files_hash,
+    };
     let mut pod_labels = cluster_labels(plan, labels::BALANCER);
     let selector = pod_labels.clone();
     pod_labels.insert(
