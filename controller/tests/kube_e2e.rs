@@ -779,11 +779,18 @@ fn balancer_tls(ns: &str, password: &str) {
         .unwrap();
     std::io::Write::write_all(&mut put.stdin.take().unwrap(), ca.as_bytes()).unwrap();
     assert!(put.wait().unwrap().success(), "the CA could not be copied");
+    // The Service's address: libpq connects there and verifies the name given as the host
+    // (the test node's DNS answers short names and full names, not `<svc>.<ns>.svc`).
+    let service_ip = get_json(&["-n", ns, "get", "service", "demo-balancer"])["spec"]["clusterIP"]
+        .as_str()
+        .expect("a ClusterIP")
+        .to_owned();
     let psql = |host: &str, sslmode: &str| {
         let out = Command::new("kubectl")
             .args(["-n", ns, "exec", "sql-client", "--", "env"])
             .arg(format!("PGPASSWORD={password}"))
             .arg(format!("PGSSLMODE={sslmode}"))
+            .arg(format!("PGHOSTADDR={service_ip}"))
             .args([
                 "PGSSLROOTCERT=/tmp/ca.crt",
                 "PGCONNECT_TIMEOUT=5",
@@ -796,13 +803,23 @@ fn balancer_tls(ns: &str, password: &str) {
             .unwrap();
         (out.status.success(), text(&out))
     };
-    for host in ["demo-balancer", &format!("demo-balancer.{ns}.svc")] {
+    for host in [
+        "demo-balancer",
+        &format!("demo-balancer.{ns}"),
+        &format!("demo-balancer.{ns}.svc"),
+        &format!("demo-balancer.{ns}.svc.cluster.local"),
+    ] {
         let (ok, out) = psql(host, "verify-full");
         assert!(
             ok && out.contains("SSL connection"),
             "verify-full to {host}: {out}"
         );
     }
+    let (ok, out) = psql("not-the-balancer.example", "verify-full");
+    assert!(
+        !ok && out.contains("does not match host name"),
+        "a name the certificate is not for was accepted: {out}"
+    );
     let (ok, out) = psql("demo-balancer", "disable");
     assert!(
         !ok && out.contains("TLS"),
