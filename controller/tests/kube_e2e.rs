@@ -700,6 +700,16 @@ async fn native_engine(ns: &str, password: &str, run_plugin: &dyn Fn(&[&str]) ->
         "BENCH k8s_engine_change_seconds {:.1}",
         started.elapsed().as_secs_f64()
     );
+    // Every balancer pod runs the new settings (no pgpool pod without TLS left behind).
+    let (ok, out) = kubectl(&[
+        "-n",
+        ns,
+        "rollout",
+        "status",
+        "deployment/demo-balancer",
+        "--timeout=180s",
+    ]);
+    assert!(ok, "{out}");
     balancer_tls(ns, password);
 
     // Read-your-writes: one session, each statement its own query, each read right after
@@ -811,7 +821,7 @@ fn balancer_tls(ns: &str, password: &str) {
     ] {
         let (ok, out) = psql(host, "verify-full");
         assert!(
-            ok && out.contains("SSL connection"),
+            ok && out.to_lowercase().contains("ssl connection"),
             "verify-full to {host}: {out}"
         );
     }

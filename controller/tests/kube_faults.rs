@@ -375,9 +375,9 @@ async fn the_cluster_survives_each_fault_by_itself() {
             "fx-1-0"
         };
         // The balancers' agents take the node out of pgpool's rotation themselves, the moment
-        // its server stops, instead of waiting for pgpool's health check (the native engine's
-        // monitor marks it down): one more such line than before the deletion (earlier rounds
-        // logged the same node's).
+        // its server stops, instead of waiting for pgpool's health check: one more such line
+        // than before the deletion (earlier rounds logged the same node's). For the native
+        // engine this only shows that its monitor (20 ms checks) saw the node go down.
         let detached = if engine == "native" {
             "backend down"
         } else {

@@ -1,9 +1,9 @@
 //! A client connection's first steps: TLS when the client asks and the balancer has a
 //! certificate (refused cleanly with `N` otherwise, as GSS encryption always is; required of
-//! every client but loopback ones when so configured), cancel requests passed to the server
-//! running the query, the startup parameters checked, SCRAM
-//! authentication against the verifier the balancer keeps for the user, and the first server
-//! connection (the primary, or a replica while there is none) whose parameters the client gets.
+//! every client when so configured), cancel requests passed to the server running the query,
+//! the startup parameters checked, SCRAM authentication against the verifier the balancer
+//! keeps for the user, and the first server connection (the primary, or a replica while there
+//! is none) whose parameters the client gets.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,7 +35,8 @@ enum Opening {
 pub async fn serve(engine: Arc<Engine>, tcp: TcpStream) -> Result<(), WireError> {
     // Only latency depends on it: the session works without `TCP_NODELAY`.
     let _ = tcp.set_nodelay(true);
-    let opened = tokio::time::timeout(STARTUP_TIMEOUT, open(&engine, tcp))
+    let deadline = tokio::time::Instant::now() + STARTUP_TIMEOUT;
+    let opened = tokio::time::timeout_at(deadline, open(&engine, tcp))
         .await
         .map_err(|_| WireError::Protocol("no startup packet in time".into()))??;
     let (mut client, params) = match opened {
@@ -74,8 +75,8 @@ pub async fn serve(engine: Arc<Engine>, tcp: TcpStream) -> Result<(), WireError>
         .await;
     }
     let mut rbuf = BytesMut::with_capacity(8192);
-    let authenticated = tokio::time::timeout(
-        STARTUP_TIMEOUT,
+    let authenticated = tokio::time::timeout_at(
+        deadline,
         authenticate(&engine, &mut client, &mut rbuf, &user),
     )
     .await;

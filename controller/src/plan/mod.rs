@@ -394,7 +394,7 @@ impl Plan {
 
 /// The agent's environment for the engine settings of `spec`.
 fn engine_env(spec: &pgbalancer_crd::BalancerSpec) -> Vec<(String, String)> {
-    vec![
+    let mut env = vec![
         ("PGBALANCER_ENGINE".into(), spec.engine.as_str().into()),
         (
             "PGBALANCER_CONSISTENCY".into(),
@@ -404,6 +404,11 @@ fn engine_env(spec: &pgbalancer_crd::BalancerSpec) -> Vec<(String, String)> {
             "PGBALANCER_READ_ONLY_FUNCTIONS".into(),
             (spec.unknown_functions == pgbalancer_crd::UnknownFunctions::Replica).to_string(),
         ),
-        ("PGBALANCER_TLS".into(), spec.tls.mode.as_str().into()),
-    ]
+    ];
+    // Only with TLS (the agent's default is off): balancers without it keep their settings,
+    // and no pod rolls for it.
+    if spec.tls.mode != pgbalancer_crd::TlsMode::Disabled {
+        env.push(("PGBALANCER_TLS".into(), spec.tls.mode.as_str().into()));
+    }
+    env
 }

@@ -114,9 +114,13 @@ pub fn balancer_hash(plan: &Plan, b: &BalancerInstancePlan, cert: Option<&str>) 
             b.ip, b.sql_port, b.pcp_port, b.rest_port
         ),
         &format!("{:?}", plan.balancer.engine_env),
-        cert.unwrap_or_default(),
     ] {
         h.update(part.as_bytes());
+        h.update([0]);
+    }
+    // Only with TLS: the hash of a balancer without it stays what it was.
+    if let Some(cert) = cert {
+        h.update(cert.as_bytes());
         h.update([0]);
     }
     hex::encode(&h.finalize()[..12])

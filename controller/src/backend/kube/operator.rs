@@ -261,6 +261,7 @@ pub async fn run_with(client: Client, config: OperatorConfig) -> Result<(), Oper
         pdb_supported,
         in_cluster,
         watches: Default::default(),
+        certificates: Default::default(),
         client: client.clone(),
         metrics,
         recorder: Recorder::new(

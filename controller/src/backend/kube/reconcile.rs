@@ -81,6 +81,17 @@ pub struct Context {
     pub in_cluster: bool,
     /// Failover watches by `namespace/name`: how long each recorded primary has been down.
     pub watches: Mutex<HashMap<String, Watch>>,
+    /// The balancers' certificate by `namespace/name`, as last seen.
+    pub certificates: Mutex<HashMap<String, CertificateSeen>>,
+}
+
+/// A cluster's balancer certificate as the last reconcile saw it.
+#[derive(Debug, Default)]
+pub struct CertificateSeen {
+    /// Digest of the certificate the balancer pods were given.
+    digest: Option<String>,
+    /// What was wrong with the user's Secret, already reported.
+    problem: Option<String>,
 }
 
 /// Reconciles one cluster.
@@ -141,11 +152,25 @@ async fn reconcile_inner(
     let mut plan = Plan::kubernetes(cluster, record.target);
     let creds = credentials(cluster, &plan, &owner, ctx).await?;
     let (problem, digest) = balancer_tls(&plan, &owner, ctx).await?;
+    let (digest, report) = {
+        let mut seen = ctx.certificates.lock().unwrap_or_else(|e| e.into_inner());
+        let seen = seen.entry(format!("{namespace}/{name}")).or_default();
+        // While the user's Secret is unusable, the pods keep the certificate they were given:
+        // no roll to nothing and back.
+        let digest = match &problem {
+            Some(_) => digest.or_else(|| seen.digest.clone()),
+            None => digest,
+        };
+        seen.digest = digest.clone();
+        let report = problem.clone().filter(|p| seen.problem.as_ref() != Some(p));
+        seen.problem = problem;
+        (digest, report)
+    };
     plan.balancer.certificate_digest = digest;
-    if let Some(problem) = problem {
+    if let Some(problem) = report {
         // Not an error that stops the reconcile: the Secret may come later (cert-manager
         // creates it after the cluster), and until then the balancer pods wait for it while
-        // the instances, failover and status go on.
+        // the instances, failover and status go on. Reported once, not at every pass.
         tracing::warn!(cluster = %name, "{problem}");
         event(
             ctx,
@@ -531,7 +556,7 @@ async fn balancer_tls(
     if plan.balancer.certificate_secret.is_some() {
         let data = existing.and_then(|s| s.data).unwrap_or_default();
         let problem = if data.is_empty() {
-            Some("does not exist".to_owned())
+            Some("does not exist or holds nothing".to_owned())
         } else {
             ["tls.crt", "tls.key"]
                 .iter()

@@ -320,14 +320,16 @@ fn with_tls_the_balancer_mounts_its_certificate_secret_and_the_agent_is_told() {
             .collect();
         (mode, secrets)
     };
-    let mut p = plan(1);
+    let p = plan(1);
     let (mode, secrets) = tls_sources(&p);
-    assert_eq!(mode.as_deref(), Some("disabled"));
+    assert_eq!(mode, None, "TLS off: the agent's default, no variable");
     assert_eq!(secrets.len(), 1, "no TLS secret while TLS is off");
     assert_eq!(balancer_tls_name(&p), None);
 
-    p.balancer.tls = pgbalancer_crd::TlsMode::Required;
-    let (_, secrets) = tls_sources(&p);
+    let text = "apiVersion: pgbalancer.io/v1alpha1\nkind: PgBalancerCluster\nmetadata: {name: demo}\nspec: {replicas: 1, balancer: {tls: {mode: required}}}\n";
+    let mut p = Plan::kubernetes(&parse_documents(text).unwrap()[0], 0);
+    let (mode, secrets) = tls_sources(&p);
+    assert_eq!(mode.as_deref(), Some("required"));
     assert_eq!(
         secrets[1],
         (
