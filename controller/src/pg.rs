@@ -56,7 +56,7 @@ pub async fn connect(
     password: &str,
     db: &str,
 ) -> Result<Client, PgError> {
-    connect_with(host, port, user, password, db, NoTls).await
+    connect_with(Config::new(), host, port, user, password, db, NoTls).await
 }
 
 /// Opens a TLS connection (`sslmode=verify-full`): the server's certificate must be signed by
@@ -84,7 +84,7 @@ pub async fn connect_tls(
         .with_no_client_auth();
     let mut config = Config::new();
     config.ssl_mode(tokio_postgres::config::SslMode::Require);
-    connect_with_config(
+    connect_with(
         config,
         host,
         port,
@@ -96,22 +96,9 @@ pub async fn connect_tls(
     .await
 }
 
+/// Opens a connection with `config`'s settings and these; the connection task ends when the
+/// client is dropped.
 async fn connect_with<T>(
-    host: &str,
-    port: u16,
-    user: &str,
-    password: &str,
-    db: &str,
-    tls: T,
-) -> Result<Client, PgError>
-where
-    T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>,
-    T::Stream: Send + 'static,
-{
-    connect_with_config(Config::new(), host, port, user, password, db, tls).await
-}
-
-async fn connect_with_config<T>(
     mut config: Config,
     host: &str,
     port: u16,

@@ -11,6 +11,7 @@ use std::process::Command;
 use common::*;
 use pgbalancer_controller::pg;
 use serde_json::Value;
+use tokio_postgres::Client;
 
 const NAME: &str = "it-tls";
 
@@ -32,27 +33,29 @@ fn psql(conninfo: &str, password: &str) -> (bool, String) {
     (out.status.success(), text(&out))
 }
 
-/// A query over TLS, verifying the balancer with the CA certificate `ca_pem`.
-async fn over_tls(port: u16, password: &str, ca_pem: &str) -> Result<i32, String> {
-    let client = pg::connect_tls("127.0.0.1", port, "app", password, "app", ca_pem)
-        .await
-        .map_err(|e| pgbalancer_controller::local::controller::error_chain(&e))?;
+/// `SELECT n` on a connection as it was opened, or why it could not be.
+async fn select(connected: Result<Client, pg::PgError>, n: i32) -> Result<i32, String> {
+    let client =
+        connected.map_err(|e| pgbalancer_controller::local::controller::error_chain(&e))?;
     let row = client
-        .query_one("SELECT 7", &[])
+        .query_one("SELECT $1::int", &[&n])
         .await
         .map_err(|e| e.to_string())?;
     Ok(row.get(0))
 }
 
+/// A query over TLS, verifying the balancer with the CA certificate `ca_pem`.
+async fn over_tls(port: u16, password: &str, ca_pem: &str) -> Result<i32, String> {
+    let connected = pg::connect_tls("127.0.0.1", port, "app", password, "app", ca_pem).await;
+    select(connected, 7).await
+}
+
 async fn in_plain_text(port: u16, password: &str) -> Result<i32, String> {
-    let client = pg::connect("127.0.0.1", port, "app", password, "app")
-        .await
-        .map_err(|e| pgbalancer_controller::local::controller::error_chain(&e))?;
-    let row = client
-        .query_one("SELECT 8", &[])
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(row.get(0))
+    select(
+        pg::connect("127.0.0.1", port, "app", password, "app").await,
+        8,
+    )
+    .await
 }
 
 /// Both ways a client verifies the balancer: rustls and psql (`verify-full`, by address and
