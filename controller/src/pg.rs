@@ -69,21 +69,9 @@ pub async fn connect_tls(
     db: &str,
     ca_pem: &str,
 ) -> Result<Client, PgError> {
-    use rustls_pki_types::pem::PemObject;
-    use tokio_rustls::rustls;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()).flatten() {
-        // A CA that does not parse leaves the store empty: the handshake then fails, named.
-        let _ = roots.add(cert);
-    }
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| PgError::Tls(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
     let mut config = Config::new();
     config.ssl_mode(tokio_postgres::config::SslMode::Require);
+    let tls = tls_client_config(ca_pem)?;
     connect_with(
         config,
         host,
@@ -96,9 +84,26 @@ pub async fn connect_tls(
     .await
 }
 
+/// A TLS client configuration trusting only the CA certificates in `ca_pem`.
+pub fn tls_client_config(ca_pem: &str) -> Result<tokio_rustls::rustls::ClientConfig, PgError> {
+    use rustls_pki_types::pem::PemObject;
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()).flatten() {
+        // A CA that does not parse leaves the store empty: the handshake then fails, named.
+        let _ = roots.add(cert);
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| PgError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
 /// Opens a connection with `config`'s settings and these; the connection task ends when the
 /// client is dropped.
-async fn connect_with<T>(
+pub async fn connect_with<T>(
     mut config: Config,
     host: &str,
     port: u16,

@@ -108,7 +108,11 @@ fn dn(common_name: &str) -> rcgen::DistinguishedName {
     dn
 }
 
-/// The server side of TLS from a PEM certificate chain and private key.
+/// The ALPN protocol name of PostgreSQL connections (PostgreSQL 17).
+pub const ALPN: &[u8] = b"postgresql";
+
+/// The TLS server configuration of the balancer's port: the certificate chain and key in PEM,
+/// TLS 1.2 and 1.3, ALPN `postgresql`.
 pub fn server_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<rustls::ServerConfig>, String> {
     let chain = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<Vec<_>, _>>()
@@ -118,12 +122,15 @@ pub fn server_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<rustls::Serv
     }
     let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| format!("{KEY_FILE}: {e}"))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .with_no_client_auth()
         .with_single_cert(chain, key)
         .map_err(|e| format!("{CERT_FILE} and {KEY_FILE}: {e}"))?;
+    // PostgreSQL's protocol name: a client offering another one is refused in the handshake,
+    // and one that connects with TLS directly (no `SSLRequest` first) must offer it.
+    config.alpn_protocols = vec![ALPN.to_vec()];
     Ok(Arc::new(config))
 }
 
@@ -144,8 +151,9 @@ mod tests {
         let b = generate("demo", &names).unwrap();
         assert_ne!(a.key, b.key, "keys are random");
         assert!(!format!("{a:?}").contains("PRIVATE"), "Debug prints no key");
-        // The engine's server configuration takes it.
-        server_config(a.cert.as_bytes(), a.key.as_bytes()).unwrap();
+        // The engine's server configuration takes it, and speaks only PostgreSQL (ALPN).
+        let config = server_config(a.cert.as_bytes(), a.key.as_bytes()).unwrap();
+        assert_eq!(config.alpn_protocols, vec![b"postgresql".to_vec()]);
         // The certificate verifies against its CA for each name, not against the other CA.
         use rustls::client::danger::ServerCertVerifier;
         let verify = |bundle: &TlsBundle, ca: &str, name: &str| {

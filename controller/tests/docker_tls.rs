@@ -2,7 +2,8 @@
 //! `tls: {mode: required}` on the native engine, then on pgpool with `enabled`, then TLS
 //! turned off. Clients verify the balancer with the CA `pgbalancer status` names (rustls
 //! through tokio-postgres, and psql through libpq and OpenSSL), plain connections are
-//! refused only while TLS is required, and a CA of another cluster is not accepted.
+//! refused only while TLS is required, and a CA of another cluster is not accepted. The
+//! native engine also takes PostgreSQL 17's direct TLS, only with the `postgresql` ALPN.
 
 mod common;
 
@@ -48,6 +49,22 @@ async fn select(connected: Result<Client, pg::PgError>, n: i32) -> Result<i32, S
 async fn over_tls(port: u16, password: &str, ca_pem: &str) -> Result<i32, String> {
     let connected = pg::connect_tls("127.0.0.1", port, "app", password, "app", ca_pem).await;
     select(connected, 7).await
+}
+
+/// A query over PostgreSQL 17's direct TLS (no `SSLRequest` first), naming the `postgresql`
+/// protocol (ALPN) or not.
+async fn direct_tls(port: u16, password: &str, ca_pem: &str, alpn: bool) -> Result<i32, String> {
+    let mut tls = pg::tls_client_config(ca_pem).map_err(|e| e.to_string())?;
+    if alpn {
+        tls.alpn_protocols = vec![b"postgresql".to_vec()];
+    }
+    let mut config = tokio_postgres::Config::new();
+    config
+        .ssl_mode(tokio_postgres::config::SslMode::Require)
+        .ssl_negotiation(tokio_postgres::config::SslNegotiation::Direct);
+    let tls = tokio_postgres_rustls::MakeRustlsConnect::new(tls);
+    let connected = pg::connect_with(config, "127.0.0.1", port, "app", password, "app", tls).await;
+    select(connected, 9).await
 }
 
 async fn in_plain_text(port: u16, password: &str) -> Result<i32, String> {
@@ -105,6 +122,13 @@ async fn clients_verify_the_balancer_and_plain_text_is_refused_when_tls_is_requi
         &password,
     );
     assert!(!ok && out.contains("TLS"), "{out}");
+    // Direct TLS (PostgreSQL 17's sslnegotiation=direct), which must name the protocol.
+    let pem = std::fs::read_to_string(&ca).unwrap();
+    assert_eq!(direct_tls(port, &password, &pem, true).await, Ok(9));
+    let e = direct_tls(port, &password, &pem, false)
+        .await
+        .expect_err("direct TLS without ALPN was accepted");
+    assert!(e.contains("ALPN"), "{e}");
 
     // Load over TLS: pgbench's initialisation (COPY in) and a select-only run with the
     // extended protocol, no transaction failed.
@@ -179,6 +203,10 @@ async fn clients_verify_the_balancer_and_plain_text_is_refused_when_tls_is_requi
         &password,
     );
     assert!(!ok && out.contains("SSL"), "{out}");
+    let e = direct_tls(port, &password, &pem, true)
+        .await
+        .expect_err("direct TLS was accepted with TLS off");
+    assert!(!e.is_empty());
 
     assert_success(&s.pgbalancer(&["down", NAME]));
 }

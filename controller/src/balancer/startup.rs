@@ -1,6 +1,6 @@
 //! A client connection's first steps: TLS when the client asks and the balancer has a
 //! certificate (refused cleanly with `N` otherwise, as GSS encryption always is; required of
-//! every client when so configured), cancel requests passed to the server running the query,
+//! every client when so configured; PostgreSQL 17's direct TLS, without `SSLRequest`, too), cancel requests passed to the server running the query,
 //! the startup parameters checked, SCRAM authentication against the verifier the balancer
 //! keeps for the user, and the first server connection (the primary, or a replica while there
 //! is none) whose parameters the client gets.
@@ -27,8 +27,9 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 enum Opening {
     /// A session's startup packet, on a plain or TLS connection.
     Session(ClientStream, Vec<(String, String)>),
-    /// A cancel request, passed on: nothing more comes on this connection.
-    Cancelled,
+    /// Nothing more comes on this connection: a cancel request was passed on, or a direct TLS
+    /// connection was refused.
+    Ended,
 }
 
 /// Serves one client connection until it ends.
@@ -41,7 +42,7 @@ pub async fn serve(engine: Arc<Engine>, tcp: TcpStream) -> Result<(), WireError>
         .map_err(|_| WireError::Protocol("no startup packet in time".into()))??;
     let (mut client, params) = match opened {
         Opening::Session(client, params) => (client, params),
-        Opening::Cancelled => return Ok(()),
+        Opening::Ended => return Ok(()),
     };
     if engine.settings.tls == TlsMode::Required && !client.is_tls() {
         return fatal(
@@ -138,7 +139,10 @@ pub async fn serve(engine: Arc<Engine>, tcp: TcpStream) -> Result<(), WireError>
 /// Reads the startup packet, after TLS when the client asks for it and the balancer has a
 /// certificate (`N` otherwise, and always to GSS encryption).
 async fn open(engine: &Engine, tcp: TcpStream) -> Result<Opening, WireError> {
-    let mut client = ClientStream::Plain(tcp);
+    let mut client = match direct_tls(engine, tcp).await? {
+        Some(client) => client,
+        None => return Ok(Opening::Ended),
+    };
     loop {
         match wire::read_startup(&mut client).await? {
             Startup::Ssl => match (client, engine.tls_acceptor()) {
@@ -154,11 +158,43 @@ async fn open(engine: &Engine, tcp: TcpStream) -> Result<Opening, WireError> {
             Startup::GssEnc => client.send(b"N").await?,
             Startup::Cancel(pid, secret) => {
                 engine.cancel(pid, secret).await;
-                return Ok(Opening::Cancelled);
+                return Ok(Opening::Ended);
             }
             Startup::Params(params) => return Ok(Opening::Session(client, params)),
         }
     }
+}
+
+/// PostgreSQL 17's direct TLS (`sslnegotiation=direct`): a connection whose first byte starts
+/// a TLS handshake gets TLS at once, without `SSLRequest`, when the balancer has a
+/// certificate; the client must name the `postgresql` protocol (ALPN), as PostgreSQL requires
+/// so that a TLS connection meant for another service is not taken for one of its own.
+/// Without a certificate such a connection is closed (`None`): the client, waiting for a
+/// handshake, would not read a PostgreSQL error. Any other connection is returned unchanged.
+async fn direct_tls(engine: &Engine, tcp: TcpStream) -> Result<Option<ClientStream>, WireError> {
+    /// The first byte of a TLS record carrying a handshake message.
+    const TLS_HANDSHAKE: u8 = 0x16;
+    let mut first = [0u8; 1];
+    if tcp.peek(&mut first).await? == 0 || first[0] != TLS_HANDSHAKE {
+        return Ok(Some(ClientStream::Plain(tcp)));
+    }
+    let Some(acceptor) = engine.tls_acceptor() else {
+        tracing::debug!("direct TLS connection refused: TLS is not on");
+        return Ok(None);
+    };
+    let tls = acceptor.accept(tcp).await?;
+    let alpn = tls.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN);
+    let mut client = ClientStream::Tls(Box::new(tls));
+    if !alpn {
+        fatal(
+            &mut client,
+            "08P01",
+            "received direct TLS connection request without ALPN protocol negotiation extension",
+        )
+        .await?;
+        return Ok(None);
+    }
+    Ok(Some(client))
 }
 
 /// SCRAM-SHA-256 against the stored verifier. An unknown user goes through the same exchange
