@@ -238,6 +238,12 @@ pub struct BalancerSpec {
     /// (default: they may write) or `replica` (the application's functions do not write).
     #[serde(default)]
     pub unknown_functions: UnknownFunctions,
+    /// Native engine: where read-only transactions (`BEGIN READ ONLY`, `START TRANSACTION READ
+    /// ONLY`) run. `primary` (default) or `replica`: a replica chosen as for a read may hold
+    /// them; a statement in one that a replica cannot run as the primary would (a write,
+    /// session state, an unknown function) fails with `25006`.
+    #[serde(default, skip_serializing_if = "ReadOnlyTransactions::is_default")]
+    pub read_only_transactions: ReadOnlyTransactions,
     /// TLS between clients and the balancer (either engine).
     #[serde(default, skip_serializing_if = "BalancerTls::is_default")]
     pub tls: BalancerTls,
@@ -327,6 +333,24 @@ pub enum UnknownFunctions {
     Replica,
 }
 
+/// Where read-only transactions run (native engine).
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadOnlyTransactions {
+    /// On the primary, as every transaction.
+    #[default]
+    Primary,
+    /// On a replica that may serve the session's reads.
+    Replica,
+}
+
+impl ReadOnlyTransactions {
+    /// Whether it is the default (not written into stored specs).
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
 impl BalancerEngine {
     /// The name the agent takes (`PGBALANCER_ENGINE`).
     pub fn as_str(self) -> &'static str {
@@ -372,6 +396,7 @@ impl Default for BalancerSpec {
             engine: BalancerEngine::default(),
             consistency: ReadConsistency::default(),
             unknown_functions: UnknownFunctions::default(),
+            read_only_transactions: ReadOnlyTransactions::default(),
             tls: BalancerTls::default(),
         }
     }

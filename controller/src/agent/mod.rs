@@ -60,6 +60,9 @@ pub struct AgentConfig {
     /// (declare that the application's functions do not write).
     #[arg(long, env = "PGBALANCER_READ_ONLY_FUNCTIONS")]
     pub read_only_functions: bool,
+    /// Native engine: read-only transactions (`BEGIN READ ONLY`) may run on a replica.
+    #[arg(long, env = "PGBALANCER_READ_ONLY_TRANSACTIONS_ON_REPLICAS")]
+    pub read_only_transactions_on_replicas: bool,
     /// Native engine: TLS from clients, with `tls/tls.crt` and `tls/tls.key` (pgpool takes
     /// its TLS settings from `pgpool.conf` and `pool_hba.conf`).
     #[arg(long, env = "PGBALANCER_TLS", value_enum, default_value_t = crate::balancer::TlsMode::Disabled)]
@@ -156,6 +159,7 @@ pub async fn run(config: AgentConfig) -> std::io::Result<()> {
                 } else {
                     crate::balancer::classify::UnknownFunctions::Primary
                 },
+                read_only_transactions_on_replicas: config.read_only_transactions_on_replicas,
                 tls: config.tls,
                 ..Default::default()
             };

@@ -6,17 +6,36 @@
 //!   `WITH` without a data-modifying part; no row locks (`FOR UPDATE`/`SHARE`), no `SELECT INTO`,
 //!   and only function calls known not to write (or any call, when unknown functions are
 //!   configured to be read-only).
+//! - `ReadOnlyBegin`: `BEGIN`/`START TRANSACTION` `READ ONLY` (not `SERIALIZABLE` nor
+//!   `DEFERRABLE`, which a standby cannot run), alone or followed in one string by reads,
+//!   transaction control and cursors: a replica may hold the transaction when the engine is so
+//!   configured.
+//! - `TxnControl`: `COMMIT`, `ROLLBACK`, savepoints, `SET LOCAL` and a `SET TRANSACTION` a
+//!   standby runs: they act on the open transaction only, wherever it is (not `COMMIT
+//!   PREPARED` nor `AND CHAIN`, which write or open another transaction).
+//! - `Cursor`: a cursor living only as long as its transaction (`DECLARE` without `WITH HOLD`
+//!   of a read) and `FETCH`, `MOVE`, `CLOSE`: they run where the transaction is.
 //! - `Set`: a session-level `SET`/`RESET`: runs on the primary and is replayed on every
 //!   replica connection the session uses, so reads see the same settings.
 //! - `Pin`: state that lives in one server (temporary tables, advisory locks, `LISTEN`,
 //!   SQL-level `PREPARE`, cursors, `DISCARD`, `LOAD`): the session stays on the primary.
-//! - `Write`: everything else, including `BEGIN` (the transaction then follows the server).
+//! - `Write`: everything else, including any other `BEGIN` (the transaction then follows the
+//!   server).
+//!
+//! Classes are ordered from the least to the most demanding: a string or a batch of several
+//! statements takes its most demanding one's.
 
 /// Where a statement may run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Class {
     /// Read-only: a replica may run it.
     Read,
+    /// Opens a read-only transaction a standby can run.
+    ReadOnlyBegin,
+    /// Acts on the open transaction only (outside one, it runs on the primary).
+    TxnControl,
+    /// A cursor of the open transaction (outside one, it runs on the primary).
+    Cursor,
     /// A session setting: primary, then replayed on replicas.
     Set,
     /// Must run on the primary.
@@ -43,6 +62,10 @@ pub fn classify(sql: &[u8], unknown: UnknownFunctions) -> Class {
     }
     let classes: Vec<Class> = statements.iter().map(|s| statement(s, unknown)).collect();
     let worst = classes.iter().copied().max().unwrap_or(Class::Read);
+    // A read-only transaction opened and ended in one string is held by one server.
+    if classes[0] == Class::ReadOnlyBegin && worst <= Class::Cursor {
+        return Class::ReadOnlyBegin;
+    }
     // A setting mixed with other statements cannot be replayed on its own.
     if worst == Class::Set && classes.len() > 1 {
         return Class::Pin;
@@ -174,11 +197,24 @@ fn statement(tokens: &[Token], unknown: UnknownFunctions) -> Class {
     let first = word(tokens.first());
     let second = word(tokens.get(1));
     match first {
-        "SET" if matches!(second, "LOCAL" | "TRANSACTION" | "CONSTRAINTS") => Class::Write,
+        "BEGIN" | "START" => match transaction_modes(tokens) {
+            Some(true) => Class::ReadOnlyBegin,
+            _ => Class::Write,
+        },
+        "COMMIT" | "ROLLBACK" if second == "PREPARED" => Class::Write,
+        "COMMIT" | "END" | "ROLLBACK" | "ABORT" if chains(tokens) => Class::Write,
+        "COMMIT" | "END" | "ROLLBACK" | "ABORT" | "SAVEPOINT" | "RELEASE" => Class::TxnControl,
+        "DECLARE" => cursor(tokens, unknown),
+        "FETCH" | "MOVE" | "CLOSE" => Class::Cursor,
+        "SET" if second == "LOCAL" => Class::TxnControl,
+        "SET" if second == "TRANSACTION" => match transaction_modes(tokens) {
+            Some(_) => Class::TxnControl,
+            None => Class::Write,
+        },
+        "SET" if second == "CONSTRAINTS" => Class::Write,
         "SET" if second == "SESSION" && word(tokens.get(2)) == "CHARACTERISTICS" => Class::Pin,
         "SET" | "RESET" => Class::Set,
-        "LISTEN" | "UNLISTEN" | "PREPARE" | "DEALLOCATE" | "DISCARD" | "DECLARE" | "LOAD"
-        | "FETCH" | "MOVE" | "CLOSE" => Class::Pin,
+        "LISTEN" | "UNLISTEN" | "PREPARE" | "DEALLOCATE" | "DISCARD" | "LOAD" => Class::Pin,
         "CREATE"
             if tokens[1..]
                 .iter()
@@ -191,6 +227,50 @@ fn statement(tokens: &[Token], unknown: UnknownFunctions) -> Class {
         _ if tokens.first() == Some(&Token::Punct('(')) => read_only(tokens, unknown),
         _ => Class::Write,
     }
+}
+
+/// `AND CHAIN` (not `AND NO CHAIN`): the transaction's end opens another one.
+fn chains(tokens: &[Token]) -> bool {
+    tokens
+        .windows(2)
+        .any(|w| word(Some(&w[1])) == "CHAIN" && word(Some(&w[0])) == "AND")
+}
+
+/// `DECLARE`: a cursor `WITH HOLD` outlives its transaction on one server (`Pin`); any
+/// other lives in its transaction (`Cursor`), unless its query writes, locks or holds state.
+fn cursor(tokens: &[Token], unknown: UnknownFunctions) -> Class {
+    let hold = tokens
+        .windows(2)
+        .any(|w| word(Some(&w[0])) == "WITH" && word(Some(&w[1])) == "HOLD");
+    let query = tokens
+        .iter()
+        .position(|t| word(Some(t)) == "FOR")
+        .map_or(&[][..], |i| &tokens[i + 1..]);
+    if hold || query.is_empty() {
+        return Class::Pin;
+    }
+    match statement(query, unknown) {
+        Class::Read => Class::Cursor,
+        other => other.max(Class::Write),
+    }
+}
+
+/// The transaction modes of a `BEGIN` or `SET TRANSACTION`: `None` when a standby cannot run
+/// them (`READ WRITE`, `SERIALIZABLE`, `DEFERRABLE`, a snapshot import), else whether they
+/// say `READ ONLY`.
+fn transaction_modes(tokens: &[Token]) -> Option<bool> {
+    let mut read_only = false;
+    for (i, t) in tokens.iter().enumerate() {
+        let w = word(Some(t));
+        let prev = if i > 0 { word(tokens.get(i - 1)) } else { "" };
+        match w {
+            "ONLY" if prev == "READ" => read_only = true,
+            "WRITE" | "SERIALIZABLE" | "SNAPSHOT" => return None,
+            "DEFERRABLE" if prev != "NOT" => return None,
+            _ => {}
+        }
+    }
+    Some(read_only)
 }
 
 /// A query that only reads, unless something in it writes, locks or holds session state.
@@ -432,11 +512,47 @@ mod tests {
             ("SELECT public.my_function(1)", Write),
             ("EXPLAIN ANALYZE DELETE FROM t", Write),
             ("BEGIN", Write),
-            ("START TRANSACTION READ ONLY", Write),
-            ("COMMIT", Write),
+            ("BEGIN ISOLATION LEVEL REPEATABLE READ", Write),
+            ("START TRANSACTION READ ONLY", ReadOnlyBegin),
+            ("begin read only", ReadOnlyBegin),
+            (
+                "BEGIN TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY",
+                ReadOnlyBegin,
+            ),
+            ("BEGIN READ ONLY NOT DEFERRABLE", ReadOnlyBegin),
+            ("BEGIN READ ONLY ISOLATION LEVEL SERIALIZABLE", Write),
+            (
+                "BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY DEFERRABLE",
+                Write,
+            ),
+            ("BEGIN READ ONLY DEFERRABLE", Write),
+            ("BEGIN READ ONLY, READ WRITE", Write),
+            ("BEGIN READ ONLY; SELECT 1; COMMIT", ReadOnlyBegin),
+            (
+                "BEGIN READ ONLY; SELECT 1; SAVEPOINT a; ROLLBACK",
+                ReadOnlyBegin,
+            ),
+            (
+                "BEGIN READ ONLY; DECLARE c CURSOR FOR SELECT 1",
+                ReadOnlyBegin,
+            ),
+            ("BEGIN READ ONLY; INSERT INTO t VALUES (1); COMMIT", Write),
+            ("BEGIN READ ONLY; SELECT pg_advisory_xact_lock(1)", Write),
+            ("SELECT 1; BEGIN READ ONLY", ReadOnlyBegin),
+            ("COMMIT", TxnControl),
+            ("end", TxnControl),
+            ("ROLLBACK TO SAVEPOINT a", TxnControl),
+            ("RELEASE SAVEPOINT a", TxnControl),
             ("CREATE TABLE t (a int)", Write),
-            ("SET LOCAL work_mem = '1MB'", Write),
+            ("SET LOCAL work_mem = '1MB'", TxnControl),
+            (
+                "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ",
+                TxnControl,
+            ),
             ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", Write),
+            ("SET TRANSACTION READ WRITE", Write),
+            ("SET TRANSACTION SNAPSHOT '00000003-0000001B-1'", Write),
+            ("SET CONSTRAINTS ALL DEFERRED", Write),
             ("SELECT 1; INSERT INTO t VALUES (1)", Write),
             ("SET search_path = app", Set),
             ("set application_name to 'x'", Set),
@@ -448,6 +564,22 @@ mod tests {
             ("PREPARE p AS SELECT 1", Pin),
             ("DISCARD ALL", Pin),
             ("DECLARE c CURSOR WITH HOLD FOR SELECT 1", Pin),
+            (
+                "DECLARE c NO SCROLL CURSOR WITHOUT HOLD FOR SELECT * FROM t",
+                Cursor,
+            ),
+            ("declare c cursor for select 1", Cursor),
+            ("DECLARE c CURSOR FOR SELECT * FROM t FOR UPDATE", Write),
+            ("DECLARE c CURSOR FOR SELECT pg_advisory_lock(1)", Pin),
+            ("DECLARE c CURSOR FOR SELECT my_function(1)", Write),
+            ("FETCH FORWARD 10 FROM c", Cursor),
+            ("MOVE 5 IN c", Cursor),
+            ("CLOSE c", Cursor),
+            ("COMMIT PREPARED 'x'", Write),
+            ("ROLLBACK PREPARED 'x'", Write),
+            ("COMMIT AND CHAIN", Write),
+            ("COMMIT AND NO CHAIN", TxnControl),
+            ("PREPARE TRANSACTION 'x'", Pin),
             ("SELECT pg_advisory_lock(1)", Pin),
             ("SELECT pg_try_advisory_lock(1)", Pin),
             ("select pg_backend_pid()", Pin),

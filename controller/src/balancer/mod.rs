@@ -13,6 +13,7 @@ pub mod backends;
 pub mod classify;
 pub mod client;
 pub mod monitor;
+pub mod replica_txn;
 pub mod scram;
 pub mod server;
 pub mod session;
@@ -66,6 +67,8 @@ pub struct Settings {
     pub max_lag_bytes: u64,
     /// Where statements calling functions of unknown effect run.
     pub unknown_functions: UnknownFunctions,
+    /// A replica may hold read-only transactions (`BEGIN READ ONLY`).
+    pub read_only_transactions_on_replicas: bool,
     /// Monitor check interval.
     pub check_interval: Duration,
     /// Reads may go to replicas at all.
@@ -80,6 +83,7 @@ impl Default for Settings {
             consistency: Consistency::Session,
             max_lag_bytes: 10_000_000,
             unknown_functions: UnknownFunctions::Primary,
+            read_only_transactions_on_replicas: false,
             check_interval: Duration::from_millis(20),
             load_balance: true,
             tls: TlsMode::Disabled,

@@ -22,6 +22,7 @@ use bytes::{Bytes, BytesMut};
 use super::backends::Reader;
 use super::classify::{classify, Class};
 use super::client::ClientStream;
+use super::replica_txn;
 use super::server::{ConnectError, Server, Swallow};
 use super::wire::{self, Message, WireError};
 use super::{CancelSlot, Engine};
@@ -46,6 +47,9 @@ struct Batch {
     /// The server answered part of the batch sent after a `Flush` with an error: it skips
     /// the rest up to `Sync`.
     failed: bool,
+    /// The replica holding a read-only transaction got the raising statement for this batch
+    /// (`replica_txn`): it skips the rest up to `Sync`.
+    raised: bool,
 }
 
 /// A session after startup.
@@ -62,6 +66,9 @@ pub struct Session {
     current: Option<u32>,
     /// The server holding an open transaction.
     txn: Option<u32>,
+    /// The replica a read-only transaction was last opened on (`replica_txn`): while that
+    /// replica holds the session's transaction, it runs only what `replica_txn` allows.
+    txn_on_replica: Option<u32>,
     /// Pinned to this server (session state lives there).
     pinned: Option<u32>,
     statements: HashMap<String, Statement>,
@@ -120,6 +127,7 @@ impl Session {
             servers,
             current: None,
             txn: None,
+            txn_on_replica: None,
             pinned: None,
             statements: HashMap::new(),
             batch: Batch::default(),
@@ -202,7 +210,8 @@ impl Session {
             if m.tag == b'S' {
                 self.skip_to_sync = None;
                 if answer {
-                    wire::ready(&mut self.out, b'I');
+                    // Inside a transaction, the failed batch failed it.
+                    wire::ready(&mut self.out, self.txn.map_or(b'I', |_| b'E'));
                 }
             }
             return Ok(());
@@ -222,10 +231,17 @@ impl Session {
                     wire::ready(&mut self.out, self.txn.map_or(b'I', |_| b'T'));
                     return Ok(());
                 }
-                let class = classify(sql, self.engine.settings.unknown_functions);
+                let class = self.effective(classify(sql, self.engine.settings.unknown_functions));
                 let setting = (class == Class::Set).then(|| sql.to_vec());
                 let target = self.route(class).await?;
                 let Some(target) = target else { return Ok(()) };
+                if self.refused_in_replica_txn(target, class) {
+                    let raise = replica_txn::simple_query();
+                    if let Some(server) = self.servers.get_mut(&target) {
+                        server.prepared.remove("");
+                    }
+                    return self.send(target, Class::TxnControl, &raise).await;
+                }
                 let server = self
                     .servers
                     .get_mut(&target)
@@ -319,7 +335,11 @@ impl Session {
                         None => return Ok(()),
                     },
                 };
-                let class = self.batch.class.unwrap_or(Class::Read);
+                let class = match self.batch.raised {
+                    // What followed the raising statement was skipped: it pins nothing.
+                    true => Class::TxnControl,
+                    false => self.batch.class.unwrap_or(Class::Read),
+                };
                 self.batch.messages.push(m);
                 self.send_batch(target, Some(class)).await
             }
@@ -346,6 +366,13 @@ impl Session {
                 let Some(target) = self.route(Class::Write).await? else {
                     return Ok(());
                 };
+                if self.refused_in_replica_txn(target, Class::Write) {
+                    let raise = replica_txn::simple_query();
+                    if let Some(server) = self.servers.get_mut(&target) {
+                        server.prepared.remove("");
+                    }
+                    return self.send(target, Class::TxnControl, &raise).await;
+                }
                 self.send(target, Class::Write, m.frame.as_ref()).await
             }
             other => Err(WireError::Protocol(format!(
@@ -396,10 +423,13 @@ impl Session {
         let Some(target) = self.batch.target else {
             return Ok(false);
         };
+        // Inside a transaction, only to refuse what the replica holding it must not run: the
+        // rest of the batch is then routed again, and refused as a whole (`route_batch`).
+        let refused = self.refused_in_replica_txn(target, class);
         if class == Class::Read
             || self.sync_owed
-            || self.txn.or(self.pinned).is_some()
-            || self.engine.primary().map(|b| b.id) == Some(target)
+            || (self.txn.or(self.pinned).is_some() && !refused)
+            || (self.engine.primary().map(|b| b.id) == Some(target) && !refused)
         {
             return Ok(false);
         }
@@ -441,6 +471,10 @@ impl Session {
 
     /// The batch uses statement `name`: its class counts, and it must exist where it runs.
     fn uses(&mut self, name: &str) {
+        if self.batch.raised {
+            // The server skips the rest of this batch (`replica_txn`).
+            return;
+        }
         let parsed_here = self.batch.messages.iter().any(|m| {
             m.tag == b'P' && {
                 let mut b = m.body();
@@ -456,13 +490,74 @@ impl Session {
     }
 
     async fn route_batch(&mut self) -> Result<Option<u32>, WireError> {
-        let class = self.batch.class.unwrap_or(Class::Read);
+        let class = self.effective(self.batch.class.unwrap_or(Class::Read));
+        self.batch.class = Some(class);
         let target = self.route(class).await?;
-        if target.is_none() {
+        match target {
             // The error was answered; what the client sent up to Sync is dropped with it.
-            self.batch = Batch::default();
+            None => self.batch = Batch::default(),
+            // Only a batch that binds or executes something: a portal bound here may be
+            // executed by a later batch; parsing and describing run nothing.
+            Some(target)
+                if self.refused_in_replica_txn(target, class)
+                    && self
+                        .batch
+                        .messages
+                        .iter()
+                        .any(|m| matches!(m.tag, b'B' | b'E')) =>
+            {
+                // The batch is replaced by the raising statement (a `Flush` that ended it
+                // stays); the server skips what follows up to `Sync`, as after any error.
+                let flush = self.batch.messages.pop().filter(|m| m.tag == b'H');
+                let server = self
+                    .servers
+                    .get_mut(&target)
+                    .expect("routed to an open server");
+                server.swallow.push_back(Swallow::Tag(b'1'));
+                server.swallow.push_back(Swallow::Tag(b'2'));
+                server.prepared.remove("");
+                // Tagged as the `Execute` it ends with: no statement of the client's is
+                // recorded as prepared on the server for it.
+                self.batch.messages = vec![Message {
+                    tag: b'E',
+                    frame: replica_txn::extended().freeze(),
+                }];
+                self.batch.messages.extend(flush);
+                self.batch.needs.clear();
+                // Answered as transaction control: the refused unit pins nothing.
+                self.batch.class = Some(Class::TxnControl);
+                self.batch.raised = true;
+            }
+            Some(_) => {}
         }
         Ok(target)
+    }
+
+    /// The class a unit is routed as: a read-only transaction's opening stays on the primary
+    /// unless replicas may hold such transactions and the session set no isolation level.
+    /// With strict consistency they stay on the primary too: a `READ COMMITTED` transaction's
+    /// later statements must see writes acknowledged after it began, which a replica may not
+    /// have replayed yet.
+    fn effective(&self, class: Class) -> Class {
+        let settings = &self.engine.settings;
+        if class == Class::ReadOnlyBegin
+            && !(settings.read_only_transactions_on_replicas
+                && settings.load_balance
+                && settings.consistency != super::Consistency::Strict
+                && replica_txn::settings_allow(&self.settings))
+        {
+            return Class::Write;
+        }
+        class
+    }
+
+    /// Whether a unit of `class` is going to the replica holding the session's read-only
+    /// transaction, which must not run it (`replica_txn`).
+    fn refused_in_replica_txn(&self, target: u32, class: Class) -> bool {
+        self.txn_on_replica == Some(target)
+            && self.txn == Some(target)
+            && self.engine.primary().map(|b| b.id) != Some(target)
+            && !replica_txn::may_run(class)
     }
 
     /// Sends the batch (and `Sync` when `class` is given) to `target`, preparing first the
@@ -520,6 +615,7 @@ impl Session {
                 self.batch.target = batch.target;
                 self.batch.class = batch.class;
                 self.batch.failed = batch.failed;
+                self.batch.raised = batch.raised;
                 self.current = Some(target);
                 if let Some(server) = self.servers.get(&target) {
                     self.cancel.set(&server.backend, server.key);
@@ -607,6 +703,9 @@ impl Session {
                 }
                 self.copy_in = None;
                 self.txn = (status != b'I').then_some(id);
+                if status == b'I' && server.pending.is_empty() && self.txn_on_replica == Some(id) {
+                    self.txn_on_replica = None;
+                }
                 if (ended || class.is_some_and(|c| matches!(c, Class::Write | Class::Pin)))
                     && Some(id) == primary
                 {
@@ -738,18 +837,36 @@ impl Session {
     async fn route(&mut self, class: Class) -> Result<Option<u32>, WireError> {
         // A read pipelined behind anything else waits for its answer first: a `BEGIN`, a
         // setting or a write decides where the read may go once it is acknowledged.
-        if class == Class::Read
-            && self.txn.or(self.pinned).is_none()
+        // And anything pipelined behind a read-only transaction's opening waits for it: the
+        // server it went to holds what follows.
+        let reads = matches!(class, Class::Read | Class::ReadOnlyBegin);
+        if self.txn.or(self.pinned).is_none()
             && self
                 .current
                 .and_then(|id| self.servers.get(&id))
-                .is_some_and(|s| s.pending.iter().any(|c| *c != Class::Read))
+                .is_some_and(|s| {
+                    s.pending
+                        .iter()
+                        .any(|c| *c == Class::ReadOnlyBegin || (reads && *c != Class::Read))
+                })
+        {
+            self.finish_current().await?;
+        }
+        // A unit the replica holding the transaction must not run, pipelined behind what may
+        // end that transaction (a `COMMIT`), waits for it: after the end it runs as usual.
+        if self.txn.is_some()
+            && self.txn == self.txn_on_replica
+            && !replica_txn::may_run(class)
+            && self
+                .current
+                .and_then(|id| self.servers.get(&id))
+                .is_some_and(|s| !s.pending.is_empty())
         {
             self.finish_current().await?;
         }
         let wanted = if let Some(id) = self.txn.or(self.pinned) {
             Some(id)
-        } else if class == Class::Read {
+        } else if reads {
             let chosen = self
                 .engine
                 .read_target(self.wrote_at, self.reader.as_ref().map(Reader::id));
@@ -831,6 +948,12 @@ impl Session {
             self.refuse("08006", "the database server is not reachable right now")
                 .await?;
             return Ok(None);
+        }
+        if class == Class::ReadOnlyBegin
+            && !held
+            && self.engine.primary().map(|b| b.id) != Some(target)
+        {
+            self.txn_on_replica = Some(target);
         }
         Ok(Some(target))
     }

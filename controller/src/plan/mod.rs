@@ -405,6 +405,13 @@ fn engine_env(spec: &pgbalancer_crd::BalancerSpec) -> Vec<(String, String)> {
             (spec.unknown_functions == pgbalancer_crd::UnknownFunctions::Replica).to_string(),
         ),
     ];
+    // Only when on (the agent's default is off): balancers without it keep their settings.
+    if spec.read_only_transactions == pgbalancer_crd::ReadOnlyTransactions::Replica {
+        env.push((
+            "PGBALANCER_READ_ONLY_TRANSACTIONS_ON_REPLICAS".into(),
+            "true".into(),
+        ));
+    }
     // Only with TLS (the agent's default is off): balancers without it keep their settings,
     // and no pod rolls for it.
     if spec.tls.mode != pgbalancer_crd::TlsMode::Disabled {
