@@ -249,12 +249,77 @@ async fn read_only_transactions_run_on_a_replica_and_refuse_what_it_cannot_run()
 
     raw_protocol(balancer, &password).await;
 
-    // An isolation setting keeps the session's read-only transactions on the primary.
+    // An isolation setting keeps the session's read-only transactions on the primary, set in
+    // a simple query or in the extended protocol.
     let c4 = connect(balancer as u64, "app", &password, "app").await;
     c4.batch_execute("SET default_transaction_isolation = 'repeatable read'")
         .await
         .unwrap();
     assert!(!on_replica(&c4, "BEGIN READ ONLY").await);
+    let c5 = connect(balancer as u64, "app", &password, "app").await;
+    c5.execute("SET default_transaction_isolation = 'serializable'", &[])
+        .await
+        .unwrap();
+    assert!(!on_replica(&c5, "BEGIN READ ONLY").await);
+
+    // Settings made in the extended protocol reach the replica too, repeated ones once.
+    c.batch_execute("CREATE SCHEMA elsewhere; CREATE TABLE elsewhere.only_here (v int)")
+        .await
+        .unwrap();
+    let (ready, doc) = status_until(&s, NAME, 30, |d| d["replicas"][0]["lagBytes"] == 0).await;
+    assert!(ready, "{doc}");
+    let e1 = connect(balancer as u64, "app", &password, "app").await;
+    for name in ["a", "b", "a"] {
+        e1.execute(&format!("SET application_name = '{name}'"), &[])
+            .await
+            .unwrap();
+    }
+    e1.execute("SET search_path = elsewhere", &[])
+        .await
+        .unwrap();
+    let mut seen = None;
+    for _ in 0..50 {
+        let row = e1
+            .query_one(
+                "SELECT count(*), current_setting('application_name'), pg_is_in_recovery() \
+                 FROM only_here",
+                &[],
+            )
+            .await
+            .unwrap();
+        let got = (
+            row.get::<_, i64>(0),
+            row.get::<_, String>(1),
+            row.get::<_, bool>(2),
+        );
+        if got.2 {
+            seen = Some(got);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(seen, Some((0, "a".to_owned(), true)));
+
+    // A statement the replica must not run, only parsed in its transaction (a driver's
+    // prepare): served, and it pins nothing: writes after the transaction go to the primary.
+    let mut p1 = connect(balancer as u64, "app", &password, "app").await;
+    let txn = p1
+        .build_transaction()
+        .read_only(true)
+        .start()
+        .await
+        .unwrap();
+    txn.prepare("SELECT pg_advisory_lock($1)").await.unwrap();
+    let replica: bool = txn
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(replica);
+    txn.commit().await.unwrap();
+    p1.execute("INSERT INTO ledger VALUES (-7)", &[])
+        .await
+        .unwrap();
 
     // pgbench: read-only transactions in the three protocols, none failed, on the replica.
     let (ok, out) = pgbench(balancer, &password, &["-i", "-s", "1", "-q"]);

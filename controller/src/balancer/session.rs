@@ -50,6 +50,8 @@ struct Batch {
     /// The replica holding a read-only transaction got the raising statement for this batch
     /// (`replica_txn`): it skips the rest up to `Sync`.
     raised: bool,
+    /// Session settings (`SET`, `RESET`) the batch binds, to record once they succeeded.
+    settings: Vec<Arc<[u8]>>,
 }
 
 /// A session after startup.
@@ -69,6 +71,10 @@ pub struct Session {
     /// The replica a read-only transaction was last opened on (`replica_txn`): while that
     /// replica holds the session's transaction, it runs only what `replica_txn` allows.
     txn_on_replica: Option<u32>,
+    /// A raising statement was sent (`replica_txn`) and may not be answered yet: what is
+    /// routed next waits for its answer, so that its error meets no later unit's swallowed
+    /// messages.
+    raise_unanswered: bool,
     /// Pinned to this server (session state lives there).
     pinned: Option<u32>,
     statements: HashMap<String, Statement>,
@@ -128,6 +134,7 @@ impl Session {
             current: None,
             txn: None,
             txn_on_replica: None,
+            raise_unanswered: false,
             pinned: None,
             statements: HashMap::new(),
             batch: Batch::default(),
@@ -240,6 +247,7 @@ impl Session {
                     if let Some(server) = self.servers.get_mut(&target) {
                         server.prepared.remove("");
                     }
+                    self.raise_unanswered = true;
                     return self.send(target, Class::TxnControl, &raise).await;
                 }
                 let server = self
@@ -276,6 +284,9 @@ impl Session {
                 let name = wire::take_name(&mut body)?;
                 if self.leave_flushed_replica(self.class_of(&name)).await? {
                     return Ok(());
+                }
+                if let Some(st) = self.statements.get(&name).filter(|s| s.class == Class::Set) {
+                    self.batch.settings.push(st.sql.clone());
                 }
                 self.uses(&name);
                 self.push(m).await
@@ -371,6 +382,7 @@ impl Session {
                     if let Some(server) = self.servers.get_mut(&target) {
                         server.prepared.remove("");
                     }
+                    self.raise_unanswered = true;
                     return self.send(target, Class::TxnControl, &raise).await;
                 }
                 self.send(target, Class::Write, m.frame.as_ref()).await
@@ -496,16 +508,22 @@ impl Session {
         match target {
             // The error was answered; what the client sent up to Sync is dropped with it.
             None => self.batch = Batch::default(),
-            // Only a batch that binds or executes something: a portal bound here may be
-            // executed by a later batch; parsing and describing run nothing.
+            // A batch that only parses and describes runs nothing: served, as transaction
+            // control (it pins nothing).
             Some(target)
                 if self.refused_in_replica_txn(target, class)
-                    && self
+                    && !self
                         .batch
                         .messages
                         .iter()
                         .any(|m| matches!(m.tag, b'B' | b'E')) =>
             {
+                self.batch.class = Some(Class::TxnControl);
+                self.batch.settings.clear();
+            }
+            // One that binds or executes something (a portal bound here may be executed by a
+            // later batch) is refused.
+            Some(target) if self.refused_in_replica_txn(target, class) => {
                 // The batch is replaced by the raising statement (a `Flush` that ended it
                 // stays); the server skips what follows up to `Sync`, as after any error.
                 let flush = self.batch.messages.pop().filter(|m| m.tag == b'H');
@@ -527,6 +545,8 @@ impl Session {
                 // Answered as transaction control: the refused unit pins nothing.
                 self.batch.class = Some(Class::TxnControl);
                 self.batch.raised = true;
+                self.batch.settings.clear();
+                self.raise_unanswered = true;
             }
             Some(_) => {}
         }
@@ -534,17 +554,16 @@ impl Session {
     }
 
     /// The class a unit is routed as: a read-only transaction's opening stays on the primary
-    /// unless replicas may hold such transactions and the session set no isolation level.
-    /// With strict consistency they stay on the primary too: a `READ COMMITTED` transaction's
-    /// later statements must see writes acknowledged after it began, which a replica may not
-    /// have replayed yet.
+    /// unless replicas may hold such transactions (and the session set no isolation level,
+    /// which `route` checks once what was sent before is answered). With strict consistency
+    /// they stay on the primary too: a `READ COMMITTED` transaction's later statements must
+    /// see writes acknowledged after it began, which a replica may not have replayed yet.
     fn effective(&self, class: Class) -> Class {
         let settings = &self.engine.settings;
         if class == Class::ReadOnlyBegin
             && !(settings.read_only_transactions_on_replicas
                 && settings.load_balance
-                && settings.consistency != super::Consistency::Strict
-                && replica_txn::settings_allow(&self.settings))
+                && settings.consistency != super::Consistency::Strict)
         {
             return Class::Write;
         }
@@ -609,6 +628,10 @@ impl Session {
             }
             bytes.extend_from_slice(&m.frame);
         }
+        if class.is_some() && !batch.settings.is_empty() {
+            let joined = batch.settings.join(&b";\n"[..]);
+            self.setting_sent.insert(target, joined);
+        }
         match class {
             Some(class) => self.send(target, class, &bytes).await,
             None => {
@@ -616,6 +639,7 @@ impl Session {
                 self.batch.class = batch.class;
                 self.batch.failed = batch.failed;
                 self.batch.raised = batch.raised;
+                self.batch.settings = batch.settings;
                 self.current = Some(target);
                 if let Some(server) = self.servers.get(&target) {
                     self.cancel.set(&server.backend, server.key);
@@ -691,6 +715,7 @@ impl Session {
             }
             _ => {}
         }
+        let mut confirmed = None;
         match m.tag {
             b'Z' => {
                 let status = m.body().first().copied().unwrap_or(b'I');
@@ -715,14 +740,13 @@ impl Session {
                 }
                 if let Some(setting) = self.setting_sent.remove(&id) {
                     if status == b'I' {
-                        self.settings.push(setting);
-                        server.settings_applied = self.settings.len();
+                        confirmed = Some(setting);
                     }
                 }
                 if server.pending.is_empty() && self.batch.target.is_none() {
                     self.current = None;
                 }
-                if class == Some(Class::Pin) {
+                if class == Some(Class::Pin) && self.txn_on_replica != Some(id) {
                     self.pinned = Some(id);
                 }
             }
@@ -737,8 +761,29 @@ impl Session {
             b'G' => self.copy_in = Some((id, self.extended)),
             _ => {}
         }
+        if let Some(setting) = confirmed {
+            self.record_setting(id, setting);
+        }
         self.out.extend_from_slice(&m.frame);
         Ok(())
+    }
+
+    /// Records a session setting `id` ran: replayed on every other server the session uses.
+    /// The same statement made earlier is dropped from the list (this one sets the same
+    /// thing last), so a session repeating a `SET` does not grow it.
+    fn record_setting(&mut self, id: u32, setting: Vec<u8>) {
+        if let Some(i) = self.settings.iter().position(|s| *s == setting) {
+            self.settings.remove(i);
+            for server in self.servers.values_mut() {
+                if server.settings_applied > i {
+                    server.settings_applied -= 1;
+                }
+            }
+        }
+        self.settings.push(setting);
+        if let Some(server) = self.servers.get_mut(&id) {
+            server.settings_applied = self.settings.len();
+        }
     }
 
     /// A server connection broke, or the server ended it with `said` (its `FATAL` error as
@@ -853,17 +898,31 @@ impl Session {
             self.finish_current().await?;
         }
         // A unit the replica holding the transaction must not run, pipelined behind what may
-        // end that transaction (a `COMMIT`), waits for it: after the end it runs as usual.
-        if self.txn.is_some()
-            && self.txn == self.txn_on_replica
-            && !replica_txn::may_run(class)
-            && self
-                .current
-                .and_then(|id| self.servers.get(&id))
-                .is_some_and(|s| !s.pending.is_empty())
+        // end that transaction (a `COMMIT`), waits for it: after the end it runs as usual. And
+        // anything waits for a raising statement's answer.
+        let unanswered = self
+            .current
+            .and_then(|id| self.servers.get(&id))
+            .is_some_and(|s| !s.pending.is_empty());
+        if unanswered
+            && (std::mem::take(&mut self.raise_unanswered)
+                || (self.txn.is_some()
+                    && self.txn == self.txn_on_replica
+                    && !replica_txn::may_run(class)))
         {
             self.finish_current().await?;
         }
+        self.raise_unanswered = false;
+        // A session that set a transaction isolation (answered by now: a read-only
+        // transaction's opening waits for what was sent before it) keeps its read-only
+        // transactions on the primary: a standby refuses `SERIALIZABLE`.
+        let class = if class == Class::ReadOnlyBegin && !replica_txn::settings_allow(&self.settings)
+        {
+            Class::Write
+        } else {
+            class
+        };
+        let reads = matches!(class, Class::Read | Class::ReadOnlyBegin);
         let wanted = if let Some(id) = self.txn.or(self.pinned) {
             Some(id)
         } else if reads {

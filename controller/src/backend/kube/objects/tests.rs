@@ -381,3 +381,34 @@ fn a_renewed_certificate_rolls_pgpool_balancers_only() {
         "the native engine follows the files"
     );
 }
+
+#[test]
+fn read_only_transactions_on_replicas_reach_the_agent_only_when_asked_for() {
+    let env_of = |text: &str| {
+        let p = Plan::kubernetes(&parse_documents(text).unwrap()[0], 0);
+        let d = balancer_deployment(&p, &owner(), &creds());
+        let pod = d.spec.unwrap().template.spec.unwrap();
+        pod.containers[0]
+            .env
+            .clone()
+            .unwrap()
+            .into_iter()
+            .find(|e| e.name == "PGBALANCER_READ_ONLY_TRANSACTIONS_ON_REPLICAS")
+            .and_then(|e| e.value)
+    };
+    let head =
+        "apiVersion: pgbalancer.io/v1alpha1\nkind: PgBalancerCluster\nmetadata: {name: demo}\n";
+    assert_eq!(
+        env_of(&format!(
+            "{head}spec: {{replicas: 1, balancer: {{engine: native}}}}\n"
+        )),
+        None,
+        "the default: no variable, so no balancer rolls for it"
+    );
+    assert_eq!(
+        env_of(&format!(
+            "{head}spec: {{replicas: 1, balancer: {{engine: native, readOnlyTransactions: replica}}}}\n"
+        )),
+        Some("true".into())
+    );
+}
