@@ -299,6 +299,27 @@ async fn read_only_transactions_run_on_a_replica_and_refuse_what_it_cannot_run()
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     assert_eq!(seen, Some((0, "a".to_owned(), true)));
+    // A setting pipelined behind a write that fails is recorded all the same.
+    let e2 = connect(balancer as u64, "app", &password, "app").await;
+    let (duplicate, set) = tokio::join!(
+        e2.execute("INSERT INTO public.ledger VALUES (1)", &[]),
+        e2.execute("SET search_path = elsewhere", &[])
+    );
+    assert_eq!(code(&duplicate.unwrap_err()).0, "23505");
+    set.unwrap();
+    let mut on_the_replica = false;
+    for _ in 0..50 {
+        let row = e2
+            .query_one("SELECT count(*), pg_is_in_recovery() FROM only_here", &[])
+            .await
+            .unwrap();
+        if row.get::<_, bool>(1) {
+            on_the_replica = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(on_the_replica, "no read reached the replica");
 
     // A statement the replica must not run, only parsed in its transaction (a driver's
     // prepare): served, and it pins nothing: writes after the transaction go to the primary.

@@ -26,7 +26,7 @@ pub fn may_run(class: Class) -> bool {
 
 /// Whether the session's settings leave its read-only transactions to a replica: not when
 /// it set a transaction isolation (a standby refuses `SERIALIZABLE`).
-pub fn settings_allow(settings: &[Vec<u8>]) -> bool {
+pub fn settings_allow(settings: &[std::sync::Arc<[u8]>]) -> bool {
     !settings
         .iter()
         .any(|s| memchr::memmem::find(&s.to_ascii_lowercase(), b"isolation").is_some())
@@ -77,9 +77,9 @@ mod tests {
 
     #[test]
     fn an_isolation_setting_keeps_read_only_transactions_on_the_primary() {
-        assert!(settings_allow(&[b"SET search_path = app".to_vec()]));
+        assert!(settings_allow(&[b"SET search_path = app"[..].into()]));
         assert!(!settings_allow(&[
-            b"SET default_transaction_ISOLATION = serializable".to_vec()
+            b"SET default_transaction_ISOLATION = serializable"[..].into()
         ]));
     }
 

@@ -71,8 +71,9 @@ pub struct Server {
     pub prepared: HashMap<String, Arc<[u8]>>,
     /// Answers to swallow, in order.
     pub swallow: VecDeque<Swallow>,
-    /// Batches sent and not yet answered with `ReadyForQuery`, with their classes.
-    pub pending: VecDeque<Class>,
+    /// Units (a simple query, a batch up to `Sync`) sent and not yet answered with
+    /// `ReadyForQuery`, in order.
+    pub pending: VecDeque<Pending>,
     /// Session settings replayed on it so far.
     pub settings_applied: usize,
     /// Last transaction status (`I`, `T`, `E`).
@@ -247,6 +248,28 @@ impl Server {
     /// Writes bytes.
     pub async fn write(&mut self, bytes: &[u8]) -> Result<(), WireError> {
         self.stream.write_all(bytes).await.map_err(Into::into)
+    }
+}
+
+/// A unit sent to a server and not answered yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending {
+    /// Where it was allowed to run.
+    pub class: Class,
+    /// The session settings it makes, recorded when it succeeds outside a transaction.
+    pub settings: Vec<Arc<[u8]>>,
+    /// The server answered it with an error.
+    pub failed: bool,
+}
+
+impl Pending {
+    /// A unit of `class` making no setting.
+    pub fn of(class: Class) -> Self {
+        Self {
+            class,
+            settings: Vec::new(),
+            failed: false,
+        }
     }
 }
 

@@ -23,7 +23,7 @@ use super::backends::Reader;
 use super::classify::{classify, Class};
 use super::client::ClientStream;
 use super::replica_txn;
-use super::server::{ConnectError, Server, Swallow};
+use super::server::{ConnectError, Pending, Server, Swallow};
 use super::wire::{self, Message, WireError};
 use super::{CancelSlot, Engine};
 
@@ -80,9 +80,7 @@ pub struct Session {
     statements: HashMap<String, Statement>,
     batch: Batch,
     /// `SET`/`RESET` statements that succeeded outside a transaction, in order.
-    settings: Vec<Vec<u8>>,
-    /// A setting sent and not yet confirmed, per server.
-    setting_sent: HashMap<u32, Vec<u8>>,
+    settings: Vec<Arc<[u8]>>,
     /// When this session's last write was acknowledged.
     wrote_at: Option<Instant>,
     /// The replica this session reads from.
@@ -139,7 +137,6 @@ impl Session {
             statements: HashMap::new(),
             batch: Batch::default(),
             settings: Vec::new(),
-            setting_sent: HashMap::new(),
             wrote_at: None,
             reader: None,
             cancel,
@@ -239,7 +236,7 @@ impl Session {
                     return Ok(());
                 }
                 let class = self.effective(classify(sql, self.engine.settings.unknown_functions));
-                let setting = (class == Class::Set).then(|| sql.to_vec());
+                let setting: Option<Arc<[u8]>> = (class == Class::Set).then(|| sql.into());
                 let target = self.route(class).await?;
                 let Some(target) = target else { return Ok(()) };
                 if self.refused_in_replica_txn(target, class) {
@@ -256,10 +253,11 @@ impl Session {
                     .expect("routed to an open server");
                 // A simple query ends the unnamed statement.
                 server.prepared.remove("");
-                if let Some(s) = setting {
-                    self.setting_sent.insert(target, s);
-                }
-                self.send(target, class, m.frame.as_ref()).await
+                let unit = Pending {
+                    settings: setting.into_iter().collect(),
+                    ..Pending::of(class)
+                };
+                self.send_unit(target, unit, m.frame.as_ref()).await
             }
             b'P' => {
                 let mut body = m.body();
@@ -628,12 +626,20 @@ impl Session {
             }
             bytes.extend_from_slice(&m.frame);
         }
-        if class.is_some() && !batch.settings.is_empty() {
-            let joined = batch.settings.join(&b";\n"[..]);
-            self.setting_sent.insert(target, joined);
-        }
         match class {
-            Some(class) => self.send(target, class, &bytes).await,
+            Some(class) => {
+                // A batch that failed before its `Sync` (after a `Flush`) made no setting.
+                let settings = if batch.failed {
+                    Vec::new()
+                } else {
+                    batch.settings
+                };
+                let unit = Pending {
+                    settings,
+                    ..Pending::of(class)
+                };
+                self.send_unit(target, unit, &bytes).await
+            }
             None => {
                 self.batch.target = batch.target;
                 self.batch.class = batch.class;
@@ -651,11 +657,22 @@ impl Session {
 
     /// Sends bytes that end in a `ReadyForQuery` answer.
     async fn send(&mut self, target: u32, class: Class, bytes: &[u8]) -> Result<(), WireError> {
+        self.send_unit(target, Pending::of(class), bytes).await
+    }
+
+    /// [`Self::send`] of a unit that may make session settings.
+    async fn send_unit(
+        &mut self,
+        target: u32,
+        unit: Pending,
+        bytes: &[u8],
+    ) -> Result<(), WireError> {
+        let class = unit.class;
         let server = self
             .servers
             .get_mut(&target)
             .expect("routed to an open server");
-        server.pending.push_back(class);
+        server.pending.push_back(unit);
         server.backend.in_flight.fetch_add(1, Ordering::Relaxed);
         if class == Class::Read {
             server.backend.selects.fetch_add(1, Ordering::Relaxed);
@@ -715,17 +732,18 @@ impl Session {
             }
             _ => {}
         }
-        let mut confirmed = None;
+        let mut confirmed = Vec::new();
         match m.tag {
             b'Z' => {
                 let status = m.body().first().copied().unwrap_or(b'I');
                 // A transaction ended: whatever string ended it, it may have committed writes.
                 let ended = server.status != b'I' && status == b'I';
                 server.status = status;
-                let class = server.pending.pop_front();
-                if class.is_some() {
+                let unit = server.pending.pop_front();
+                if unit.is_some() {
                     server.backend.in_flight.fetch_sub(1, Ordering::Relaxed);
                 }
+                let class = unit.as_ref().map(|u| u.class);
                 self.copy_in = None;
                 self.txn = (status != b'I').then_some(id);
                 if status == b'I' && server.pending.is_empty() && self.txn_on_replica == Some(id) {
@@ -738,10 +756,9 @@ impl Session {
                     self.wrote_at = Some(now);
                     self.engine.wrote(now);
                 }
-                if let Some(setting) = self.setting_sent.remove(&id) {
-                    if status == b'I' {
-                        confirmed = Some(setting);
-                    }
+                // Settings the unit made, once it succeeded outside a transaction.
+                if let Some(unit) = unit.filter(|u| status == b'I' && !u.failed) {
+                    confirmed = unit.settings;
                 }
                 if server.pending.is_empty() && self.batch.target.is_none() {
                     self.current = None;
@@ -751,17 +768,18 @@ impl Session {
                 }
             }
             b'E' => {
-                self.setting_sent.remove(&id);
                 // Units sent before the batch are answered before it: an error while one is
-                // pending is theirs.
-                if self.batch.target == Some(id) && server.pending.is_empty() {
-                    self.batch.failed = true;
+                // pending is theirs (the first's: the others are answered after it).
+                match server.pending.front_mut() {
+                    Some(unit) => unit.failed = true,
+                    None if self.batch.target == Some(id) => self.batch.failed = true,
+                    None => {}
                 }
             }
             b'G' => self.copy_in = Some((id, self.extended)),
             _ => {}
         }
-        if let Some(setting) = confirmed {
+        for setting in confirmed {
             self.record_setting(id, setting);
         }
         self.out.extend_from_slice(&m.frame);
@@ -771,7 +789,7 @@ impl Session {
     /// Records a session setting `id` ran: replayed on every other server the session uses.
     /// The same statement made earlier is dropped from the list (this one sets the same
     /// thing last), so a session repeating a `SET` does not grow it.
-    fn record_setting(&mut self, id: u32, setting: Vec<u8>) {
+    fn record_setting(&mut self, id: u32, setting: Arc<[u8]>) {
         if let Some(i) = self.settings.iter().position(|s| *s == setting) {
             self.settings.remove(i);
             for server in self.servers.values_mut() {
@@ -801,7 +819,6 @@ impl Session {
         if self.current == Some(id) {
             self.current = None;
         }
-        self.setting_sent.remove(&id);
         let held_state = self.txn == Some(id) || self.pinned == Some(id);
         if held_state {
             match said {
@@ -890,9 +907,9 @@ impl Session {
                 .current
                 .and_then(|id| self.servers.get(&id))
                 .is_some_and(|s| {
-                    s.pending
-                        .iter()
-                        .any(|c| *c == Class::ReadOnlyBegin || (reads && *c != Class::Read))
+                    s.pending.iter().any(|u| {
+                        u.class == Class::ReadOnlyBegin || (reads && u.class != Class::Read)
+                    })
                 })
         {
             self.finish_current().await?;
@@ -1023,11 +1040,14 @@ impl Session {
         if server.settings_applied >= self.settings.len() {
             return Ok(());
         }
-        let mut body = self.settings[server.settings_applied..].join(&b";\n"[..]);
-        body.push(0);
+        // One query each: a setting that fails there (logged) undoes no other.
         let mut bytes = BytesMut::new();
-        wire::put(&mut bytes, b'Q', &body);
-        server.swallow.push_back(Swallow::UntilReady);
+        for setting in &self.settings[server.settings_applied..] {
+            let mut body = setting.to_vec();
+            body.push(0);
+            wire::put(&mut bytes, b'Q', &body);
+            server.swallow.push_back(Swallow::UntilReady);
+        }
         server.settings_applied = self.settings.len();
         server.prepared.remove("");
         if let Err(e) = server.write(&bytes).await {
