@@ -674,14 +674,15 @@ async fn operator_in_cluster_runs_a_real_cluster() {
 }
 
 /// The native engine on Kubernetes (demo-0 primary, demo-1 its replica): `engine: native`
-/// rolls the balancer pods; through the Service a session reads each of its writes, reads are
-/// served by the replica, and after a switchover writes go on through the same balancer pods.
+/// rolls the balancer pods; through the Service a session reads each of its writes, reads and
+/// read-only transactions are served by the replica, and after a switchover writes go on
+/// through the same balancer pods.
 async fn native_engine(ns: &str, password: &str, run_plugin: &dyn Fn(&[&str]) -> (bool, String)) {
     let through_balancer = |sql: &str| psql_in_cluster(ns, "demo-balancer", 9999, password, sql);
     // With TLS required: psql's default `sslmode=prefer` below takes it without being told.
     patch_demo(
         ns,
-        r#"{"spec":{"balancer":{"engine":"native","tls":{"mode":"required"}}}}"#,
+        r#"{"spec":{"balancer":{"engine":"native","tls":{"mode":"required"},"readOnlyTransactions":"replica"}}}"#,
     );
     let started = Instant::now();
     let native = eventually(180, || async {
@@ -732,6 +733,23 @@ async fn native_engine(ns: &str, password: &str, run_plugin: &dyn Fn(&[&str]) ->
     assert!(
         answers.iter().any(|a| a.as_deref() == Some("t")),
         "no read reached the replica: {answers:?}"
+    );
+    // Read-only transactions go there too (`readOnlyTransactions: replica`).
+    let transactions: Vec<_> = (0..20)
+        .map(|_| {
+            psql_script_in_cluster(
+                ns,
+                "demo-balancer",
+                9999,
+                password,
+                "BEGIN READ ONLY;\nSELECT pg_is_in_recovery();\nCOMMIT;\n",
+            )
+        })
+        .collect();
+    assert!(transactions.iter().all(Option::is_some), "{transactions:?}");
+    assert!(
+        transactions.iter().any(|a| a.as_deref() == Some("t")),
+        "no read-only transaction reached the replica: {transactions:?}"
     );
 
     // A switchover: the same balancer pods send writes to the new primary.
