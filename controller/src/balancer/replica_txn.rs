@@ -15,8 +15,9 @@ use super::wire;
 const RAISE: &str = "DO $pgbalancer$ BEGIN RAISE EXCEPTION USING ERRCODE = '25006', \
     MESSAGE = 'cannot execute this statement in a read-only transaction on a replica', \
     HINT = 'The balancer runs read-only transactions on replicas (readOnlyTransactions: \
-    replica): in them, reads and calls of functions known to be read-only (or of any \
-    function, with unknownFunctions: replica). Run it in a transaction that is not READ ONLY.'; \
+    replica), where only reads (calling functions known to be read-only, or any function with \
+    unknownFunctions: replica), transaction control and the transaction''s cursors run. Run \
+    this statement in a transaction that is not READ ONLY.'; \
     END $pgbalancer$";
 
 /// Whether a unit of `class` may run in a read-only transaction a replica holds.
