@@ -24,13 +24,17 @@ const PLUS_ONE: &str = "SELECT $1::int + 1, pg_is_in_recovery()";
 /// Whether the statement after `begin`, in the transaction it opens, ran on a replica.
 async fn on_replica(c: &Client, begin: &str) -> bool {
     c.batch_execute(begin).await.unwrap();
-    let replica: bool = c
-        .query_one("SELECT pg_is_in_recovery()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let replica: bool = in_recovery_now(c).await;
     c.batch_execute("COMMIT").await.unwrap();
     replica
+}
+
+/// Whether the server running this session's next statement is a replica.
+async fn in_recovery_now(c: &impl tokio_postgres::GenericClient) -> bool {
+    c.query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .unwrap()
+        .get(0)
 }
 
 /// The SQLSTATE and message of a failed statement.
@@ -187,11 +191,7 @@ async fn read_only_transactions_run_on_a_replica_and_refuse_what_it_cannot_run()
         "LISTEN channel",
     ] {
         r.batch_execute("BEGIN READ ONLY").await.unwrap();
-        let replica: bool = r
-            .query_one("SELECT pg_is_in_recovery()", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let replica: bool = in_recovery_now(&r).await;
         assert!(
             replica,
             "the read-only transaction did not go to the replica"
@@ -331,11 +331,7 @@ async fn read_only_transactions_run_on_a_replica_and_refuse_what_it_cannot_run()
         .await
         .unwrap();
     txn.prepare("SELECT pg_advisory_lock($1)").await.unwrap();
-    let replica: bool = txn
-        .query_one("SELECT pg_is_in_recovery()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let replica: bool = in_recovery_now(&txn).await;
     assert!(replica);
     txn.commit().await.unwrap();
     p1.execute("INSERT INTO ledger VALUES (-7)", &[])
@@ -399,11 +395,7 @@ async fn read_only_transactions_run_on_a_replica_and_refuse_what_it_cannot_run()
     // the lag bound).
     let mut replica = false;
     for _ in 0..100 {
-        replica = c
-            .query_one("SELECT pg_is_in_recovery()", &[])
-            .await
-            .unwrap()
-            .get(0);
+        replica = in_recovery_now(&c).await;
         if replica {
             break;
         }
