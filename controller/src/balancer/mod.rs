@@ -1,10 +1,13 @@
 //! The native balancer engine: a PostgreSQL v3 proxy that splits reads from writes, follows
 //! the live backend set (scale, failover) without dropping sessions, and offers
 //! read-your-writes. It reads the same rendered configuration as pgpool (`pgpool.conf` for the
-//! backends and lag bound, `secrets/pool_passwd` for the users), so either engine runs from
-//! one set of files.
+//! backends and lag bound, `secrets/pool_passwd` for the users of a primary without the
+//! verifier lookup), so either engine runs from one set of files. Users log in with the
+//! verifier the primary holds for them, and the session logs in to servers with the client key
+//! their proof yields (SCRAM pass-through): the engine keeps no password of theirs.
 //!
-//! Layout: `wire` (framing), `scram` (client authentication), `classify` (where a statement
+//! Layout: `wire` (framing), `scram` (both halves of SCRAM), `verifiers` (users' verifiers,
+//! read from the primary), `classify` (where a statement
 //! may run, pure), `backends` (the live set and the pure choices), `monitor` (health and WAL
 //! positions), `server` (connections to servers), `startup` and `session` (one client),
 //! `show` (`SHOW POOL_NODES` and friends, answered by the engine).
@@ -19,6 +22,7 @@ pub mod server;
 pub mod session;
 pub mod show;
 pub mod startup;
+pub mod verifiers;
 pub mod wire;
 
 use std::collections::HashMap;
@@ -91,7 +95,7 @@ impl Default for Settings {
     }
 }
 
-/// A user clients may log in as.
+/// A user from `pool_passwd`, for a primary without the verifier lookup.
 #[derive(Clone)]
 pub struct User {
     /// SCRAM verifier clients are checked against.
@@ -164,6 +168,8 @@ pub struct Engine {
     /// The live backend set.
     pub backends: Arc<Backends>,
     users: RwLock<HashMap<String, User>>,
+    /// Users' verifiers, read from the primary.
+    pub verifiers: verifiers::Verifiers,
     cancels: Mutex<HashMap<(i32, i32), Arc<CancelSlot>>>,
     last_write: Mutex<Option<Instant>>,
     monitor: MonitorConfig,
@@ -187,6 +193,7 @@ impl Engine {
             settings,
             backends: Arc::new(Backends::default()),
             users: RwLock::new(HashMap::new()),
+            verifiers: verifiers::Verifiers::new(monitor.clone()),
             cancels: Mutex::new(HashMap::new()),
             last_write: Mutex::new(None),
             monitor,

@@ -1,6 +1,7 @@
 //! One connection from the balancer to a server, on behalf of one client session: startup
-//! with the client's parameters, authentication (SCRAM-SHA-256, MD5 or none, whichever the
-//! server asks for) with the password the balancer holds for the user, then the server's
+//! with the client's parameters, authentication as the client's user (SCRAM-SHA-256 with the
+//! client key recovered from the client's own login; or, for a user from `pool_passwd`,
+//! SCRAM-SHA-256, MD5 or none, whichever the server asks for, with its password), then the server's
 //! parameter statuses and key data. What is prepared on it is tracked so that statements can
 //! be prepared again on whichever server runs them.
 
@@ -16,6 +17,7 @@ use tokio::net::TcpStream;
 
 use super::backends::Backend;
 use super::classify::Class;
+use super::scram::{ClientExchange, Keys};
 use super::wire::{self, Message, WireError};
 
 /// How long a server may take to accept a connection and finish startup.
@@ -44,6 +46,39 @@ pub enum ConnectError {
         /// Authentication request code.
         code: i32,
     },
+}
+
+/// How the balancer logs in to servers as a client's user.
+#[derive(Clone)]
+pub enum Login {
+    /// With the client key recovered from the client's SCRAM proof (pass-through: no password
+    /// is kept).
+    Keys(Arc<Keys>),
+    /// With the password `pool_passwd` holds for the user (a primary without the verifier
+    /// function).
+    Password(Arc<str>),
+}
+
+impl std::fmt::Debug for Login {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Keys(_) => "Login::Keys(<redacted>)",
+            Self::Password(_) => "Login::Password(<redacted>)",
+        })
+    }
+}
+
+/// A pass-through SCRAM failure, as the protocol error it is towards the server.
+fn scram_err(e: super::scram::ScramError) -> WireError {
+    WireError::Protocol(format!("SCRAM with the client's key: {e}"))
+}
+
+/// A SCRAM exchange in progress towards a server.
+enum Sasl {
+    /// With a password.
+    Password(ScramSha256),
+    /// With a client key.
+    Keys(ClientExchange),
 }
 
 /// What the balancer injected into a server's stream, whose answers the client must not see.
@@ -88,7 +123,7 @@ impl Server {
         backend: Arc<Backend>,
         params: &[(String, String)],
         user: &str,
-        password: Option<&str>,
+        login: &Login,
     ) -> Result<Self, ConnectError> {
         let host = backend.host.clone();
         let wire_err = |source| ConnectError::Wire {
@@ -119,7 +154,7 @@ impl Server {
             epoch: backend_epoch,
         };
         server.backend.sessions.fetch_add(1, Ordering::Relaxed);
-        tokio::time::timeout(CONNECT_TIMEOUT, server.startup(params, user, password))
+        tokio::time::timeout(CONNECT_TIMEOUT, server.startup(params, user, login))
             .await
             .map_err(|_| wire_err(timed_out()))??;
         Ok(server)
@@ -129,7 +164,7 @@ impl Server {
         &mut self,
         params: &[(String, String)],
         user: &str,
-        password: Option<&str>,
+        login: &Login,
     ) -> Result<(), ConnectError> {
         let host = self.backend.host.clone();
         let wire_err = |source| ConnectError::Wire {
@@ -140,7 +175,15 @@ impl Server {
             .write_all(&wire::startup_packet(params))
             .await
             .map_err(|e| wire_err(e.into()))?;
-        let mut scram: Option<ScramSha256> = None;
+        let mut scram: Option<Sasl> = None;
+        let password = match login {
+            Login::Password(p) => Some(&**p),
+            Login::Keys(_) => None,
+        };
+        let unsupported = |code| ConnectError::Unsupported {
+            host: host.clone(),
+            code,
+        };
         loop {
             let m = self.read().await.map_err(wire_err)?;
             match m.tag {
@@ -151,15 +194,17 @@ impl Server {
                     match code {
                         0 => continue,
                         3 => {
+                            let password = password.ok_or_else(|| unsupported(code))?;
                             let mut p = Vec::new();
-                            wire::cstr(&mut p, password.unwrap_or_default());
+                            wire::cstr(&mut p, password);
                             wire::put(&mut out, b'p', &p);
                         }
                         5 => {
+                            let password = password.ok_or_else(|| unsupported(code))?;
                             let salt: [u8; 4] = body[4..8].try_into().unwrap_or_default();
                             let hash = postgres_protocol::authentication::md5_hash(
                                 user.as_bytes(),
-                                password.unwrap_or_default().as_bytes(),
+                                password.as_bytes(),
                                 salt,
                             );
                             let mut p = Vec::new();
@@ -167,34 +212,65 @@ impl Server {
                             wire::put(&mut out, b'p', &p);
                         }
                         10 => {
-                            let s = ScramSha256::new(
-                                password.unwrap_or_default().as_bytes(),
-                                ChannelBinding::unsupported(),
-                            );
-                            let first = s.message();
+                            let (sasl, first) = match login {
+                                Login::Password(password) => {
+                                    let s = ScramSha256::new(
+                                        password.as_bytes(),
+                                        ChannelBinding::unsupported(),
+                                    );
+                                    let first = s.message().to_vec();
+                                    (Sasl::Password(s), first)
+                                }
+                                Login::Keys(keys) => {
+                                    let (s, first) = ClientExchange::start(keys.clone());
+                                    (Sasl::Keys(s), first.into_bytes())
+                                }
+                            };
                             let mut p = Vec::new();
                             wire::cstr(&mut p, super::scram::MECHANISM);
                             p.put_i32(first.len() as i32);
-                            p.extend_from_slice(first);
+                            p.extend_from_slice(&first);
                             wire::put(&mut out, b'p', &p);
-                            scram = Some(s);
+                            scram = Some(sasl);
                         }
                         11 => {
-                            let s = scram.as_mut().ok_or_else(|| {
-                                wire_err(WireError::Protocol("SASL continue before start".into()))
-                            })?;
-                            s.update(&body[4..]).map_err(|e| wire_err(e.into()))?;
-                            wire::put(&mut out, b'p', s.message());
+                            let data = &body[4..];
+                            let next = match scram.as_mut() {
+                                Some(Sasl::Password(s)) => s
+                                    .update(data)
+                                    .map(|()| s.message().to_vec())
+                                    .map_err(|e| wire_err(e.into()))?,
+                                Some(Sasl::Keys(s)) => s
+                                    .update(&String::from_utf8_lossy(data))
+                                    .map(String::into_bytes)
+                                    .map_err(|e| wire_err(scram_err(e)))?,
+                                None => {
+                                    return Err(wire_err(WireError::Protocol(
+                                        "SASL continue before start".into(),
+                                    )))
+                                }
+                            };
+                            wire::put(&mut out, b'p', &next);
                         }
                         12 => {
-                            let mut s = scram.take().ok_or_else(|| {
-                                wire_err(WireError::Protocol("SASL final before start".into()))
-                            })?;
-                            s.finish(&body[4..]).map_err(|e| wire_err(e.into()))?;
+                            let data = &body[4..];
+                            match scram.take() {
+                                Some(Sasl::Password(mut s)) => {
+                                    s.finish(data).map_err(|e| wire_err(e.into()))?
+                                }
+                                Some(Sasl::Keys(s)) => s
+                                    .finish(&String::from_utf8_lossy(data))
+                                    .map_err(|e| wire_err(scram_err(e)))?,
+                                None => {
+                                    return Err(wire_err(WireError::Protocol(
+                                        "SASL final before start".into(),
+                                    )))
+                                }
+                            }
                             continue;
                         }
                         code => {
-                            return Err(ConnectError::Unsupported { host, code });
+                            return Err(unsupported(code));
                         }
                     }
                     self.stream

@@ -1,8 +1,8 @@
 //! A client connection's first steps: TLS when the client asks and the balancer has a
 //! certificate (refused cleanly with `N` otherwise, as GSS encryption always is; required of
 //! every client when so configured; PostgreSQL 17's direct TLS, without `SSLRequest`, too), cancel requests passed to the server running the query,
-//! the startup parameters checked, SCRAM authentication against the verifier the balancer
-//! keeps for the user, and the first server connection (the primary, or a replica while there
+//! the startup parameters checked, SCRAM authentication against the verifier the primary holds
+//! for the user (or, without the lookup, the one made from `pool_passwd`), and the first server connection (the primary, or a replica while there
 //! is none) whose parameters the client gets.
 
 use std::sync::Arc;
@@ -12,9 +12,10 @@ use bytes::{BufMut, BytesMut};
 use tokio::net::TcpStream;
 
 use super::client::ClientStream;
-use super::scram::{Exchange, MECHANISM};
-use super::server::{ConnectError, Server};
+use super::scram::{Exchange, Keys, MECHANISM};
+use super::server::{ConnectError, Login, Server};
 use super::session::Session;
+use super::verifiers::Lookup;
 use super::wire::{self, Startup, WireError};
 use super::{Engine, TlsMode};
 
@@ -84,8 +85,8 @@ pub async fn serve(engine: Arc<Engine>, tcp: TcpStream) -> Result<(), WireError>
     let Ok(authenticated) = authenticated else {
         return fatal(&mut client, "08006", "authentication timed out").await;
     };
-    let password = match authenticated? {
-        Some(p) => p,
+    let login = match authenticated? {
+        Some(login) => login,
         None => {
             let message = format!("password authentication failed for user \"{user}\"");
             return fatal(&mut client, "28P01", &message).await;
@@ -98,7 +99,7 @@ pub async fn serve(engine: Arc<Engine>, tcp: TcpStream) -> Result<(), WireError>
     let Some(first) = engine.primary().or_else(|| engine.replica_any()) else {
         return fatal(&mut client, "57P03", "no database server is available").await;
     };
-    let server = match Server::connect(first, &server_params, &user, Some(&password)).await {
+    let server = match Server::connect(first, &server_params, &user, &login).await {
         Ok(s) => s,
         Err(ConnectError::Refused(error)) => {
             client.send(&error.frame).await?;
@@ -127,7 +128,7 @@ pub async fn serve(engine: Arc<Engine>, tcp: TcpStream) -> Result<(), WireError>
         rbuf,
         server_params,
         user,
-        password,
+        login,
         server,
         slot,
     );
@@ -197,19 +198,25 @@ async fn direct_tls(engine: &Engine, tcp: TcpStream) -> Result<Option<ClientStre
     Ok(Some(client))
 }
 
-/// SCRAM-SHA-256 against the stored verifier. An unknown user goes through the same exchange
-/// against a throwaway verifier, so the answer does not tell which users exist. Returns the
-/// password the balancer uses for the user towards servers.
+/// SCRAM-SHA-256 against the verifier the primary holds for the user: the session then logs
+/// in to servers with the client key the proof yields. Without the lookup (a primary from an
+/// earlier version, or none while nothing is kept for the user), against the verifier made
+/// from `pool_passwd`, with that password towards servers. An unknown user goes through the
+/// same exchange against a throwaway verifier, so the answer does not tell which users exist.
 async fn authenticate(
     engine: &Engine,
     client: &mut ClientStream,
     rbuf: &mut BytesMut,
     user: &str,
-) -> Result<Option<Arc<str>>, WireError> {
-    let known = engine.user(user);
-    let verifier = known
-        .as_ref()
-        .map_or_else(|| engine.decoy.clone(), |u| u.verifier.clone());
+) -> Result<Option<Login>, WireError> {
+    let (verifier, password) = match engine.verifiers.lookup(user, engine.primary()).await {
+        Lookup::Found(verifier) => (Some(verifier), None),
+        Lookup::Refused => (None, None),
+        Lookup::Unavailable => match engine.user(user) {
+            Some(known) => (Some(known.verifier), Some(known.password)),
+            None => (None, None),
+        },
+    };
     let mut mechanisms = Vec::new();
     wire::cstr(&mut mechanisms, MECHANISM);
     mechanisms.push(0);
@@ -223,7 +230,8 @@ async fn authenticate(
     if mechanism != MECHANISM {
         return Ok(None);
     }
-    let Ok((exchange, server_first)) = Exchange::start(verifier, &String::from_utf8_lossy(data))
+    let checked = verifier.clone().unwrap_or_else(|| engine.decoy.clone());
+    let Ok((exchange, server_first)) = Exchange::start(checked, &String::from_utf8_lossy(data))
     else {
         return Ok(None);
     };
@@ -232,14 +240,20 @@ async fn authenticate(
     if last.tag != b'p' {
         return Err(WireError::Protocol("expected SASLResponse".into()));
     }
-    let Ok(server_final) = exchange.finish(&String::from_utf8_lossy(last.body())) else {
+    let Ok((server_final, client_key)) = exchange.finish(&String::from_utf8_lossy(last.body()))
+    else {
         return Ok(None);
     };
-    let Some(known) = known else {
-        return Ok(None);
+    let login = match (verifier, password) {
+        (Some(_), Some(password)) => Login::Password(password),
+        (Some(verifier), None) => Login::Keys(Arc::new(Keys {
+            client_key,
+            verifier,
+        })),
+        (None, _) => return Ok(None),
     };
     authentication(client, 12, server_final.as_bytes()).await?;
-    Ok(Some(known.password))
+    Ok(Some(login))
 }
 
 /// An `Authentication` request with `code` and its data.

@@ -22,7 +22,7 @@ use super::backends::Reader;
 use super::classify::{classify, Class};
 use super::client::ClientStream;
 use super::replica_txn;
-use super::server::{Pending, Server};
+use super::server::{Login, Pending, Server};
 use super::wire::{self, Message, WireError};
 use super::{CancelSlot, Engine};
 
@@ -61,7 +61,7 @@ pub struct Session {
     out: BytesMut,
     params: Vec<(String, String)>,
     user: String,
-    password: Arc<str>,
+    login: Login,
     servers: HashMap<u32, Server>,
     /// The server whose answers are being relayed.
     current: Option<u32>,
@@ -117,7 +117,7 @@ impl Session {
         crbuf: BytesMut,
         params: Vec<(String, String)>,
         user: String,
-        password: Arc<str>,
+        login: Login,
         first: Server,
         cancel: Arc<CancelSlot>,
     ) -> Self {
@@ -130,7 +130,7 @@ impl Session {
             out: BytesMut::with_capacity(8192),
             params,
             user,
-            password,
+            login,
             servers,
             current: None,
             txn: None,

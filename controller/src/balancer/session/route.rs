@@ -212,7 +212,7 @@ impl Session {
                 .engine
                 .backend(target)
                 .expect("chosen from the current set");
-            match Server::connect(backend, &self.params, &self.user, Some(&self.password)).await {
+            match Server::connect(backend, &self.params, &self.user, &self.login).await {
                 Ok(s) => {
                     self.servers.insert(target, s);
                 }
