@@ -2,9 +2,10 @@
 //! pass-through), on the real Docker engine and real PostgreSQL (one primary, one streaming
 //! replica): a role made in the database logs in through the balancer, and its reads run on
 //! the replica (the session logged in there with the client key from the client's proof); a
-//! wrong password, an unknown role, `NOLOGIN` and an expired role are refused; a changed
-//! password takes effect at once; the lookup function is closed to other roles; and without
-//! it the engine checks users against `pool_passwd` as before.
+//! wrong password, an unknown role, a superuser, `NOLOGIN` and an expired role are refused; a
+//! changed password takes effect at once, and a session logged in before the change is told
+//! so when it needs another server; the lookup function is closed to other roles; and
+//! without it the engine checks users against `pool_passwd` as before.
 
 mod common;
 
@@ -138,6 +139,79 @@ async fn roles_made_in_the_database_log_in_through_the_engine_with_their_own_ver
         "after the change alice's read never ran on the replica"
     );
 
+    // A session that logged in before a password change and then needs another server is
+    // told so, and goes on with the servers it has.
+    let before = try_login(balancer, "alice", "second").await.unwrap();
+    admin
+        .batch_execute("ALTER ROLE alice PASSWORD 'third'")
+        .await
+        .unwrap();
+    let replica_port = doc["replicas"][0]["port"].as_u64().expect("replica port");
+    let replica_admin = connect(replica_port, "postgres", &superuser, "postgres").await;
+    let on_primary: String = admin
+        .query_one(
+            "SELECT rolpassword FROM pg_authid WHERE rolname = 'alice'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        eventually(30, || async {
+            replica_admin
+                .query_one(
+                    "SELECT rolpassword FROM pg_authid WHERE rolname = 'alice'",
+                    &[],
+                )
+                .await
+                .is_ok_and(|r| r.get::<_, String>(0) == on_primary)
+        })
+        .await,
+        "the replica never replayed the password change"
+    );
+    // Reads go to the replica while the balancer sees it fresh; one that went to the primary
+    // (a stale sample) is asked again.
+    let mut refused = None;
+    for _ in 0..50 {
+        match before
+            .query_one("SELECT pg_is_in_recovery(), count(*) FROM t", &[])
+            .await
+        {
+            Ok(row) => {
+                assert!(
+                    !row.get::<_, bool>(0),
+                    "logged in to the replica with an old key"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    let refused = refused.expect("a new server connection with the old password's key");
+    let db = refused.as_db_error().expect("a server error");
+    assert_eq!(db.code().code(), "28P01", "{refused}");
+    assert!(db.message().contains("changed"), "{refused}");
+    before
+        .batch_execute("INSERT INTO t VALUES (4)")
+        .await
+        .expect("the session goes on on the primary");
+    admin
+        .batch_execute("ALTER ROLE alice PASSWORD 'second'")
+        .await
+        .unwrap();
+
+    // A superuser connects to the instances, not through the balancer.
+    assert_eq!(
+        try_login(balancer, "postgres", &superuser)
+            .await
+            .err()
+            .as_deref(),
+        Some("28P01")
+    );
+
     // NOLOGIN and an expired role are refused.
     admin
         .batch_execute("ALTER ROLE alice NOLOGIN")
@@ -173,7 +247,7 @@ async fn roles_made_in_the_database_log_in_through_the_engine_with_their_own_ver
     let app = try_login(balancer, "app", &password)
         .await
         .expect("app logs in");
-    assert!(eventually(30, || reads_on_replica(&app, 3)).await);
+    assert!(eventually(30, || reads_on_replica(&app, 4)).await);
     let direct_app = connect(primary_port as u64, "app", &password, "postgres").await;
     let denied = direct_app
         .query_one("SELECT pgbalancer.scram_verifier('postgres')", &[])
@@ -195,7 +269,7 @@ async fn roles_made_in_the_database_log_in_through_the_engine_with_their_own_ver
     let app = try_login(balancer, "app", &password)
         .await
         .expect("app logs in from pool_passwd");
-    assert!(eventually(30, || reads_on_replica(&app, 3)).await);
+    assert!(eventually(30, || reads_on_replica(&app, 4)).await);
     assert_eq!(
         try_login(balancer, "alice", "second")
             .await

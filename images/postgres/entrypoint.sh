@@ -8,8 +8,9 @@
 #
 # - primary, empty data directory: `initdb` (scram-sha-256, data checksums), then the roles,
 #   the database, and `pgbalancer.scram_verifier(role)` in the `postgres` database: the
-#   verifier a role logs in with now, for the monitoring role only (the native balancer engine
-#   checks clients against it and logs their sessions in to servers with their own proof).
+#   verifier a role other than a superuser logs in with now, for the monitoring role only (the
+#   native balancer engine checks clients against it and logs their sessions in to servers
+#   with their own proof). Any error stops the bootstrap.
 # - replica, empty data directory: `pg_basebackup -R` from PGB_PRIMARY_HOST (`<cluster>-rw`,
 #   which always reaches the current primary) through the instance's physical slot.
 # - replica whose data was a primary (no standby.signal: a fenced old primary): `pg_rewind`
@@ -57,13 +58,13 @@ initialise_primary() {
   app=${PGB_APP_USER:-app}
   # No standby exists yet: with synchronous replication configured, commits here would wait.
   postgres --single -D "$PGDATA" -c config_file="$CONF/postgresql.conf" \
-    -c synchronous_commit=local postgres >/dev/null <<SQL
+    -c synchronous_commit=local -c exit_on_error=on postgres >/dev/null <<SQL
 CREATE ROLE replicator WITH REPLICATION LOGIN PASSWORD '$(quote "$(secret replication-password)")';
 CREATE ROLE pgbalancer_monitor WITH LOGIN PASSWORD '$(quote "$(secret monitor-password)")' IN ROLE pg_monitor;
 CREATE ROLE "$app" WITH LOGIN PASSWORD '$(quote "$(secret app-password)")';
 CREATE DATABASE "$db" OWNER "$app";
 CREATE SCHEMA pgbalancer;
-CREATE FUNCTION pgbalancer.scram_verifier(role_name text) RETURNS text LANGUAGE sql STABLE STRICT SECURITY DEFINER SET search_path = pg_catalog AS 'SELECT rolpassword FROM pg_authid WHERE rolname = role_name AND rolcanlogin AND (rolvaliduntil IS NULL OR rolvaliduntil > now()) AND rolpassword LIKE ''SCRAM-SHA-256\$%''';
+CREATE FUNCTION pgbalancer.scram_verifier(role_name text) RETURNS text LANGUAGE sql STABLE STRICT SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 'SELECT rolpassword FROM pg_catalog.pg_authid WHERE rolname = role_name AND rolcanlogin AND NOT rolsuper AND (rolvaliduntil IS NULL OR rolvaliduntil > now()) AND rolpassword LIKE ''SCRAM-SHA-256\$%''';
 REVOKE ALL ON FUNCTION pgbalancer.scram_verifier(text) FROM PUBLIC;
 GRANT USAGE ON SCHEMA pgbalancer TO pgbalancer_monitor;
 GRANT EXECUTE ON FUNCTION pgbalancer.scram_verifier(text) TO pgbalancer_monitor;

@@ -4,7 +4,8 @@
 //! backends and lag bound, `secrets/pool_passwd` for the users of a primary without the
 //! verifier lookup), so either engine runs from one set of files. Users log in with the
 //! verifier the primary holds for them, and the session logs in to servers with the client key
-//! their proof yields (SCRAM pass-through): the engine keeps no password of theirs.
+//! their proof yields (SCRAM pass-through): the engine holds that key for the session's life,
+//! never a password of theirs.
 //!
 //! Layout: `wire` (framing), `scram` (both halves of SCRAM), `verifiers` (users' verifiers,
 //! read from the primary), `classify` (where a statement
@@ -179,9 +180,9 @@ pub struct Engine {
     pub accepted: AtomicU64,
     /// When the engine started.
     pub started: Instant,
-    /// A verifier of a random password, made once: an unknown user goes through the same
-    /// exchange as a known one, at no extra cost.
-    pub decoy: Verifier,
+    /// The secret decoy verifiers are made from: a user that may not log in goes through the
+    /// same exchange as one that may, with a salt of its own (`Verifier::decoy`).
+    decoy_secret: [u8; 32],
     /// The TLS server side, and the certificate and key files it was made from.
     tls: RwLock<Option<(tokio_rustls::TlsAcceptor, Vec<u8>)>>,
 }
@@ -189,6 +190,12 @@ pub struct Engine {
 impl Engine {
     /// An engine with no backends and no users yet.
     pub fn new(settings: Settings, monitor: MonitorConfig) -> Arc<Self> {
+        // Stable across restarts (a user's decoy salt must not change when the engine
+        // restarts, as a real one does not), and secret.
+        let decoy_secret = {
+            use sha2::Digest;
+            sha2::Sha256::digest(format!("pgbalancer decoy\0{}", monitor.password)).into()
+        };
         Arc::new(Self {
             settings,
             backends: Arc::new(Backends::default()),
@@ -200,7 +207,7 @@ impl Engine {
             clients: AtomicU32::new(0),
             accepted: AtomicU64::new(0),
             started: Instant::now(),
-            decoy: Verifier::new(&rand::random::<u128>().to_string()),
+            decoy_secret,
             tls: RwLock::new(None),
         })
     }
@@ -251,6 +258,11 @@ impl Engine {
             next.insert(name.clone(), user);
         }
         *users = next;
+    }
+
+    /// The verifier a user that may not log in is checked against.
+    pub fn decoy(&self, user: &str) -> Verifier {
+        Verifier::decoy(&self.decoy_secret, user)
     }
 
     /// The user named `name`.

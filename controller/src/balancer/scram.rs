@@ -39,6 +39,19 @@ impl Verifier {
         .expect("postgres-protocol writes valid verifiers")
     }
 
+    /// A verifier for a user that may not log in, made from `secret` and the user name as
+    /// PostgreSQL makes its mock ones: the same salt for the same name every time, another
+    /// for each name, so the exchange does not tell which users exist.
+    pub fn decoy(secret: &[u8; 32], user: &str) -> Self {
+        let salt = hmac(secret, format!("salt\0{user}").as_bytes());
+        Self {
+            iterations: 4096,
+            salt: salt[..16].to_vec(),
+            stored_key: hmac(secret, format!("stored\0{user}").as_bytes()),
+            server_key: hmac(secret, format!("server\0{user}").as_bytes()),
+        }
+    }
+
     /// Parses `SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`.
     pub fn parse(s: &str) -> Option<Self> {
         let rest = s.strip_prefix("SCRAM-SHA-256$")?;
@@ -102,6 +115,7 @@ pub enum ScramError {
 /// The server's half of one exchange.
 pub struct Exchange {
     verifier: Verifier,
+    gs2_header: &'static str,
     client_first_bare: String,
     server_first: String,
     nonce: String,
@@ -110,8 +124,9 @@ pub struct Exchange {
 impl Exchange {
     /// Starts from the client's first message; returns the server's first message to send.
     pub fn start(verifier: Verifier, client_first: &str) -> Result<(Self, String), ScramError> {
-        let bare = match client_first.split_once(",,") {
-            Some(("n" | "y", bare)) => bare,
+        let (gs2_header, bare) = match client_first.split_once(",,") {
+            Some(("n", bare)) => ("biws", bare),
+            Some(("y", bare)) => ("eSws", bare),
             Some((h, _)) if h.starts_with("p=") => {
                 return Err(ScramError::Malformed("channel binding is not supported"))
             }
@@ -133,6 +148,7 @@ impl Exchange {
         Ok((
             Self {
                 verifier,
+                gs2_header,
                 client_first_bare: bare.to_owned(),
                 server_first: server_first.clone(),
                 nonce,
@@ -156,8 +172,8 @@ impl Exchange {
                 nonce = Some(r);
             }
         }
-        // Without channel binding the client echoes its GS2 header: "n,," or "y,,".
-        if !matches!(binding, Some("biws" | "eSws")) {
+        // Without channel binding the client echoes its GS2 header ("n,," or "y,,") in base64.
+        if binding != Some(self.gs2_header) {
             return Err(ScramError::Malformed("bad channel binding"));
         }
         if nonce != Some(self.nonce.as_str()) {
@@ -289,9 +305,14 @@ mod tests {
 
     /// Runs a whole exchange with postgres-protocol's client (the one tokio-postgres uses).
     fn exchange(stored: &str, typed: &str) -> Result<(), ScramError> {
+        exchange_with(&Verifier::new(stored), typed)
+    }
+
+    /// [`exchange`] against a verifier.
+    fn exchange_with(verifier: &Verifier, typed: &str) -> Result<(), ScramError> {
         let mut client = ScramSha256::new(typed.as_bytes(), ChannelBinding::unsupported());
         let first = String::from_utf8(client.message().to_vec()).unwrap();
-        let (server, server_first) = Exchange::start(Verifier::new(stored), &first)?;
+        let (server, server_first) = Exchange::start(verifier.clone(), &first)?;
         client.update(server_first.as_bytes()).unwrap();
         let client_final = String::from_utf8(client.message().to_vec()).unwrap();
         let (server_final, _) = server.finish(&client_final)?;
@@ -379,6 +400,28 @@ mod tests {
         );
         let (server, _) = Exchange::start(v, "n,,n=,r=abc").unwrap();
         assert!(server.finish("c=biws,r=abc").is_err());
+    }
+
+    #[test]
+    fn decoys_differ_by_user_and_stay_the_same_for_one() {
+        let secret = [9; 32];
+        let a = Verifier::decoy(&secret, "alice");
+        assert!(a == Verifier::decoy(&secret, "alice"));
+        assert!(a.salt != Verifier::decoy(&secret, "bob").salt);
+        assert!(a.salt != Verifier::decoy(&[8; 32], "alice").salt);
+        assert_eq!((a.salt.len(), a.iterations), (16, 4096));
+        assert_eq!(exchange_with(&a, "anything"), Err(ScramError::Failed));
+    }
+
+    #[test]
+    fn the_channel_binding_flag_must_be_echoed() {
+        let v = Verifier::new("pw");
+        let (server, _) = Exchange::start(v.clone(), "n,,n=,r=abc").unwrap();
+        let nonce = server.nonce.clone();
+        assert_eq!(
+            server.finish(&format!("c=eSws,r={nonce},p=AAAA")).err(),
+            Some(ScramError::Malformed("bad channel binding"))
+        );
     }
 
     #[test]

@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 
 use super::backends::Backend;
 use super::classify::Class;
-use super::scram::{ClientExchange, Keys};
+use super::scram::{ClientExchange, Keys, ScramError};
 use super::wire::{self, Message, WireError};
 
 /// How long a server may take to accept a connection and finish startup.
@@ -65,6 +65,24 @@ impl std::fmt::Debug for Login {
             Self::Keys(_) => "Login::Keys(<redacted>)",
             Self::Password(_) => "Login::Password(<redacted>)",
         })
+    }
+}
+
+/// The error a session gets when a server holds another verifier for its user than the one
+/// the client logged in with: the password was changed since.
+fn password_changed(user: &str) -> Message {
+    let mut frame = BytesMut::new();
+    wire::error(
+        &mut frame,
+        "ERROR",
+        "28P01",
+        &format!(
+            "the password of user \"{user}\" was changed since this session logged in: log in again"
+        ),
+    );
+    Message {
+        tag: b'E',
+        frame: frame.freeze(),
     }
 }
 
@@ -192,6 +210,12 @@ impl Server {
                     let code = i32::from_be_bytes(body[..4].try_into().unwrap_or_default());
                     let mut out = BytesMut::new();
                     match code {
+                        // A server that skips SCRAM's final message proves nothing.
+                        0 if scram.is_some() => {
+                            return Err(wire_err(WireError::Protocol(
+                                "authentication ended before SCRAM's final message".into(),
+                            )))
+                        }
                         0 => continue,
                         3 => {
                             let password = password.ok_or_else(|| unsupported(code))?;
@@ -240,10 +264,15 @@ impl Server {
                                     .update(data)
                                     .map(|()| s.message().to_vec())
                                     .map_err(|e| wire_err(e.into()))?,
-                                Some(Sasl::Keys(s)) => s
+                                Some(Sasl::Keys(s)) => match s
                                     .update(&String::from_utf8_lossy(data))
-                                    .map(String::into_bytes)
-                                    .map_err(|e| wire_err(scram_err(e)))?,
+                                {
+                                    Ok(next) => next.into_bytes(),
+                                    Err(ScramError::OtherVerifier) => {
+                                        return Err(ConnectError::Refused(password_changed(user)))
+                                    }
+                                    Err(e) => return Err(wire_err(scram_err(e))),
+                                },
                                 None => {
                                     return Err(wire_err(WireError::Protocol(
                                         "SASL continue before start".into(),

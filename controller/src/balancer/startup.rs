@@ -202,7 +202,8 @@ async fn direct_tls(engine: &Engine, tcp: TcpStream) -> Result<Option<ClientStre
 /// in to servers with the client key the proof yields. Without the lookup (a primary from an
 /// earlier version, or none while nothing is kept for the user), against the verifier made
 /// from `pool_passwd`, with that password towards servers. An unknown user goes through the
-/// same exchange against a throwaway verifier, so the answer does not tell which users exist.
+/// same exchange against a decoy verifier with a salt of its own, so neither the exchange nor
+/// the answer tells which users exist.
 async fn authenticate(
     engine: &Engine,
     client: &mut ClientStream,
@@ -230,7 +231,7 @@ async fn authenticate(
     if mechanism != MECHANISM {
         return Ok(None);
     }
-    let checked = verifier.clone().unwrap_or_else(|| engine.decoy.clone());
+    let checked = verifier.clone().unwrap_or_else(|| engine.decoy(user));
     let Ok((exchange, server_first)) = Exchange::start(checked, &String::from_utf8_lossy(data))
     else {
         return Ok(None);

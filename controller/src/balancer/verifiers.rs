@@ -6,7 +6,8 @@
 //! (`scram::Keys`), so the engine keeps no password, and every role made in the database logs
 //! in through the balancer with the password the database has for it now.
 //!
-//! One connection, to the primary as the monitoring role, answers the lookups one at a time.
+//! One connection, to the primary as the monitoring role, answers the lookups (side by side:
+//! only finding or opening it is done one at a time, and opening is bounded).
 //! The last verifier read for each user is kept, so logins go on while there is no primary.
 //! A primary without the function (a cluster made by an earlier version) is told apart, and
 //! then the engine checks users against `pool_passwd` as before.
@@ -31,6 +32,9 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 /// After a failed connection, lookups answer from what is kept for this long before the next
 /// attempt, so a burst of logins while the primary is away does not wait on each.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// Longest opening the lookup connection may take (connecting, logging in, preparing).
+const OPEN_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// After finding no function, how long the engine goes on without asking again.
 const MISSING_RECHECK: Duration = Duration::from_secs(30);
@@ -58,10 +62,14 @@ enum NoAnswer {
     Again,
 }
 
+/// An open lookup connection: the client (shared, so lookups run side by side on it), the
+/// prepared lookup, and the server it is connected to.
+type Open = (Arc<Client>, Statement, Arc<Backend>);
+
 /// The connection lookups run on, and when to try again.
 #[derive(Default)]
 struct Link {
-    open: Option<(Client, Statement, Arc<Backend>)>,
+    open: Option<Open>,
     retry_at: Option<Instant>,
     missing_until: Option<Instant>,
 }
@@ -85,35 +93,72 @@ impl Verifiers {
 
     /// The verifier of `user` on `primary` (the current one, if any).
     pub async fn lookup(&self, user: &str, primary: Option<Arc<Backend>>) -> Lookup {
-        let answer = {
-            let mut link = self.link.lock().await;
-            self.ask(&mut link, user, primary).await
+        let answer = match self.ask(user, primary.clone()).await {
+            Err(NoAnswer::Again) => match self.ask(user, primary).await {
+                Err(NoAnswer::Again) => {
+                    self.link.lock().await.retry_at = Some(Instant::now() + RETRY_AFTER);
+                    Err(NoAnswer::Down)
+                }
+                answer => answer,
+            },
+            answer => answer,
         };
         let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
         decide(&mut kept, user, answer)
     }
 
+    /// One lookup. The link is locked only to find or open the connection (opening is
+    /// bounded); the query runs outside the lock, so lookups go side by side.
     async fn ask(
         &self,
-        link: &mut Link,
         user: &str,
         primary: Option<Arc<Backend>>,
     ) -> Result<Option<String>, NoAnswer> {
-        match self.ask_once(link, user, primary.clone()).await {
-            Err(NoAnswer::Again) => match self.ask_once(link, user, primary).await {
-                Err(NoAnswer::Again) => Err(NoAnswer::Down),
-                answer => answer,
-            },
-            answer => answer,
+        let (client, statement) = self.connection(primary).await?;
+        let answer =
+            tokio::time::timeout(ANSWER_TIMEOUT, client.query_one(&statement, &[&user])).await;
+        let failed = |link: &mut Link| {
+            if link
+                .open
+                .as_ref()
+                .is_some_and(|(c, _, _)| Arc::ptr_eq(c, &client))
+            {
+                link.open = None;
+            }
+        };
+        match answer {
+            Ok(Ok(row)) => Ok(row.get::<_, Option<String>>(0)),
+            Ok(Err(e)) if no_function(&e) => {
+                let mut link = self.link.lock().await;
+                failed(&mut link);
+                link.missing_until = Some(Instant::now() + MISSING_RECHECK);
+                tracing::warn!(
+                    "pgbalancer.scram_verifier is gone from the primary: users are checked \
+                     against pool_passwd"
+                );
+                Err(NoAnswer::Missing)
+            }
+            Ok(Err(e)) if e.as_db_error().is_some() => {
+                tracing::info!(error = %e, "verifier lookup failed; preparing it again");
+                failed(&mut *self.link.lock().await);
+                Err(NoAnswer::Again)
+            }
+            _ => {
+                let mut link = self.link.lock().await;
+                failed(&mut link);
+                link.retry_at = Some(Instant::now() + RETRY_AFTER);
+                Err(NoAnswer::Down)
+            }
         }
     }
 
-    async fn ask_once(
+    /// The open connection to `primary`, opened when there is none (at most one attempt per
+    /// [`RETRY_AFTER`], each bounded by [`OPEN_TIMEOUT`]).
+    async fn connection(
         &self,
-        link: &mut Link,
-        user: &str,
         primary: Option<Arc<Backend>>,
-    ) -> Result<Option<String>, NoAnswer> {
+    ) -> Result<(Arc<Client>, Statement), NoAnswer> {
+        let mut link = self.link.lock().await;
         let now = Instant::now();
         if link.missing_until.is_some_and(|t| t > now) {
             return Err(NoAnswer::Missing);
@@ -129,53 +174,29 @@ impl Verifiers {
         {
             link.open = None;
         }
-        if link.open.is_none() {
-            if link.retry_at.is_some_and(|t| t > now) {
-                return Err(NoAnswer::Down);
-            }
-            match self.open(&primary).await {
-                Ok((client, statement)) => {
-                    link.open = Some((client, statement, primary.clone()));
-                    link.retry_at = None;
-                }
-                Err(missing) => {
-                    if missing {
-                        tracing::warn!(
-                            host = %primary.host,
-                            "the primary has no pgbalancer.scram_verifier: users are checked \
-                             against pool_passwd"
-                        );
-                        link.missing_until = Some(now + MISSING_RECHECK);
-                        return Err(NoAnswer::Missing);
-                    }
-                    link.retry_at = Some(now + RETRY_AFTER);
-                    return Err(NoAnswer::Down);
-                }
-            }
+        if let Some((client, statement, _)) = &link.open {
+            return Ok((client.clone(), statement.clone()));
         }
-        let Some((client, statement, _)) = link.open.as_ref() else {
+        if link.retry_at.is_some_and(|t| t > now) {
             return Err(NoAnswer::Down);
-        };
-        let answer =
-            tokio::time::timeout(ANSWER_TIMEOUT, client.query_one(statement, &[&user])).await;
-        match answer {
-            Ok(Ok(row)) => Ok(row.get::<_, Option<String>>(0)),
-            Ok(Err(e)) if no_function(&e) => {
-                link.open = None;
-                link.missing_until = Some(now + MISSING_RECHECK);
+        }
+        match tokio::time::timeout(OPEN_TIMEOUT, self.open(&primary)).await {
+            Ok(Ok((client, statement))) => {
+                let client = Arc::new(client);
+                link.open = Some((client.clone(), statement.clone(), primary));
+                link.retry_at = None;
+                Ok((client, statement))
+            }
+            Ok(Err(true)) => {
                 tracing::warn!(
-                    "pgbalancer.scram_verifier is gone from the primary: users are checked \
-                     against pool_passwd"
+                    host = %primary.host,
+                    "the primary has no pgbalancer.scram_verifier: users are checked against \
+                     pool_passwd"
                 );
+                link.missing_until = Some(now + MISSING_RECHECK);
                 Err(NoAnswer::Missing)
             }
-            Ok(Err(e)) if e.as_db_error().is_some() => {
-                tracing::info!(error = %e, "verifier lookup failed; preparing it again");
-                link.open = None;
-                Err(NoAnswer::Again)
-            }
-            _ => {
-                link.open = None;
+            Ok(Err(false)) | Err(_) => {
                 link.retry_at = Some(Instant::now() + RETRY_AFTER);
                 Err(NoAnswer::Down)
             }
