@@ -8,7 +8,7 @@
 #
 # - primary, empty data directory: `initdb` (scram-sha-256, data checksums), then the roles,
 #   the database, and `pgbalancer.scram_verifier(role)` in the `postgres` database: the
-#   verifier a role other than a superuser logs in with now, for the monitoring role only (the
+#   verifier a role logs in with now, for the monitoring role only (the
 #   native balancer engine checks clients against it and logs their sessions in to servers
 #   with their own proof). Any error stops the bootstrap.
 # - replica, empty data directory: `pg_basebackup -R` from PGB_PRIMARY_HOST (`<cluster>-rw`,
@@ -64,7 +64,7 @@ CREATE ROLE pgbalancer_monitor WITH LOGIN PASSWORD '$(quote "$(secret monitor-pa
 CREATE ROLE "$app" WITH LOGIN PASSWORD '$(quote "$(secret app-password)")';
 CREATE DATABASE "$db" OWNER "$app";
 CREATE SCHEMA pgbalancer;
-CREATE FUNCTION pgbalancer.scram_verifier(role_name text) RETURNS text LANGUAGE sql STABLE STRICT SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 'SELECT rolpassword FROM pg_catalog.pg_authid WHERE rolname = role_name AND rolcanlogin AND NOT rolsuper AND (rolvaliduntil IS NULL OR rolvaliduntil > now()) AND rolpassword LIKE ''SCRAM-SHA-256\$%''';
+CREATE FUNCTION pgbalancer.scram_verifier(role_name text) RETURNS text LANGUAGE sql STABLE STRICT SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 'SELECT rolpassword FROM pg_catalog.pg_authid WHERE rolname = role_name AND rolcanlogin AND (rolvaliduntil IS NULL OR rolvaliduntil > now()) AND rolpassword LIKE ''SCRAM-SHA-256\$%''';
 REVOKE ALL ON FUNCTION pgbalancer.scram_verifier(text) FROM PUBLIC;
 GRANT USAGE ON SCHEMA pgbalancer TO pgbalancer_monitor;
 GRANT EXECUTE ON FUNCTION pgbalancer.scram_verifier(text) TO pgbalancer_monitor;
