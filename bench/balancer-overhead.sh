@@ -12,6 +12,9 @@
 # psql; installs haproxy and pgbouncer from Debian when missing (they run on the host, in
 # front of the primary's published loopback port).
 set -euo pipefail
+# Every path in plain text: the instances serve TLS, and libpq would otherwise take it on the
+# direct path (and through HAProxy) while the balancers' clients and servers speak plain text.
+export PGSSLMODE=disable
 cd "$(dirname "$0")/.."
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 

@@ -11,6 +11,9 @@
 # Needs the Docker engine (scripts/host-setup.sh), pgbench, psql and jq; installs haproxy from
 # Debian when missing.
 set -euo pipefail
+# Every path in plain text: the instances serve TLS, and libpq would otherwise take it on the
+# direct path (and through HAProxy) while the balancers' clients and servers speak plain text.
+export PGSSLMODE=disable
 cd "$(dirname "$0")/.."
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 

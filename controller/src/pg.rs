@@ -4,10 +4,15 @@
 //! reconcile core does that with what these functions return.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
 use tokio_postgres::{Client, Config, NoTls, SimpleQueryMessage};
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::client::danger::{
+    HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
+};
 
 use crate::backend::WalReceiver;
 use crate::pool_node::{PoolNode, RowError};
@@ -82,6 +87,92 @@ pub async fn connect_tls(
         tokio_postgres_rustls::MakeRustlsConnect::new(tls),
     )
     .await
+}
+
+/// Opens an encrypted connection without checking the server's certificate
+/// (`sslmode=require`): the instances serve self-signed ones. It keeps what crosses the
+/// network from anyone watching it, not from one who can redirect it.
+pub async fn connect_encrypted(
+    host: &str,
+    port: u16,
+    user: &str,
+    password: &str,
+    db: &str,
+) -> Result<Client, PgError> {
+    let mut config = Config::new();
+    config.ssl_mode(tokio_postgres::config::SslMode::Require);
+    connect_with(
+        config,
+        host,
+        port,
+        user,
+        password,
+        db,
+        tokio_postgres_rustls::MakeRustlsConnect::new(encrypted_client_config()?),
+    )
+    .await
+}
+
+/// A TLS client configuration that takes any server certificate (its handshake signature is
+/// still checked against it).
+fn encrypted_client_config() -> Result<rustls::ClientConfig, PgError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = Arc::new(AnyCertificate(provider.clone()));
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| PgError::Tls(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth())
+}
+
+/// Takes any server certificate: encryption without authentication.
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls_pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls_pki_types::CertificateDer<'_>],
+        _server_name: &rustls_pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls_pki_types::UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }
 
 /// A TLS client configuration trusting only the CA certificates in `ca_pem`.

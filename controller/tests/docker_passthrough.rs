@@ -139,6 +139,20 @@ async fn roles_made_in_the_database_log_in_through_the_engine_with_their_own_ver
         "after the change alice's read never ran on the replica"
     );
 
+    // The lookups cross the network encrypted (the instances serve TLS).
+    let lookups: Vec<bool> = admin
+        .query(
+            "SELECT s.ssl FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+             WHERE a.usename = 'pgbalancer_monitor' AND a.query LIKE '%scram_verifier%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(lookups, [true], "one encrypted lookup connection");
+
     // A session that logged in before a password change and then needs another server is
     // told so, and goes on with the servers it has.
     let before = try_login(balancer, "alice", "second").await.unwrap();

@@ -11,6 +11,8 @@
 #   verifier a role logs in with now, for the monitoring role only (the
 #   native balancer engine checks clients against it and logs their sessions in to servers
 #   with their own proof). Any error stops the bootstrap.
+# - every start: TLS with a key and self-signed certificate of the instance's own, made once
+#   on its data volume (`tls/`).
 # - replica, empty data directory: `pg_basebackup -R` from PGB_PRIMARY_HOST (`<cluster>-rw`,
 #   which always reaches the current primary) through the instance's physical slot.
 # - replica whose data was a primary (no standby.signal: a fenced old primary): `pg_rewind`
@@ -186,4 +188,23 @@ if [ "$given" = replica ]; then
   follow_primary
 fi
 
+# TLS: a key and a self-signed certificate of this instance's own, made once on its data
+# volume, so what crosses the network to it can be encrypted (the balancer's verifier lookups
+# always are). Without openssl, or when making them fails, the server starts without TLS.
+tls=$(dirname "$PGDATA")/tls
+if [ ! -s "$tls/server.key" ] || [ ! -s "$tls/server.crt" ]; then
+  mkdir -p "$tls"
+  if openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 36500 \
+    -subj "/CN=$(hostname)" -keyout "$tls/server.key.new" -out "$tls/server.crt.new" >/dev/null 2>&1; then
+    chmod 0600 "$tls/server.key.new"
+    mv "$tls/server.key.new" "$tls/server.key"
+    mv "$tls/server.crt.new" "$tls/server.crt"
+  else
+    log "could not make a TLS certificate: serving without TLS"
+  fi
+fi
+if [ -s "$tls/server.key" ] && [ -s "$tls/server.crt" ]; then
+  exec postgres -D "$PGDATA" -c config_file="$CONF/postgresql.conf" \
+    -c ssl=on -c ssl_cert_file="$tls/server.crt" -c ssl_key_file="$tls/server.key"
+fi
 exec postgres -D "$PGDATA" -c config_file="$CONF/postgresql.conf"

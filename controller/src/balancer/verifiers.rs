@@ -205,7 +205,7 @@ impl Verifiers {
 
     /// Opens the lookup connection to `primary`; `Err(true)` when it has no lookup function.
     async fn open(&self, primary: &Backend) -> Result<(Client, Statement), bool> {
-        let client = crate::pg::connect(
+        let client = crate::pg::connect_encrypted(
             &primary.host,
             primary.port,
             &self.monitor.user,
