@@ -10,7 +10,7 @@
 #   the database, and `pgbalancer.scram_verifier(role)` in the `postgres` database: the
 #   verifier a role logs in with now, for the monitoring role only (the
 #   native balancer engine checks clients against it and logs their sessions in to servers
-#   with their own proof). Any error stops the bootstrap.
+#   with their own proof).
 # - every start: TLS with a key and self-signed certificate of the instance's own, made once
 #   on its data volume (`tls/`).
 # - replica, empty data directory: `pg_basebackup -R` from PGB_PRIMARY_HOST (`<cluster>-rw`,
@@ -60,7 +60,7 @@ initialise_primary() {
   app=${PGB_APP_USER:-app}
   # No standby exists yet: with synchronous replication configured, commits here would wait.
   postgres --single -D "$PGDATA" -c config_file="$CONF/postgresql.conf" \
-    -c synchronous_commit=local -c exit_on_error=on postgres >/dev/null <<SQL
+    -c synchronous_commit=local postgres >/dev/null <<SQL
 CREATE ROLE replicator WITH REPLICATION LOGIN PASSWORD '$(quote "$(secret replication-password)")';
 CREATE ROLE pgbalancer_monitor WITH LOGIN PASSWORD '$(quote "$(secret monitor-password)")' IN ROLE pg_monitor;
 CREATE ROLE "$app" WITH LOGIN PASSWORD '$(quote "$(secret app-password)")';
@@ -192,18 +192,19 @@ fi
 # volume, so what crosses the network to it can be encrypted (the balancer's verifier lookups
 # always are). Without openssl, or when making them fails, the server starts without TLS.
 tls=$(dirname "$PGDATA")/tls
-if [ ! -s "$tls/server.key" ] || [ ! -s "$tls/server.crt" ]; then
-  mkdir -p "$tls"
-  if openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 36500 \
-    -subj "/CN=$(hostname)" -keyout "$tls/server.key.new" -out "$tls/server.crt.new" >/dev/null 2>&1; then
-    chmod 0600 "$tls/server.key.new"
-    mv "$tls/server.key.new" "$tls/server.key"
+make_tls() {
+  mkdir -p "$tls" &&
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 36500 \
+      -subj "/CN=$(hostname)" -keyout "$tls/server.key.new" -out "$tls/server.crt.new" >/dev/null 2>&1 &&
+    chmod 0600 "$tls/server.key.new" &&
+    mv "$tls/server.key.new" "$tls/server.key" &&
     mv "$tls/server.crt.new" "$tls/server.crt"
-  else
-    log "could not make a TLS certificate: serving without TLS"
-  fi
+}
+if [ ! -s "$tls/server.key" ] || [ ! -s "$tls/server.crt" ]; then
+  make_tls || log "could not make a TLS certificate: serving without TLS"
 fi
-if [ -s "$tls/server.key" ] && [ -s "$tls/server.crt" ]; then
+# The server refuses a key others may read (a volume mounted with fsGroup can widen it).
+if [ -s "$tls/server.key" ] && [ -s "$tls/server.crt" ] && chmod 0600 "$tls/server.key"; then
   exec postgres -D "$PGDATA" -c config_file="$CONF/postgresql.conf" \
     -c ssl=on -c ssl_cert_file="$tls/server.crt" -c ssl_key_file="$tls/server.key"
 fi

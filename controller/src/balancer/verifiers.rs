@@ -117,21 +117,25 @@ impl Verifiers {
         let (client, statement) = self.connection(primary).await?;
         let answer =
             tokio::time::timeout(ANSWER_TIMEOUT, client.query_one(&statement, &[&user])).await;
+        // Closes the link when it is still this client's; whether it was (an older link's
+        // failure says nothing about the current primary).
         let failed = |link: &mut Link| {
-            if link
+            let current = link
                 .open
                 .as_ref()
-                .is_some_and(|(c, _, _)| Arc::ptr_eq(c, &client))
-            {
+                .is_some_and(|(c, _, _)| Arc::ptr_eq(c, &client));
+            if current {
                 link.open = None;
             }
+            current
         };
         match answer {
             Ok(Ok(row)) => Ok(row.get::<_, Option<String>>(0)),
             Ok(Err(e)) if no_function(&e) => {
                 let mut link = self.link.lock().await;
-                failed(&mut link);
-                link.missing_until = Some(Instant::now() + MISSING_RECHECK);
+                if failed(&mut link) {
+                    link.missing_until = Some(Instant::now() + MISSING_RECHECK);
+                }
                 tracing::warn!(
                     "pgbalancer.scram_verifier is gone from the primary: users are checked \
                      against pool_passwd"
@@ -140,13 +144,14 @@ impl Verifiers {
             }
             Ok(Err(e)) if e.as_db_error().is_some() => {
                 tracing::info!(error = %e, "verifier lookup failed; preparing it again");
-                failed(&mut *self.link.lock().await);
+                let _ = failed(&mut *self.link.lock().await);
                 Err(NoAnswer::Again)
             }
             _ => {
                 let mut link = self.link.lock().await;
-                failed(&mut link);
-                link.retry_at = Some(Instant::now() + RETRY_AFTER);
+                if failed(&mut link) {
+                    link.retry_at = Some(Instant::now() + RETRY_AFTER);
+                }
                 Err(NoAnswer::Down)
             }
         }
@@ -213,7 +218,14 @@ impl Verifiers {
             "postgres",
         )
         .await
-        .map_err(|_| false)?;
+        .map_err(|e| {
+            tracing::warn!(
+                host = %primary.host,
+                error = %crate::local::controller::error_chain(&e),
+                "verifier lookups cannot connect to the primary (they require TLS)"
+            );
+            false
+        })?;
         match client.prepare(QUERY).await {
             Ok(statement) => Ok((client, statement)),
             Err(e) => Err(no_function(&e)),
