@@ -37,6 +37,15 @@ async fn try_login(balancer: u16, user: &str, password: &str) -> Result<Client, 
     Ok(client)
 }
 
+/// Asserts that a login as `user` with `password` is refused with `28P01`.
+async fn assert_refused(balancer: u16, user: &str, password: &str) {
+    assert_eq!(
+        try_login(balancer, user, password).await.err().as_deref(),
+        Some("28P01"),
+        "login as {user}"
+    );
+}
+
 /// Whether a read of `t` by `c` runs on the replica and sees `rows` rows.
 async fn reads_on_replica(c: &Client, rows: i64) -> bool {
     match c
@@ -106,17 +115,8 @@ async fn roles_made_in_the_database_log_in_through_the_engine_with_their_own_ver
     assert_eq!(user, "alice");
 
     // Refused: a wrong password, an unknown role, with the same answer.
-    assert_eq!(
-        try_login(balancer, "alice", "wrong").await.err().as_deref(),
-        Some("28P01")
-    );
-    assert_eq!(
-        try_login(balancer, "mallory", "first: a password, with commas")
-            .await
-            .err()
-            .as_deref(),
-        Some("28P01")
-    );
+    assert_refused(balancer, "alice", "wrong").await;
+    assert_refused(balancer, "mallory", "first: a password, with commas").await;
 
     // A changed password takes effect at once: the old one is refused, the new one logs in and
     // reads on the replica once it replayed the change.
@@ -124,13 +124,7 @@ async fn roles_made_in_the_database_log_in_through_the_engine_with_their_own_ver
         .batch_execute("ALTER ROLE alice PASSWORD 'second'")
         .await
         .unwrap();
-    assert_eq!(
-        try_login(balancer, "alice", "first: a password, with commas")
-            .await
-            .err()
-            .as_deref(),
-        Some("28P01")
-    );
+    assert_refused(balancer, "alice", "first: a password, with commas").await;
     let alice2 = try_login(balancer, "alice", "second")
         .await
         .expect("alice logs in with her new password");
@@ -228,24 +222,12 @@ async fn roles_made_in_the_database_log_in_through_the_engine_with_their_own_ver
         .batch_execute("ALTER ROLE alice NOLOGIN")
         .await
         .unwrap();
-    assert_eq!(
-        try_login(balancer, "alice", "second")
-            .await
-            .err()
-            .as_deref(),
-        Some("28P01")
-    );
+    assert_refused(balancer, "alice", "second").await;
     admin
         .batch_execute("ALTER ROLE alice LOGIN VALID UNTIL '2001-01-01'")
         .await
         .unwrap();
-    assert_eq!(
-        try_login(balancer, "alice", "second")
-            .await
-            .err()
-            .as_deref(),
-        Some("28P01")
-    );
+    assert_refused(balancer, "alice", "second").await;
     admin
         .batch_execute("ALTER ROLE alice VALID UNTIL 'infinity'")
         .await
@@ -281,12 +263,6 @@ async fn roles_made_in_the_database_log_in_through_the_engine_with_their_own_ver
         .await
         .expect("app logs in from pool_passwd");
     assert!(eventually(30, || reads_on_replica(&app, 4)).await);
-    assert_eq!(
-        try_login(balancer, "alice", "second")
-            .await
-            .err()
-            .as_deref(),
-        Some("28P01")
-    );
+    assert_refused(balancer, "alice", "second").await;
     drop(s);
 }
