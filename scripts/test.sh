@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # cargo from rustup when the shell has not loaded it
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
-step() { printf '==> %s\n' "$*" >&2; }
+step() { printf '==> %s (%s)\n' "$*" "$(date +%T)" >&2; }
 
 ./scripts/host-setup.sh
 step "building pgbalancer"

@@ -449,6 +449,12 @@ fn runtime_state(plan: &Plan, observed: &Observed) -> Vec<Action> {
         if seen.marked != Some(inst.role) && (verified || seen.marked.is_none()) {
             actions.push(Action::MarkRole(inst.ordinal));
         }
+        if inst.role == Role::Primary
+            && seen.in_recovery == Some(false)
+            && seen.lookup_schema == Some(false)
+        {
+            actions.push(Action::CreateLoginLookup(inst.ordinal));
+        }
         if let Some(slots) = &seen.slots {
             if inst.role == Role::Primary && seen.in_recovery != Some(false) {
                 continue;

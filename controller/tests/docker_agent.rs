@@ -333,7 +333,7 @@ async fn agent_api_bctl_metrics_and_live_scaling() {
         .unwrap()
         .get(0);
     assert_eq!(n, 2);
-    let settled = eventually(15, || async { api.get("/api/v1/status").1["nodes"] == 2 }).await;
+    let settled = eventually(60, || async { api.get("/api/v1/status").1["nodes"] == 2 }).await;
     assert!(
         settled,
         "removed slots still reported: {}",
@@ -355,7 +355,7 @@ async fn agent_api_bctl_metrics_and_live_scaling() {
         .output()
         .unwrap();
     assert!(kill.status.success(), "{}", text(&kill));
-    let back = eventually(20, || async {
+    let back = eventually(60, || async {
         let (code, body) = api.get("/api/v1/status");
         code == 200 && body["status"] == "running" && body["pgpool_restarts"].as_u64() >= Some(1)
     })
@@ -366,7 +366,7 @@ async fn agent_api_bctl_metrics_and_live_scaling() {
         api.get("/api/v1/status").1
     );
     assert!(
-        eventually(20, || async {
+        eventually(60, || async {
             ureq::get(&format!("{}/healthz", api.base)).call().is_ok()
         })
         .await

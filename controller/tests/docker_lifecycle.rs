@@ -28,7 +28,7 @@ async fn assert_replicas_have_rows(doc: &Value, password: &str, rows: i64) {
             .unwrap()
             .get(0);
         assert!(recovering, "{} is not a standby", replica["name"]);
-        let replicated = eventually(10, || async {
+        let replicated = eventually(60, || async {
             row_count(port, password).await == Some(rows)
         })
         .await;

@@ -287,11 +287,34 @@ async fn a_server_ending_a_connection_fails_only_its_query(
             (e.map(|_| ()), after)
         })
     };
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut admins = Vec::new();
+    for replica in &replicas {
+        admins.push(connect(*replica, "postgres", superuser, "postgres").await);
+    }
+    // Until the sleep runs on a replica.
+    let sleeping = || async {
+        for admin in &admins {
+            let running = admin
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = \
+                     'ended-by-server' AND state = 'active' AND query LIKE 'SELECT pg_sleep%'",
+                    &[],
+                )
+                .await
+                .is_ok_and(|r| r.get::<_, i64>(0) > 0);
+            if running {
+                return true;
+            }
+        }
+        false
+    };
+    assert!(
+        eventually(30, sleeping).await,
+        "the sleep never ran on a replica"
+    );
     // Every backend of these sessions on the replicas: the idle one and the running sleep.
     let mut ended = 0;
-    for replica in &replicas {
-        let admin = connect(*replica, "postgres", superuser, "postgres").await;
+    for admin in &admins {
         let n: i64 = admin
             .query_one(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
@@ -321,7 +344,7 @@ async fn a_server_ending_a_connection_fails_only_its_query(
     );
     // The idle session's server process is gone (it said so and closed its connection on the
     // way out): its next reads go to a new connection, none fails.
-    let gone = eventually(20, || async {
+    let gone = eventually(60, || async {
         let mut left = 0;
         for replica in &replicas {
             let admin = connect(*replica, "postgres", superuser, "postgres").await;
@@ -545,14 +568,22 @@ async fn one_server_semantics(balancer: u16, password: &str) {
     // A cancel request reaches the server running the query.
     let token = c2.cancel_token();
     let started = Instant::now();
-    let sleeper = tokio::spawn(async move { c2.simple_query("SELECT pg_sleep(30)").await });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    token.cancel_query(NoTls).await.unwrap();
-    let cancelled = tokio::time::timeout(Duration::from_secs(20), sleeper)
-        .await
-        .expect("the cancelled query did not end")
-        .unwrap()
-        .unwrap_err();
+    let mut sleeper = tokio::spawn(async move { c2.simple_query("SELECT pg_sleep(30)").await });
+    // Sent again until the query ends: one sent before the query reached its server is
+    // ignored there.
+    let cancelled = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            token.cancel_query(NoTls).await.unwrap();
+            if let Ok(ended) = tokio::time::timeout(Duration::from_secs(2), &mut sleeper).await {
+                return ended;
+            }
+        }
+    })
+    .await
+    .expect("the cancelled query did not end")
+    .unwrap()
+    .unwrap_err();
     assert_eq!(
         cancelled.as_db_error().unwrap().code().code(),
         "57014",

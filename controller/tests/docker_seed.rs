@@ -104,7 +104,7 @@ async fn seed_json_init_add_replica_status_destroy() {
         .unwrap()
         .get(0);
     assert!(recovering);
-    let has_row = eventually(10, || async {
+    let has_row = eventually(60, || async {
         connect(26434, "postgres", &superuser, "testdb")
             .await
             .query_one("SELECT count(*) FROM seen", &[])

@@ -255,7 +255,7 @@ async fn operator_against_a_real_api_server() {
     assert!(writes > 0, "creating the cluster counted no API writes");
     assert!(kubectl(&["-n", &ns, "annotate", "pgbc", "demo", "touched=1"]).0);
     assert!(
-        eventually(20, || async {
+        eventually(60, || async {
             metric(port, "pgbalancer_operator_reconciles_total") > reconciles
         })
         .await
@@ -330,7 +330,7 @@ async fn operator_against_a_real_api_server() {
     ]);
     assert!(ok, "{out}");
     assert!(
-        eventually(20, || async {
+        eventually(60, || async {
             clusters
                 .get_status("demo")
                 .await
@@ -379,7 +379,7 @@ async fn operator_against_a_real_api_server() {
         .0
     );
     assert!(
-        eventually(20, || async {
+        eventually(60, || async {
             clusters
                 .get_status("demo")
                 .await

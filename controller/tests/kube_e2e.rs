@@ -150,7 +150,7 @@ async fn operator_in_cluster_runs_a_real_cluster() {
         .into_iter()
         .filter(|(p, _)| p != "demo-0-0")
     {
-        let seen = eventually(20, || async { rows_on(&ip, &password).await == Some(3) }).await;
+        let seen = eventually(60, || async { rows_on(&ip, &password).await == Some(3) }).await;
         assert!(seen, "{pod} does not stream the row");
     }
 

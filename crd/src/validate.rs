@@ -42,7 +42,7 @@ impl std::error::Error for ValidationErrors {}
 
 /// `postgresql.conf` parameters the planner owns; a user value would break replication,
 /// the images' paths or the balancer.
-pub const MANAGED_PARAMETERS: [&str; 15] = [
+pub const MANAGED_PARAMETERS: [&str; 18] = [
     "listen_addresses",
     "port",
     "data_directory",
@@ -58,10 +58,17 @@ pub const MANAGED_PARAMETERS: [&str; 15] = [
     "cluster_name",
     "external_pid_file",
     "synchronous_standby_names",
+    "ssl",
+    "ssl_cert_file",
+    "ssl_key_file",
 ];
 
 /// Roles created by the images; the application user cannot take these names.
 pub const RESERVED_ROLES: [&str; 3] = ["postgres", "replicator", "pgbalancer_monitor"];
+
+/// Databases every instance has from `initdb`: the application's database is made, and owned
+/// by the application user, so it cannot be one of these.
+pub const RESERVED_DATABASES: [&str; 3] = ["postgres", "template0", "template1"];
 
 /// Connections an explicit `max_connections` must leave free beyond the balancers' pool budget
 /// (superusers, replication, monitoring).
@@ -218,6 +225,14 @@ fn check_postgres(pg: &PostgresSpec, c: &mut Collector) {
         c.err(
             "spec.postgres.database",
             format!("`{}` must be a lowercase SQL identifier", pg.database),
+        );
+    } else if RESERVED_DATABASES.contains(&pg.database.as_str()) {
+        c.err(
+            "spec.postgres.database",
+            format!(
+                "`{}` is made by initdb for the cluster itself; name the application's own database",
+                pg.database
+            ),
         );
     }
     if !is_sql_identifier(&pg.user) {

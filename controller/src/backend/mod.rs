@@ -86,6 +86,9 @@ pub struct ObservedInstance {
     pub engine_ready: Option<bool>,
     /// Physical replication slots on it (name → in use); read on the primary only.
     pub slots: Option<BTreeMap<String, bool>>,
+    /// Its `postgres` database has the `pgbalancer` schema (see [`crate::pg::login_lookup`]);
+    /// read on a writable instance only.
+    pub lookup_schema: Option<bool>,
 }
 
 /// A standby's WAL receiver (`pg_stat_wal_receiver`).
@@ -155,6 +158,9 @@ pub enum Action {
     /// Make the replication slots on instance `ordinal` what its role needs: on the primary
     /// one per planned replica, on a standby none; slots in use are never dropped.
     EnsureSlots(u32),
+    /// Create the native engine's verifier lookup on primary `ordinal`, whose database has
+    /// none (made by an earlier version; see [`crate::pg::login_lookup`]).
+    CreateLoginLookup(u32),
     /// Stop the old primary `ordinal` and mark it a replica, so that it can never take a write
     /// again and rejoins as a standby when it starts.
     Fence(u32),
@@ -200,6 +206,9 @@ impl std::fmt::Display for Action {
             }
             Action::MarkRole(o) => write!(f, "give instance {o} its role"),
             Action::EnsureSlots(o) => write!(f, "reconcile replication slots on instance {o}"),
+            Action::CreateLoginLookup(o) => {
+                write!(f, "create the verifier lookup function on instance {o}")
+            }
             Action::Fence(o) => write!(f, "fence instance {o} (stop it, mark it a replica)"),
             Action::Promote(o) => write!(f, "promote instance {o}"),
         }

@@ -306,6 +306,24 @@ fn the_primary_gets_slots_for_every_replica_and_standbys_none() {
 }
 
 #[test]
+fn a_primary_without_the_lookup_schema_gets_it_and_only_the_primary() {
+    let mut observed = converged(1);
+    observed.instances.get_mut(&0).unwrap().lookup_schema = Some(false);
+    assert_eq!(
+        decide(&plan(1), &observed, &Record::settled(0)),
+        [Action::CreateLoginLookup(0)]
+    );
+    // Present, or not seen: nothing to do.
+    for seen in [Some(true), None] {
+        observed.instances.get_mut(&0).unwrap().lookup_schema = seen;
+        assert_eq!(decide(&plan(1), &observed, &Record::settled(0)), []);
+    }
+    // A standby is never written to, whatever it reports.
+    observed.instances.get_mut(&1).unwrap().lookup_schema = Some(false);
+    assert_eq!(decide(&plan(1), &observed, &Record::settled(0)), []);
+}
+
+#[test]
 fn a_slot_still_in_use_by_a_removed_replica_is_left_until_it_disconnects() {
     let mut observed = converged(1);
     observed.instances.get_mut(&0).unwrap().slots = Some(

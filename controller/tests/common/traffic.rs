@@ -198,7 +198,25 @@ pub fn write_gap(ledger: &Ledger) -> Duration {
 /// Every acknowledged write is on the primary (read there directly: through the balancer the
 /// read may go to a replica still replaying).
 pub async fn acknowledged_writes_present(primary_port: u64, password: &str, ledger: &Ledger) {
-    let acked: Vec<i32> = ledger.iter().filter(|w| w.2).map(|w| w.0).collect();
+    acknowledged_writes_present_until(primary_port, password, ledger, None).await
+}
+
+/// As [`acknowledged_writes_present`], for the writes started before `until` when given: a
+/// primary killed outright (no shutdown) under asynchronous replication takes with it the
+/// commits its standbys had not received yet; that is the replication mode's bargain, not a
+/// fault. The writes after `until` lost are printed.
+pub async fn acknowledged_writes_present_until(
+    primary_port: u64,
+    password: &str,
+    ledger: &Ledger,
+    until: Option<Instant>,
+) {
+    let counted = |at: &Instant| until.is_none_or(|until| *at < until);
+    let acked: Vec<i32> = ledger
+        .iter()
+        .filter(|w| w.2 && counted(&w.1))
+        .map(|w| w.0)
+        .collect();
     let present: Vec<i32> = connect(primary_port, "app", password, "app")
         .await
         .query("SELECT id FROM ledger ORDER BY id", &[])
@@ -209,6 +227,17 @@ pub async fn acknowledged_writes_present(primary_port: u64, password: &str, ledg
         .collect();
     let missing: Vec<&i32> = acked.iter().filter(|id| !present.contains(id)).collect();
     assert!(missing.is_empty(), "acknowledged writes lost: {missing:?}");
+    let last: Vec<i32> = ledger
+        .iter()
+        .filter(|w| w.2 && !counted(&w.1) && !present.contains(&w.0))
+        .map(|w| w.0)
+        .collect();
+    if until.is_some() {
+        eprintln!(
+            "MEASURED acknowledged writes of the last moments lost: {}",
+            last.len()
+        );
+    }
 }
 
 /// The primary's name in a status document, if any.
@@ -291,13 +320,25 @@ pub async fn up_with_ledger_spec(s: &Scenario, name: &str, spec: &str) -> Value 
     doc
 }
 
+/// `pg_is_in_recovery()` of the instance published on host port `port`, asked for up to about
+/// 20 s; `None` when it never answered.
 pub async fn in_recovery(port: u64, superuser: &str) -> Option<bool> {
-    try_connect(port as u16, "postgres", superuser, "postgres")
-        .await?
-        .query_one("SELECT pg_is_in_recovery()", &[])
-        .await
-        .ok()
-        .map(|r| r.get(0))
+    // A busy machine may take longer than one attempt's bound to answer.
+    for _ in 0..8 {
+        let answer = async {
+            try_connect(port as u16, "postgres", superuser, "postgres")
+                .await?
+                .query_one("SELECT pg_is_in_recovery()", &[])
+                .await
+                .ok()
+                .map(|r| r.get(0))
+        };
+        if let Some(recovering) = answer.await {
+            return Some(recovering);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    None
 }
 
 /// One read through the balancer on a fresh connection; whether it answered.

@@ -64,6 +64,30 @@ fn managed_parameters_and_reserved_roles_are_refused() {
 }
 
 #[test]
+fn tls_parameters_are_managed() {
+    for key in ["ssl", "ssl_cert_file", "ssl_key_file"] {
+        let c = cluster(&format!("  postgres:\n    parameters: {{{key}: 'off'}}\n"));
+        assert_eq!(
+            fields(validate(&c)),
+            [format!("spec.postgres.parameters.{key}")],
+            "{key}"
+        );
+    }
+}
+
+#[test]
+fn initdb_databases_are_refused() {
+    for db in ["postgres", "template0", "template1"] {
+        let err = validate(&cluster(&format!("  postgres: {{database: {db}}}\n"))).unwrap_err();
+        assert_eq!(err.0.len(), 1, "{db}");
+        assert_eq!(err.0[0].field, "spec.postgres.database");
+        assert!(err.0[0].message.contains(db), "{}", err.0[0].message);
+    }
+    let c = cluster("  postgres: {database: postgres2}\n");
+    assert_eq!(validate(&c), Ok(()));
+}
+
+#[test]
 fn default_pool_is_valid_for_every_balancer_count() {
     for instances in 1..=MAX_BALANCER_INSTANCES {
         let c = cluster(&format!("  balancer: {{instances: {instances}}}\n"));

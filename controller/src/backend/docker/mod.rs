@@ -489,6 +489,16 @@ impl DockerBackend {
         Ok(pg::reconcile_slots(&client, &plan.slots_on(ordinal, writable)).await?)
     }
 
+    /// Creates the verifier lookup on instance `ordinal` (see [`Action::CreateLoginLookup`]).
+    async fn create_login_lookup(&self, plan: &Plan, ordinal: u32) -> Result<(), DockerError> {
+        let port = self.instance_port(plan, ordinal).await?;
+        let client = self.superuser(plan, port).await?;
+        if pg::login_lookup::create(&client).await? {
+            tracing::info!(instance = ordinal, "created pgbalancer.scram_verifier");
+        }
+        Ok(())
+    }
+
     async fn promote(&self, plan: &Plan, ordinal: u32) -> Result<(), DockerError> {
         let port = self.instance_port(plan, ordinal).await?;
         let client = self.superuser(plan, port).await?;
@@ -733,6 +743,7 @@ impl Backend for DockerBackend {
                 self.mark(plan, o, role).await
             }
             Action::EnsureSlots(o) => self.ensure_slots(plan, o).await,
+            Action::CreateLoginLookup(o) => self.create_login_lookup(plan, o).await,
             Action::Fence(o) => self.fence(plan, o).await,
             Action::Promote(o) => self.promote(plan, o).await,
         }

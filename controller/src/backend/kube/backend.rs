@@ -325,6 +325,15 @@ impl KubeBackend<'_> {
         Ok(pg::reconcile_slots(&client, &plan.slots_on(ordinal, writable)).await?)
     }
 
+    /// Creates the verifier lookup on instance `ordinal` (see [`Action::CreateLoginLookup`]).
+    async fn create_login_lookup(&self, plan: &Plan, ordinal: u32) -> Result<(), Error> {
+        let client = self.superuser(plan, ordinal).await?;
+        if pg::login_lookup::create(&client).await? {
+            tracing::info!(instance = ordinal, "created pgbalancer.scram_verifier");
+        }
+        Ok(())
+    }
+
     async fn promote(&self, plan: &Plan, ordinal: u32) -> Result<(), Error> {
         let client = self.superuser(plan, ordinal).await?;
         if pg::promote(&client).await? {
@@ -483,6 +492,7 @@ impl Backend for KubeBackend<'_> {
                 self.label(plan, ordinal, role).await
             }
             Action::EnsureSlots(ordinal) => self.ensure_slots(plan, ordinal).await,
+            Action::CreateLoginLookup(ordinal) => self.create_login_lookup(plan, ordinal).await,
             Action::Fence(ordinal) => self.fence(plan, ordinal).await,
             Action::Promote(ordinal) => self.promote(plan, ordinal).await,
         }

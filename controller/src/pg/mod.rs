@@ -3,12 +3,15 @@
 //! replication slots, promote, and read a balancer's node list. Nothing here decides; the
 //! reconcile core does that with what these functions return.
 
+pub mod login_lookup;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
-use tokio_postgres::{Client, Config, NoTls, SimpleQueryMessage};
+use tokio_postgres::config::SslMode;
+use tokio_postgres::{Client, Config, SimpleQueryMessage};
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::client::danger::{
     HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
@@ -53,7 +56,11 @@ fn query(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> PgError {
     move |source| PgError::Query { what, source }
 }
 
-/// Opens a connection; the connection task ends when the client is dropped.
+/// Opens a connection, encrypted when the server offers TLS (`sslmode=prefer`, the
+/// certificate not checked, as in [`connect_encrypted`]): the instances serve TLS, so the
+/// superuser's and the monitoring role's logins and queries do not cross the network in clear;
+/// a balancer without `spec.balancer.tls` answers in plain text. The connection task ends
+/// when the client is dropped.
 pub async fn connect(
     host: &str,
     port: u16,
@@ -61,7 +68,7 @@ pub async fn connect(
     password: &str,
     db: &str,
 ) -> Result<Client, PgError> {
-    connect_with(Config::new(), host, port, user, password, db, NoTls).await
+    connect_unverified(SslMode::Prefer, host, port, user, password, db).await
 }
 
 /// Opens a TLS connection (`sslmode=verify-full`): the server's certificate must be signed by
@@ -75,7 +82,7 @@ pub async fn connect_tls(
     ca_pem: &str,
 ) -> Result<Client, PgError> {
     let mut config = Config::new();
-    config.ssl_mode(tokio_postgres::config::SslMode::Require);
+    config.ssl_mode(SslMode::Require);
     let tls = tls_client_config(ca_pem)?;
     connect_with(
         config,
@@ -99,18 +106,22 @@ pub async fn connect_encrypted(
     password: &str,
     db: &str,
 ) -> Result<Client, PgError> {
+    connect_unverified(SslMode::Require, host, port, user, password, db).await
+}
+
+/// Opens a connection in TLS mode `mode`, taking any server certificate.
+async fn connect_unverified(
+    mode: SslMode,
+    host: &str,
+    port: u16,
+    user: &str,
+    password: &str,
+    db: &str,
+) -> Result<Client, PgError> {
     let mut config = Config::new();
-    config.ssl_mode(tokio_postgres::config::SslMode::Require);
-    connect_with(
-        config,
-        host,
-        port,
-        user,
-        password,
-        db,
-        tokio_postgres_rustls::MakeRustlsConnect::new(encrypted_client_config()?),
-    )
-    .await
+    config.ssl_mode(mode);
+    let tls = tokio_postgres_rustls::MakeRustlsConnect::new(encrypted_client_config()?);
+    connect_with(config, host, port, user, password, db, tls).await
 }
 
 /// A TLS client configuration that takes any server certificate (its handshake signature is
@@ -292,6 +303,9 @@ pub async fn observe_instance(client: &Client, seen: &mut crate::backend::Observ
     }
     if let Ok(slots) = slots(client).await {
         seen.slots = Some(slots.into_iter().collect());
+    }
+    if seen.in_recovery == Some(false) {
+        seen.lookup_schema = login_lookup::has_schema(client).await.ok();
     }
 }
 
