@@ -69,7 +69,16 @@ async fn direct_tls(port: u16, password: &str, ca_pem: &str, alpn: bool) -> Resu
 
 async fn in_plain_text(port: u16, password: &str) -> Result<i32, String> {
     select(
-        pg::connect("127.0.0.1", port, "app", password, "app").await,
+        pg::connect_with(
+            tokio_postgres::Config::new(),
+            "127.0.0.1",
+            port,
+            "app",
+            password,
+            "app",
+            tokio_postgres::NoTls,
+        )
+        .await,
         8,
     )
     .await
