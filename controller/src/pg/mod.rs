@@ -120,7 +120,14 @@ async fn connect_unverified(
 ) -> Result<Client, PgError> {
     let mut config = Config::new();
     config.ssl_mode(mode);
-    let tls = tokio_postgres_rustls::MakeRustlsConnect::new(encrypted_client_config()?);
+    // Made once: its session store then lets the probes' later handshakes resume.
+    static TLS: std::sync::OnceLock<Result<rustls::ClientConfig, String>> =
+        std::sync::OnceLock::new();
+    let tls = TLS
+        .get_or_init(|| encrypted_client_config().map_err(|e| e.to_string()))
+        .clone()
+        .map_err(PgError::Tls)?;
+    let tls = tokio_postgres_rustls::MakeRustlsConnect::new(tls);
     connect_with(config, host, port, user, password, db, tls).await
 }
 
