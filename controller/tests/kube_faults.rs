@@ -122,31 +122,52 @@ async fn wait_healthy(secs: u64, what: &str) -> f64 {
     let ok = eventually(secs, || async { healthy() }).await;
     assert!(
         ok,
-        "not healthy {secs} s after {what}: {}\n{}\nbalancer logs:\n{}\noperator logs:\n{}",
+        "not healthy {secs} s after {what}: {}\n{}\nbalancer nodes:\n{}\noperator logs:\n{}\nbalancer logs:\n{}",
         status()["status"],
         kubectl(&["-n", NS, "get", "pods,statefulsets,pvc", "-o", "wide"]).1,
-        kubectl(&[
-            "-n",
-            NS,
-            "logs",
-            "--prefix",
-            "--tail=40",
-            "-l",
-            "app.kubernetes.io/component=balancer"
-        ])
-        .1,
+        balancer_nodes(),
         kubectl(&[
             "-n",
             "pgbalancer-system",
             "logs",
             "--prefix",
-            "--tail=60",
+            "--tail=40",
             "-l",
             "app.kubernetes.io/name=pgbalancer-operator"
         ])
-        .1
+        .1,
+        kubectl(&[
+            "-n",
+            NS,
+            "logs",
+            "--prefix",
+            "--tail=30",
+            "-l",
+            "app.kubernetes.io/component=balancer"
+        ])
+        .1,
     );
     started.elapsed().as_secs_f64()
+}
+
+/// What each balancer pod's agent says of its nodes (`bctl nodes`, run in the pod), for a
+/// failure message: whether a node is down or no node is the primary.
+fn balancer_nodes() -> String {
+    let pods = get_json(&[
+        "-n",
+        NS,
+        "get",
+        "pods",
+        "-l",
+        "app.kubernetes.io/instance=fx,app.kubernetes.io/component=balancer",
+    ]);
+    let mut out = String::new();
+    for pod in pods["items"].as_array().into_iter().flatten() {
+        let name = pod["metadata"]["name"].as_str().unwrap_or_default();
+        let (_, nodes) = kubectl(&["-n", NS, "exec", name, "--", "bctl", "nodes"]);
+        out.push_str(&format!("{name}:\n{nodes}"));
+    }
+    out
 }
 
 /// What the traffic saw.

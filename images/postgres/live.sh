@@ -9,15 +9,17 @@
 #   last PGB_ISOLATION_WINDOW seconds, default 3; standbys reply every second) fails. A primary
 #   with no physical replication slot has no standby planned, so nothing could be promoted in
 #   its place, and it stays up.
-# - Anything else passes: a starting, recovering or rewinding instance is never restarted here.
+# - Anything else passes: a starting, recovering or rewinding instance is never restarted here,
+#   and neither is one too slow to answer within 4 s (a busy node is no reason to restart a
+#   primary: the probe's own timeout is longer, so only this script's verdict counts).
 #
 # `pgbalancer-live --api` only tells whether the API server answers a TCP connection (exit 0)
-# within one second; the entrypoint uses it.
+# within two seconds; the entrypoint uses it.
 set -u
 
 api_reachable() {
   [ -n "${KUBERNETES_SERVICE_HOST:-}" ] || return 0
-  timeout 1 bash -c 'exec 3<>"/dev/tcp/$0/$1"' \
+  timeout 2 bash -c 'exec 3<>"/dev/tcp/$0/$1"' \
     "$KUBERNETES_SERVICE_HOST" "${KUBERNETES_SERVICE_PORT:-443}" 2>/dev/null
 }
 
@@ -27,7 +29,7 @@ if [ "${1:-}" = --api ]; then
 fi
 
 window=${PGB_ISOLATION_WINDOW:-3}
-state=$(psql -X -q -h /var/run/postgresql -p 5432 -U postgres -d postgres -F' ' -Atc "
+state=$(PGCONNECT_TIMEOUT=2 timeout 4 psql -X -q -h /var/run/postgresql -p 5432 -U postgres -d postgres -F' ' -Atc "
   SELECT pg_is_in_recovery(),
          (SELECT count(*) FROM pg_replication_slots WHERE slot_type = 'physical'),
          (SELECT count(*) FROM pg_stat_replication

@@ -7,7 +7,7 @@
 //! dies), `drain` (a deleted balancer pod's wait for its traffic to move), `engine` (either
 //! engine, one interface), `supervisor` (pgpool's lifecycle),
 //! `pgpool` (SQL and PCP access), `sync` (pgpool's backend list follows `pgpool.conf` without
-//! restarts), `standby_watch` (a standby whose server went away leaves pgpool's rotation at
+//! restarts; `primary_search` makes pgpool look for a primary it lost track of), `standby_watch` (a standby whose server went away leaves pgpool's rotation at
 //! once), `native` (the native engine from the same files), `api` (HTTP), `metrics`
 //! (text format, pure).
 
@@ -18,6 +18,7 @@ pub mod init;
 pub mod metrics;
 pub mod native;
 pub mod pgpool;
+pub mod primary_search;
 pub mod standby_watch;
 pub mod supervisor;
 pub mod sync;

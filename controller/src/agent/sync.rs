@@ -5,6 +5,9 @@
 //! an old primary the operator detached before fencing it, and the operator attaches the
 //! primary it promoted itself.
 //!
+//! When pgpool names no primary although an attached server writes, it is made to search
+//! again (`primary_search`).
+//!
 //! The file is written by the Docker backend (upload) or projected from a ConfigMap
 //! (Kubernetes), so both backends get live scaling from the same loop.
 
@@ -12,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::pgpool::{self, configured_backends};
-use super::Agent;
+use super::{primary_search, Agent};
 use crate::pg;
 use crate::plan::{MONITOR_USER, POSTGRES_PORT};
 
@@ -21,15 +24,20 @@ pub async fn run(agent: Arc<Agent>) {
     let mut applied: Option<String> =
         std::fs::read_to_string(agent.config.path("pgpool.conf")).ok();
     let interval = Duration::from_secs(agent.config.sync_interval.max(1));
+    let mut search = primary_search::Watch::default();
     loop {
         tokio::time::sleep(interval).await;
-        if let Err(e) = step(&agent, &mut applied).await {
+        if let Err(e) = step(&agent, &mut applied, &mut search).await {
             tracing::debug!(error = pgpool::report(&e), "backend sync step failed");
         }
     }
 }
 
-async fn step(agent: &Agent, applied: &mut Option<String>) -> Result<(), pgpool::PgpoolError> {
+async fn step(
+    agent: &Agent,
+    applied: &mut Option<String>,
+    search: &mut primary_search::Watch,
+) -> Result<(), pgpool::PgpoolError> {
     if !agent.engine.is_running() {
         return Ok(());
     }
@@ -56,6 +64,24 @@ async fn step(agent: &Agent, applied: &mut Option<String>) -> Result<(), pgpool:
             accepting,
             restarts,
         };
+    }
+    if accepting && search.due(&nodes, read_at) {
+        let mut answered = Vec::new();
+        for node in nodes.iter().filter(|n| n.is_up()) {
+            if wanted.iter().any(|(slot, _)| *slot == node.slot) {
+                answered.push((node.slot, answers(agent, &node.host).await));
+            }
+        }
+        if let Some(slot) = primary_search::node_to_cycle(&answered) {
+            let primary = answered
+                .iter()
+                .find(|(_, a)| *a == Some(false))
+                .and_then(|(s, _)| nodes.iter().find(|n| n.slot == *s))
+                .map_or("", |n| n.host.as_str());
+            primary_search::search_again(agent, slot, primary).await;
+            search.searched(std::time::Instant::now());
+            return Ok(());
+        }
     }
     let detached = agent.manually_detached.lock().await.clone();
     let none_up = !nodes.iter().any(|n| n.is_up());

@@ -202,16 +202,12 @@ async fn tick_cluster(
         // visibly FailingOver, and a command (or a restarted controller) may take over.
         return Ok(());
     }
-    let mut actions = held_back(
+    let actions = held_back(
         decide(&plan, &observed, &record),
         &observed,
         &record,
         &policy,
         down_for,
-    );
-    actions.extend(
-        mem.watch
-            .unrecognised_primary(&plan, &observed, &record, Instant::now()),
     );
     if actions != mem.last_actions {
         for action in &actions {

@@ -66,10 +66,11 @@ impl Scenario {
     /// Removes anything labelled with this scenario's cluster name, whatever state says,
     /// and the controller `up` started for this scenario's state directory.
     pub fn force_cleanup(&self) {
-        remove_labelled(&self.name);
+        // The controller first: while it runs it would create again what is being removed.
         for id in self.controllers() {
             docker(&["rm", "-f", &id]);
         }
+        remove_labelled(&self.name);
     }
 
     /// The state directory as the controller container's label names it.

@@ -234,20 +234,12 @@ async fn reconcile_inner(
     // A replacement pod of a lost primary gets no role while a failover may still start.
     // Unlike the local controller, the operator attaches standby nodes itself: it detaches an
     // old primary through the agent's API, which then leaves that node to whoever detached it.
-    let mut actions = core::hold_for_failover(
+    let actions = core::hold_for_failover(
         core::decide(&plan, &observed, &record),
         &observed,
         &record,
         &policy,
         down_for,
-    );
-    actions.extend(
-        ctx.watches
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(format!("{namespace}/{name}"))
-            .or_default()
-            .unrecognised_primary(&plan, &observed, &record, Instant::now()),
     );
     apply(&backend, &plan, &actions, ctx, cluster).await?;
     let new = write_observed_status(ctx, cluster, &clusters, &plan, &observed, &record).await?;

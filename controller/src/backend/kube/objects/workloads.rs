@@ -342,13 +342,16 @@ pub fn statefulset(
             ..Default::default()
         }),
         // How a primary steps down by itself: fenced (labelled replica) or cut off from the
-        // API server and every standby (images/postgres/live.sh). Passes in every other state.
+        // API server and every standby (images/postgres/live.sh). Passes in every other state,
+        // including when the server is too slow to answer: the script bounds its own queries
+        // (4 s), and the kubelet's timeout is longer, so a busy node (an exec that starts
+        // slowly) never counts as a failure and restarts a healthy primary.
         liveness_probe: Some(Probe {
             exec: Some(ExecAction {
                 command: Some(vec!["/usr/local/bin/pgbalancer-live".into()]),
             }),
             period_seconds: Some(2),
-            timeout_seconds: Some(3),
+            timeout_seconds: Some(15),
             failure_threshold: Some(2),
             ..Default::default()
         }),
