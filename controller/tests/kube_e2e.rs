@@ -10,82 +10,68 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::kube::session::PodSession;
 use common::kube::*;
 use common::{eventually, kubectl, text};
 use serde_json::Value;
 
-fn up_nodes(ip: &str) -> usize {
-    ureq::get(&format!("http://{ip}:8080/api/v1/nodes"))
-        .call()
-        .ok()
-        .and_then(|r| r.into_json::<Value>().ok())
-        .and_then(|v| {
-            v["nodes"]
-                .as_array()
-                .map(|n| n.iter().filter(|n| n["status"] == "up").count())
+/// The balancer pods of the cluster `demo`.
+const BALANCERS: &str = "app.kubernetes.io/instance=demo,app.kubernetes.io/component=balancer";
+
+/// Whether every balancer pod's agent (`bctl --json nodes`, run in the pod against its own
+/// REST port) reports exactly `n` nodes up; false while there is no balancer pod or no answer.
+fn balancers_report_up(ns: &str, n: usize) -> bool {
+    let pods = pod_ips(ns, BALANCERS);
+    !pods.is_empty()
+        && pods.iter().all(|(pod, _)| {
+            let out = Command::new("kubectl")
+                .args(["-n", ns, "exec", pod, "--", "bctl", "--json", "nodes"])
+                .output();
+            out.ok()
+                .and_then(|o| serde_json::from_slice::<Value>(&o.stdout).ok())
+                .and_then(|v| {
+                    v["nodes"]
+                        .as_array()
+                        .map(|nodes| nodes.iter().filter(|n| n["status"] == "up").count())
+                })
+                == Some(n)
         })
-        .unwrap_or(0)
 }
 
-/// A session through the balancer Service. The Service refuses connections while no balancer
-/// pod is ready; how long that lasted is printed, as it is an outage to clients.
-async fn through_service(ip: &str, password: &str) -> tokio_postgres::Client {
+/// A session through the balancer Service, held in the client pod. The Service refuses
+/// sessions while no balancer pod is ready; how long that lasted is printed, as it is an
+/// outage to clients.
+async fn through_service(ns: &str, password: &str) -> PodSession {
     let started = Instant::now();
     let mut last = None;
     while started.elapsed() < Duration::from_secs(60) {
-        match tokio_postgres::Config::new()
-            .host(ip)
-            .port(9999)
-            .user("app")
-            .password(password)
-            .dbname("app")
-            .connect_timeout(Duration::from_secs(5))
-            .connect(tokio_postgres::NoTls)
-            .await
-        {
-            Ok((client, conn)) => {
-                tokio::spawn(conn);
+        match PodSession::open(ns, "demo-balancer", 9999, password) {
+            Ok(session) => {
                 if last.is_some() {
                     eprintln!(
                         "MEASURED the balancer Service refused sessions for {:.1} s ({last:?}); balancer pods: {}",
                         started.elapsed().as_secs_f64(),
-                        kubectl(&["-n", "e2e", "get", "pods", "-l", "app.kubernetes.io/component=balancer", "-o", "wide"]).1
+                        kubectl(&["-n", ns, "get", "pods", "-l", BALANCERS, "-o", "wide"]).1
                     );
                 }
-                return client;
+                return session;
             }
-            Err(e) => last = Some(e.to_string()),
+            Err(e) => last = Some(e),
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     panic!("the balancer Service refused sessions for 60 s: {last:?}");
 }
 
-async fn rows_on(ip: &str, password: &str) -> Option<i64> {
-    let (client, conn) = tokio_postgres::Config::new()
-        .host(ip)
-        .port(5432)
-        .user("app")
-        .password(password)
-        .dbname("app")
-        .connect_timeout(std::time::Duration::from_secs(3))
-        .connect(tokio_postgres::NoTls)
-        .await
-        .ok()?;
-    tokio::spawn(conn);
-    let recovering: bool = client
-        .query_one("SELECT pg_is_in_recovery()", &[])
-        .await
-        .ok()?
-        .get(0);
-    if !recovering {
-        return None;
+/// The rows of `marks` on the instance at pod address `ip`, asked from the client pod; `None`
+/// when it cannot be read or the instance is not a replica (not in recovery).
+fn rows_on(ns: &str, ip: &str, password: &str) -> Option<i64> {
+    let sql = "SELECT pg_is_in_recovery(), (SELECT count(*) FROM marks)";
+    let out = psql_in_cluster(ns, ip, 5432, password, sql)?;
+    match out.split_once('|')? {
+        ("t", count) => count.parse().ok(),
+        _ => None,
     }
-    client
-        .query_one("SELECT count(*) FROM marks", &[])
-        .await
-        .ok()
-        .map(|r| r.get(0))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -134,57 +120,49 @@ async fn operator_in_cluster_runs_a_real_cluster() {
     println!("BENCH k8s_apply_to_pods_created_seconds {objects_created:.1}");
     println!("BENCH k8s_apply_to_ready_seconds {ready_after:.1}");
 
-    // A row through the balancer Service, read on every replica.
+    // A row through the balancer Service, read on every replica. SQL to the Service and pod
+    // addresses runs in the client pod, inside the cluster network.
+    start_sql_client(ns);
     let password = secret(ns, "demo-credentials", "app-password");
-    let balancer_ip = get_json(&["-n", ns, "get", "svc", "demo-balancer"])["spec"]["clusterIP"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let through_balancer = |sql: &str| psql_in_cluster(ns, "demo-balancer", 9999, &password, sql);
     // The phase says the balancer routes; the Service follows once the kubelet reports the
     // pod ready and kube-proxy has the endpoint, which can come a moment later.
-    let c = through_service(&balancer_ip, &password).await;
-    c.batch_execute("CREATE TABLE marks (n int); INSERT INTO marks SELECT generate_series(1, 3)")
-        .await
-        .unwrap();
+    let mut c = through_service(ns, &password).await;
+    for sql in [
+        "CREATE TABLE marks (n int)",
+        "INSERT INTO marks SELECT generate_series(1, 3)",
+    ] {
+        c.query(sql).unwrap_or_else(|e| panic!("{e}"));
+    }
     for (pod, ip) in pod_ips(ns, sel)
         .into_iter()
         .filter(|(p, _)| p != "demo-0-0")
     {
-        let seen = eventually(60, || async { rows_on(&ip, &password).await == Some(3) }).await;
+        let seen = eventually(60, || async { rows_on(ns, &ip, &password) == Some(3) }).await;
         assert!(seen, "{pod} does not stream the row");
     }
 
     // Sessions open through the balancer, each bound by pgpool to one node for its reads.
     let mut sessions = Vec::new();
     for _ in 0..6 {
-        let client = through_service(&balancer_ip, &password).await;
-        let node = client
-            .simple_query("SHOW POOL_NODES")
-            .await
-            .unwrap()
-            .into_iter()
-            .find_map(|m| match m {
-                tokio_postgres::SimpleQueryMessage::Row(r)
-                    if r.get("load_balance_node") == Some("true") =>
-                {
-                    r.get("node_id").and_then(|n| n.parse::<u32>().ok())
-                }
-                _ => None,
-            })
-            .unwrap();
-        sessions.push((node, client));
+        let mut session = through_service(ns, &password).await;
+        let node = session
+            .query("SHOW POOL_NODES")
+            .unwrap_or_else(|e| panic!("{e}"))
+            .records()
+            .find(|r| r.get("load_balance_node") == Some(&"true"))
+            .and_then(|r| r.get("node_id")?.parse::<u32>().ok())
+            .expect("a load-balance node in SHOW POOL_NODES");
+        sessions.push((node, session));
     }
 
     // kubectl scale: a new replica streams and the balancer routes to it, without a restart.
-    let balancer_pods = pod_ips(
-        ns,
-        "app.kubernetes.io/instance=demo,app.kubernetes.io/component=balancer",
-    );
+    let balancer_pods = pod_ips(ns, BALANCERS);
     let scaled = Instant::now();
     let (ok, out) = kubectl(&["-n", ns, "scale", "pgbc/demo", "--replicas=3"]);
     assert!(ok, "{out}");
     assert!(
-        eventually(180, || async { up_nodes(&balancer_ip) == 4 }).await,
+        eventually(180, || async { balancers_report_up(ns, 4) }).await,
         "balancer did not attach the new replica"
     );
     println!(
@@ -196,45 +174,31 @@ async fn operator_in_cluster_runs_a_real_cluster() {
         .find(|(p, _)| p == "demo-3-0")
         .expect("demo-3-0")
         .1;
-    assert!(
-        eventually(30, || async {
-            rows_on(&new_ip, &password).await == Some(3)
-        })
-        .await
-    );
-    assert_eq!(
-        pod_ips(
-            ns,
-            "app.kubernetes.io/instance=demo,app.kubernetes.io/component=balancer"
-        ),
-        balancer_pods,
-        "balancer restarted"
-    );
-    c.simple_query("SELECT 1")
-        .await
+    assert!(eventually(30, || async { rows_on(ns, &new_ip, &password) == Some(3) }).await);
+    assert_eq!(pod_ips(ns, BALANCERS), balancer_pods, "balancer restarted");
+    c.query("SELECT 1")
         .expect("session through the balancer survived scale up");
-    for (node, session) in &sessions {
+    for (node, session) in &mut sessions {
         session
-            .simple_query("SELECT count(*) FROM marks")
-            .await
+            .query("SELECT count(*) FROM marks")
             .unwrap_or_else(|e| panic!("session on node {node} lost at scale up: {e}"));
     }
 
     // kubectl patch down to one replica: pods go, the balancer stops routing to them.
     patch_demo(ns, r#"{"spec":{"replicas":1}}"#);
     assert!(eventually(120, || async { pod_ips(ns, sel).len() == 2 }).await);
-    assert!(eventually(120, || async { up_nodes(&balancer_ip) == 2 }).await);
+    assert!(eventually(120, || async { balancers_report_up(ns, 2) }).await);
     // Sessions reading from kept nodes go on; pgpool ends those bound to a removed replica.
-    for (node, session) in sessions.iter().filter(|(n, _)| *n <= 1) {
+    for (node, session) in sessions.iter_mut().filter(|(n, _)| *n <= 1) {
         session
-            .simple_query("SELECT count(*) FROM marks")
-            .await
+            .query("SELECT count(*) FROM marks")
             .unwrap_or_else(|e| panic!("session on node {node} lost at scale down: {e}"));
     }
     assert!(
         sessions.iter().any(|(n, _)| *n <= 1),
         "no session was bound to a kept node"
     );
+    drop((c, sessions));
 
     // The removed replicas' replication slots are dropped on the primary.
     let superuser = secret(ns, "demo-credentials", "superuser-password");
@@ -243,32 +207,23 @@ async fn operator_in_cluster_runs_a_real_cluster() {
         .find(|(p, _)| p == "demo-0-0")
         .expect("primary pod")
         .1;
-    let slots_left = || async {
-        let (client, conn) = tokio_postgres::Config::new()
-            .host(&primary_ip)
-            .port(5432)
-            .user("postgres")
-            .password(&superuser)
-            .dbname("postgres")
-            .connect(tokio_postgres::NoTls)
-            .await
-            .ok()?;
-        tokio::spawn(conn);
-        let rows = client
-            .query("SELECT slot_name FROM pg_replication_slots ORDER BY 1", &[])
-            .await
-            .ok()?;
-        Some(
-            rows.iter()
-                .map(|r| r.get::<_, String>(0))
-                .collect::<Vec<_>>(),
+    let slots_left = || {
+        let sql = "SELECT slot_name FROM pg_replication_slots ORDER BY 1";
+        psql_as_in_cluster(
+            ns,
+            &primary_ip,
+            5432,
+            ("postgres", "postgres"),
+            &superuser,
+            sql,
         )
+        .map(|out| out.lines().map(str::to_owned).collect::<Vec<_>>())
     };
     let dropped = eventually(60, || async {
-        slots_left().await == Some(vec!["instance_1".to_owned()])
+        slots_left() == Some(vec!["instance_1".to_owned()])
     })
     .await;
-    assert!(dropped, "slots on the primary: {:?}", slots_left().await);
+    assert!(dropped, "slots on the primary: {:?}", slots_left());
 
     // The primary moved by hand (the record's target changed): the operator fences demo-0,
     // promotes demo-1 in place and demo-0 rejoins as its replica. No StatefulSet template
@@ -355,20 +310,7 @@ async fn operator_in_cluster_runs_a_real_cluster() {
         ]
     );
     let wrote = eventually(60, || async {
-        let Ok((c, conn)) = tokio_postgres::Config::new()
-            .host(&balancer_ip)
-            .port(9999)
-            .user("app")
-            .password(&password)
-            .dbname("app")
-            .connect_timeout(std::time::Duration::from_secs(2))
-            .connect(tokio_postgres::NoTls)
-            .await
-        else {
-            return false;
-        };
-        tokio::spawn(conn);
-        c.execute("INSERT INTO marks VALUES (4)", &[]).await.is_ok()
+        through_balancer("INSERT INTO marks VALUES (4)").is_some()
     })
     .await;
     assert!(wrote, "no write through the balancer after the move");
@@ -378,10 +320,7 @@ async fn operator_in_cluster_runs_a_real_cluster() {
         .expect("old primary pod")
         .1;
     assert!(
-        eventually(60, || async {
-            rows_on(&old_ip, &password).await == Some(4)
-        })
-        .await,
+        eventually(60, || async { rows_on(ns, &old_ip, &password) == Some(4) }).await,
         "the old primary does not stream from the new one"
     );
 
@@ -415,8 +354,6 @@ async fn operator_in_cluster_runs_a_real_cluster() {
     // Automated failover: the primary pod force-deleted. Its replacement gets no role while a
     // failover may start; the operator fences it, promotes demo-1 in place, and the replacement
     // rejoins as a replica. Writes through the balancer Service (from a pod) resume.
-    start_sql_client(ns);
-    let through_balancer = |sql: &str| psql_in_cluster(ns, "demo-balancer", 9999, &password, sql);
     assert_eq!(
         through_balancer("INSERT INTO marks VALUES (5) RETURNING n").as_deref(),
         Some("5")

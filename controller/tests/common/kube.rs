@@ -7,6 +7,8 @@ use serde_json::Value;
 
 use super::kubectl;
 
+pub mod session;
+
 pub fn get_json(args: &[&str]) -> Value {
     let mut all = args.to_vec();
     all.extend(["-o", "json"]);
@@ -58,7 +60,7 @@ pub fn start_sql_client(ns: &str) {
         "apiVersion: v1\nkind: Pod\nmetadata: {{name: sql-client, namespace: {ns}}}\nspec:\n  \
          terminationGracePeriodSeconds: 0\n  containers:\n  - name: psql\n    \
          image: pgbalancer/postgres:17\n    imagePullPolicy: Never\n    \
-         command: [sleep, '1800']\n"
+         command: [sleep, '3600']\n"
     );
     let file = std::env::temp_dir().join("pgbalancer-e2e-sql-client.yaml");
     std::fs::write(&file, manifest).unwrap();
@@ -84,6 +86,20 @@ pub fn psql_in_cluster(
     password: &str,
     sql: &str,
 ) -> Option<String> {
+    psql_as_in_cluster(ns, host, port, ("app", "app"), password, sql)
+}
+
+/// Runs `sql` from the client pod as `user` on database `db` of `host` (the pair `(user, db)`
+/// is one argument); its output, or `None` when psql failed. The password goes through the
+/// environment of the exec.
+pub fn psql_as_in_cluster(
+    ns: &str,
+    host: &str,
+    port: u16,
+    (user, db): (&str, &str),
+    password: &str,
+    sql: &str,
+) -> Option<String> {
     let out = Command::new("kubectl")
         .args(["-n", ns, "exec", "sql-client", "--", "env"])
         .arg(format!("PGPASSWORD={password}"))
@@ -97,18 +113,8 @@ pub fn psql_in_cluster(
             "-v",
             "ON_ERROR_STOP=1",
         ])
-        .args([
-            "-h",
-            host,
-            "-p",
-            &port.to_string(),
-            "-U",
-            "app",
-            "-d",
-            "app",
-            "-c",
-            sql,
-        ])
+        .args(["-h", host, "-p", &port.to_string(), "-U", user, "-d", db])
+        .args(["-c", sql])
         .output()
         .ok()?;
     out.status
