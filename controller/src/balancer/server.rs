@@ -38,6 +38,15 @@ pub enum ConnectError {
     /// The server refused the session: its `ErrorResponse`, to pass on to the client.
     #[error("server refused the session")]
     Refused(Message),
+    /// The server holds another verifier for the user than the one the client logged in
+    /// with: the password was changed since (pass-through logins only).
+    #[error(
+        "the password of user \"{user}\" was changed since this session logged in: log in again"
+    )]
+    PasswordChanged {
+        /// The session's user.
+        user: String,
+    },
     /// The server asked for an authentication method the balancer does not speak.
     #[error("server {host} asks for unsupported authentication {code}")]
     Unsupported {
@@ -65,24 +74,6 @@ impl std::fmt::Debug for Login {
             Self::Keys(_) => "Login::Keys(<redacted>)",
             Self::Password(_) => "Login::Password(<redacted>)",
         })
-    }
-}
-
-/// The error a session gets when a server holds another verifier for its user than the one
-/// the client logged in with: the password was changed since.
-fn password_changed(user: &str) -> Message {
-    let mut frame = BytesMut::new();
-    wire::error(
-        &mut frame,
-        "ERROR",
-        "28P01",
-        &format!(
-            "the password of user \"{user}\" was changed since this session logged in: log in again"
-        ),
-    );
-    Message {
-        tag: b'E',
-        frame: frame.freeze(),
     }
 }
 
@@ -264,15 +255,17 @@ impl Server {
                                     .update(data)
                                     .map(|()| s.message().to_vec())
                                     .map_err(|e| wire_err(e.into()))?,
-                                Some(Sasl::Keys(s)) => match s
-                                    .update(&String::from_utf8_lossy(data))
-                                {
-                                    Ok(next) => next.into_bytes(),
-                                    Err(ScramError::OtherVerifier) => {
-                                        return Err(ConnectError::Refused(password_changed(user)))
+                                Some(Sasl::Keys(s)) => {
+                                    match s.update(&String::from_utf8_lossy(data)) {
+                                        Ok(next) => next.into_bytes(),
+                                        Err(ScramError::OtherVerifier) => {
+                                            return Err(ConnectError::PasswordChanged {
+                                                user: user.to_owned(),
+                                            })
+                                        }
+                                        Err(e) => return Err(wire_err(scram_err(e))),
                                     }
-                                    Err(e) => return Err(wire_err(scram_err(e))),
-                                },
+                                }
                                 None => {
                                     return Err(wire_err(WireError::Protocol(
                                         "SASL continue before start".into(),

@@ -105,6 +105,9 @@ pub async fn serve(engine: Arc<Engine>, tcp: TcpStream) -> Result<(), WireError>
             client.send(&error.frame).await?;
             return Ok(());
         }
+        Err(e @ ConnectError::PasswordChanged { .. }) => {
+            return fatal(&mut client, "28P01", &e.to_string()).await;
+        }
         Err(e) => {
             tracing::info!(error = %e, "first server connection failed");
             return fatal(&mut client, "57P03", "the database server is not available").await;

@@ -217,8 +217,13 @@ impl Session {
                     self.servers.insert(target, s);
                 }
                 Err(ConnectError::Refused(error)) => {
+                    self.batch = Batch::default();
                     self.out.extend_from_slice(&error.frame);
                     wire::ready(&mut self.out, b'I');
+                    return Ok(None);
+                }
+                Err(e @ ConnectError::PasswordChanged { .. }) => {
+                    self.refuse("28P01", &e.to_string()).await?;
                     return Ok(None);
                 }
                 Err(e) => {
