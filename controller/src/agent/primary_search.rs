@@ -26,11 +26,17 @@ use crate::pool_node::PoolNode;
 /// searches; it doubles after each search that did not help, up to eight times.
 pub const AFTER: Duration = Duration::from_secs(15);
 
-/// Since when pgpool names no primary, when the agent last made it search, and how many
-/// searches in a row did not help.
+/// How often the servers are asked again while pgpool names no primary but no search would
+/// help (no server or two of them writable: a primary down with failover off, a promotion
+/// still to come).
+pub const LOOK_AGAIN: Duration = Duration::from_secs(3);
+
+/// Since when pgpool names no primary, when the agent last asked the servers and last made
+/// pgpool search, and how many searches in a row did not help.
 #[derive(Debug, Default)]
 pub struct Watch {
     since: Option<Instant>,
+    looked: Option<Instant>,
     last: Option<Instant>,
     searches: u32,
 }
@@ -47,7 +53,15 @@ impl Watch {
         let since = *self.since.get_or_insert(now);
         let wait = AFTER * (1 << self.searches.min(3));
         now.duration_since(since) >= AFTER
+            && self
+                .looked
+                .is_none_or(|l| now.duration_since(l) >= LOOK_AGAIN)
             && self.last.is_none_or(|l| now.duration_since(l) >= wait)
+    }
+
+    /// Marks the servers asked at `now`.
+    pub fn looked(&mut self, now: Instant) {
+        self.looked = Some(now);
     }
 
     /// Marks a search made at `now`.
@@ -57,10 +71,10 @@ impl Watch {
     }
 }
 
-/// The node to detach and attach, given the configured nodes that are up and what each
-/// answered (`Some(true)`: a standby, `Some(false)`: writable, `None`: no answer). `None`
-/// unless exactly one of them is writable.
-pub fn node_to_cycle(answers: &[(u32, Option<bool>)]) -> Option<u32> {
+/// The node to detach and attach and the writable one, given the configured nodes that are
+/// up and what each answered (`Some(true)`: a standby, `Some(false)`: writable, `None`: no
+/// answer). `None` unless exactly one of them is writable.
+pub fn node_to_cycle(answers: &[(u32, Option<bool>)]) -> Option<(u32, u32)> {
     let writable: Vec<u32> = answers
         .iter()
         .filter(|(_, a)| *a == Some(false))
@@ -69,12 +83,11 @@ pub fn node_to_cycle(answers: &[(u32, Option<bool>)]) -> Option<u32> {
     let [primary] = writable[..] else {
         return None;
     };
-    Some(
-        answers
-            .iter()
-            .find(|(_, a)| *a == Some(true))
-            .map_or(primary, |(slot, _)| *slot),
-    )
+    let cycle = answers
+        .iter()
+        .find(|(_, a)| *a == Some(true))
+        .map_or(primary, |(slot, _)| *slot);
+    Some((cycle, primary))
 }
 
 /// Detaches and attaches `slot`, so pgpool searches for the primary again.
@@ -129,6 +142,18 @@ mod tests {
     }
 
     #[test]
+    fn servers_are_asked_again_only_every_few_seconds_while_no_search_would_help() {
+        let t = Instant::now();
+        let headless = [node(0, "up", "standby"), node(1, "up", "standby")];
+        let mut w = Watch::default();
+        assert!(!w.due(&headless, t));
+        assert!(w.due(&headless, t + AFTER));
+        w.looked(t + AFTER);
+        assert!(!w.due(&headless, t + AFTER + LOOK_AGAIN / 2));
+        assert!(w.due(&headless, t + AFTER + LOOK_AGAIN));
+    }
+
+    #[test]
     fn a_named_primary_or_no_node_up_resets_the_watch() {
         let t = Instant::now();
         let headless = [node(0, "up", "standby"), node(1, "up", "standby")];
@@ -146,8 +171,11 @@ mod tests {
 
     #[test]
     fn a_standby_is_cycled_when_exactly_one_server_writes() {
-        assert_eq!(node_to_cycle(&[(0, Some(false)), (1, Some(true))]), Some(1));
-        assert_eq!(node_to_cycle(&[(1, None), (2, Some(false))]), Some(2));
+        assert_eq!(
+            node_to_cycle(&[(0, Some(false)), (1, Some(true))]),
+            Some((1, 0))
+        );
+        assert_eq!(node_to_cycle(&[(1, None), (2, Some(false))]), Some((2, 2)));
         assert_eq!(node_to_cycle(&[(0, Some(false)), (1, Some(false))]), None);
         assert_eq!(node_to_cycle(&[(0, Some(true)), (1, None)]), None);
     }

@@ -72,13 +72,13 @@ async fn step(
                 answered.push((node.slot, answers(agent, &node.host).await));
             }
         }
-        if let Some(slot) = primary_search::node_to_cycle(&answered) {
-            let primary = answered
+        search.looked(read_at);
+        if let Some((slot, writable)) = primary_search::node_to_cycle(&answered) {
+            let host = nodes
                 .iter()
-                .find(|(_, a)| *a == Some(false))
-                .and_then(|(s, _)| nodes.iter().find(|n| n.slot == *s))
+                .find(|n| n.slot == writable)
                 .map_or("", |n| n.host.as_str());
-            primary_search::search_again(agent, slot, primary).await;
+            primary_search::search_again(agent, slot, host).await;
             search.searched(std::time::Instant::now());
             return Ok(());
         }
