@@ -14,7 +14,7 @@ pub fn plan(replicas: i32) -> Plan {
 }
 
 /// Instance `ordinal` running and answering SQL: 0 the primary, the others streaming from it
-/// with no lag, every one at WAL position 1000.
+/// with no lag, every one at WAL position 1000, all of database system 7000.
 pub fn serving(ordinal: u32) -> ObservedInstance {
     ObservedInstance {
         name: format!("demo-{ordinal}"),
@@ -30,6 +30,7 @@ pub fn serving(ordinal: u32) -> ObservedInstance {
         timeline: Some(1),
         received_lsn: Some(1000),
         replayed_lsn: Some(1000),
+        system_identifier: Some(7000),
         marked: Some(if ordinal == 0 {
             Role::Primary
         } else {

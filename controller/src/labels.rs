@@ -12,6 +12,9 @@ pub const COMPONENT: &str = "app.kubernetes.io/component";
 pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 /// `pgbalancer.io/role`: `primary` or `replica`.
 pub const ROLE: &str = "pgbalancer.io/role";
+/// `pgbalancer.io/initialised`: `true` on an instance pod marked while the cluster had had a
+/// primary (see [`crate::plan::Plan::initialised`]).
+pub const INITIALISED: &str = "pgbalancer.io/initialised";
 /// `pgbalancer.io/instance`: the PostgreSQL instance (or balancer) name.
 pub const POD_INSTANCE: &str = "pgbalancer.io/instance";
 /// `pgbalancer.io/ordinal`: instance ordinal, which is also its balancer slot.

@@ -521,6 +521,11 @@ pub fn decide(plan: &Plan, observed: &Observed, record: &Record) -> Vec<Action> 
         }
     }
     actions.extend(runtime_state(plan, observed));
+    actions.extend(
+        foreign_replicas(plan, observed, record)
+            .into_iter()
+            .map(|(ordinal, ..)| Action::RestartForeign(ordinal)),
+    );
     let all_ready = plan
         .instances
         .iter()
@@ -582,6 +587,31 @@ pub fn decide(plan: &Plan, observed: &Observed, record: &Record) -> Vec<Action> 
     actions
 }
 
+/// Replicas running on data another database system made (a volume left by an earlier
+/// cluster of the same name, or a primary whose volume was lost and made afresh): their
+/// system identifier is not the one of the writable planned primary, so they can never
+/// stream from it, and their reads answer from another database. Restarted, their entrypoint
+/// refuses to start and says why; their data is left as it is. `(ordinal, theirs, the
+/// primary's)`; none while the primary changes or is not seen writable.
+pub fn foreign_replicas(plan: &Plan, observed: &Observed, record: &Record) -> Vec<(u32, u64, u64)> {
+    let primary = observed.instances.get(&plan.primary().ordinal);
+    let Some(system) = primary
+        .filter(|p| p.in_recovery == Some(false) && !record.changing())
+        .and_then(|p| p.system_identifier)
+    else {
+        return Vec::new();
+    };
+    plan.instances
+        .iter()
+        .filter(|i| i.role == Role::Replica)
+        .filter_map(|i| {
+            let seen = observed.instances.get(&i.ordinal)?;
+            let theirs = seen.system_identifier.filter(|_| seen.running)?;
+            (theirs != system).then_some((i.ordinal, theirs, system))
+        })
+        .collect()
+}
+
 /// The node a balancer still takes for the primary although SQL shows it is a standby and
 /// the planned primary writes. pgpool searches for the primary only when a node fails; an old
 /// primary that was back before its health checks failed (a quick switchover) leaves it
@@ -613,18 +643,31 @@ pub fn pending(plan: &Plan, observed: &Observed, record: &Record) -> Vec<String>
             crate::plan::instance_name(&plan.cluster, record.target)
         ));
     }
+    let foreign = foreign_replicas(plan, observed, record);
     for inst in &plan.instances {
         if instance_ready(plan, observed, inst.ordinal) {
             continue;
         }
-        let why = match observed.instances.get(&inst.ordinal) {
-            None => "not created",
-            Some(s) if !s.running => "not running",
-            Some(s) if !s.accepting => "not accepting connections",
-            Some(s) if inst.role == Role::Primary && s.in_recovery != Some(false) => "not primary",
-            Some(_) => "not streaming from the primary",
+        let seen = observed.instances.get(&inst.ordinal);
+        let why = match seen {
+            None => "not created".to_owned(),
+            Some(s) if !s.running => "not running".to_owned(),
+            Some(s) if !s.accepting => "not accepting connections".to_owned(),
+            Some(s) if inst.role == Role::Primary && s.in_recovery != Some(false) => {
+                "not primary".to_owned()
+            }
+            Some(_) => match foreign.iter().find(|(o, ..)| *o == inst.ordinal) {
+                Some((_, theirs, primary)) => format!(
+                    "holds the data of another database system (identifier {theirs}; the \
+                     primary's is {primary}) and cannot stream from the primary"
+                ),
+                None => "not streaming from the primary".to_owned(),
+            },
         };
-        out.push(format!("{} {why}", inst.name));
+        match seen.and_then(|s| s.start_failure.as_deref()) {
+            Some(failure) => out.push(format!("{} {why}: it cannot start: {failure}", inst.name)),
+            None => out.push(format!("{} {why}", inst.name)),
+        }
     }
     for b in &plan.balancer.instances {
         match observed.balancers.get(&b.index) {

@@ -1,6 +1,8 @@
 //! End to end on the real Docker engine: `up` a cluster, write through the balancer and read
 //! the row on every replica, converge idempotently, refuse a bad change without touching
-//! anything, scale 2→3→1, `down --keep-data` then `up` finds the data, `down` leaves nothing.
+//! anything, scale 2→3→1, `down --keep-data` then `up` finds the data, a lost primary volume
+//! is replaced by a failover (no empty database made over the cluster's), a replica whose data
+//! another database system made refuses to start and says so, `down` leaves nothing.
 
 mod common;
 
@@ -38,6 +40,23 @@ async fn assert_replicas_have_rows(doc: &Value, password: &str, rows: i64) {
             replica["name"]
         );
     }
+}
+
+/// Runs the `docker` command line (test set-up and checks only), with its exit status.
+fn docker_cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new("docker")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// `up` converges, and the balancer and every replica have the `rows` rows written before.
+async fn up_finds_the_rows(s: &Scenario, file: &str, password: &str, rows: i64) {
+    assert_success(&s.pgbalancer(&["up", "-f", file]));
+    let doc = s.status(NAME);
+    let balancer = doc["balancer"]["port"].as_u64().unwrap();
+    assert_eq!(row_count(balancer, password).await, Some(rows));
+    assert_replicas_have_rows(&doc, password, rows).await;
 }
 
 async fn pool_nodes(port: u64, password: &str) -> Vec<(String, String)> {
@@ -218,13 +237,79 @@ async fn cluster_lifecycle_on_docker() {
     // down --keep-data, then up finds the data again.
     assert_success(&s.pgbalancer(&["down", NAME, "--keep-data"]));
     assert!(container_ids(NAME).is_empty());
-    assert_success(&s.pgbalancer(&["up", "-f", file]));
-    let doc = s.status(NAME);
-    assert_eq!(
-        row_count(doc["balancer"]["port"].as_u64().unwrap(), &password).await,
-        Some(5)
+    up_finds_the_rows(&s, file, &password, 5).await;
+
+    // The primary's volume lost while the cluster was down: instance 0 is given the primary
+    // role with an empty data directory, and refuses to make a new, empty database over the
+    // cluster's. `up` fails naming why; the controller then fails over to the replica that
+    // holds the data, and the empty instance clones from it. Nothing written is lost.
+    assert_success(&s.pgbalancer(&["down", NAME, "--keep-data"]));
+    let volume = |o: u32| format!("pgbalancer-{NAME}-{o}-data");
+    assert_success(&docker_cli(&["volume", "rm", &volume(0)]));
+    let out = s.pgbalancer(&["up", "-f", file, "--timeout", "20"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains(
+            "it cannot start: this instance is to be the primary, but its data directory is empty"
+        ),
+        "{}",
+        text(&out)
     );
-    assert_replicas_have_rows(&doc, &password, 5).await;
+    let failed_over = eventually(120, || async {
+        let doc = s.status(NAME);
+        doc["primary"]["name"] == format!("{NAME}-1") && doc["phase"] == "Running"
+    })
+    .await;
+    assert!(failed_over, "{}", s.status(NAME));
+    up_finds_the_rows(&s, file, &password, 5).await;
+
+    // A replica whose volume holds another database system's data (made here by initdb in a
+    // throwaway container): it can never stream from the primary. It refuses to start, `up`
+    // fails naming why, and its data is left as it was.
+    assert_success(&s.pgbalancer(&["down", NAME, "--keep-data"]));
+    let foreign = "rm -rf /var/lib/pgbalancer/data && initdb -D /var/lib/pgbalancer/data \
+                   >/dev/null && touch /var/lib/pgbalancer/data/standby.signal";
+    let mount = format!("{}:/var/lib/pgbalancer", volume(0));
+    // A shell script run in a throwaway container on instance 0's volume.
+    let in_volume = |script: &str| {
+        let image = "pgbalancer/postgres:17";
+        let out = docker_cli(&[
+            "run",
+            "--rm",
+            "-v",
+            &mount,
+            "--entrypoint",
+            "sh",
+            image,
+            "-c",
+            script,
+        ]);
+        assert_success(&out);
+        text(&out)
+    };
+    in_volume(foreign);
+    let system = "pg_controldata /var/lib/pgbalancer/data | grep 'system identifier'";
+    let before = in_volume(system);
+    let out = s.pgbalancer(&["up", "-f", file, "--timeout", "40"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!(
+            "{NAME}-0 not running: it cannot start: the data directory"
+        )) || text(&out).contains(&format!(
+            "{NAME}-0 not accepting connections: it cannot start: the data directory"
+        )) || text(&out).contains(&format!(
+            "{NAME}-0 holds the data of another database system"
+        )),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        text(&out).contains("another database system"),
+        "{}",
+        text(&out)
+    );
+    assert_success(&s.pgbalancer(&["down", NAME, "--keep-data"]));
+    assert_eq!(before, in_volume(system), "the replica's data was changed");
 
     // down: nothing labelled remains, and the state is forgotten.
     let out = s.pgbalancer(&["down", NAME]);

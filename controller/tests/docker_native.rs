@@ -107,6 +107,7 @@ async fn the_native_engine_serves_like_one_server_and_follows_a_failover() {
 
     one_server_semantics(balancer, &password).await;
     a_write_after_a_flush_moves_to_the_primary(balancer, &password).await;
+    a_bound_setting_never_run_sets_nothing(balancer, &password).await;
     a_server_ending_a_connection_fails_only_its_query(&doc, balancer, &password, &superuser).await;
     driver_suite_passes_as_direct(primary_port, balancer, &superuser).await;
     wrong_password_is_refused(balancer).await;
@@ -122,6 +123,28 @@ async fn the_native_engine_serves_like_one_server_and_follows_a_failover() {
 /// the same replica. When the replica's part failed, the rest of the batch is skipped, as a
 /// server skips to `Sync` after an error, and nothing of it runs; an error of a batch before
 /// it does not count.
+/// A `SET` bound but never executed makes no setting: it is not replayed on the other
+/// servers the session reads from (only running its portal would have set it).
+async fn a_bound_setting_never_run_sets_nothing(balancer: u16, password: &str) {
+    use common::raw::{self, Raw};
+    let mut session = Raw::connect(balancer, "app", password, "app").await;
+    session
+        .send(&raw::bind("SET application_name = 'bound-only'"))
+        .await;
+    session.send(&raw::sync()).await;
+    let got = session.until(b'Z').await;
+    assert_eq!(raw::tags(&got), "12Z");
+    for _ in 0..20 {
+        session
+            .send(&raw::query("SELECT current_setting('application_name')"))
+            .await;
+        let got = session.until(b'Z').await;
+        let name = raw::first_values(&got);
+        assert_eq!(name.len(), 1, "{}", raw::tags(&got));
+        assert_ne!(name[0].as_deref(), Some("bound-only"));
+    }
+}
+
 async fn a_write_after_a_flush_moves_to_the_primary(balancer: u16, password: &str) {
     use common::raw::{self, Raw};
     let mut c = connect(balancer as u64, "app", password, "app").await;

@@ -6,7 +6,9 @@
 # the pod's `pgbalancer.io/role` label seen through a downward-API file (PGB_ROLE_FROM_LABELS).
 # Until a role is given the entrypoint waits.
 #
-# - primary, empty data directory: `initdb` (scram-sha-256, data checksums), then the roles,
+# - primary, empty data directory, in a cluster that has never had a primary (the controller
+#   marks one that has: see `initialised`; such a start fails, so that the data a replica
+#   holds takes over instead of an empty database): `initdb` (scram-sha-256, data checksums), then the roles,
 #   the database, and `pgbalancer.scram_verifier(role)` in the `postgres` database: the
 #   verifier a role logs in with now, for the monitoring role only (the
 #   native balancer engine checks clients against it and logs their sessions in to servers
@@ -18,6 +20,8 @@
 # - replica whose data was a primary (no standby.signal: a fenced old primary): `pg_rewind`
 #   from the current primary; when rewind fails, the data directory is kept aside once
 #   (data.diverged) and a fresh clone made. It never starts writable.
+# - replica whose data another database system made (system identifier differs from the
+#   primary's): the start fails, saying so; nothing is moved or removed.
 # - otherwise the data directory starts as it is; a replica always streams from
 #   PGB_PRIMARY_HOST, following timeline changes (`recovery_target_timeline = latest`).
 # - on Kubernetes, a primary with data waits until the API server answers before it starts
@@ -37,6 +41,13 @@ umask 077
 trap 'exit 143' TERM INT
 
 log() { echo "pgbalancer-postgres: $*" >&2; }
+# Ends the start saying why: in the log, and where Kubernetes keeps it (the container's
+# termination message, shown in the pod's status and by the operator).
+fail() {
+  log "cannot start: $*"
+  { printf '%s' "$*" >/dev/termination-log; } 2>/dev/null || true
+  exit 1
+}
 secret() { cat "$SECRETS/$1"; }
 # Single quotes doubled, for SQL string literals and conninfo values.
 quote() { printf '%s' "$1" | sed "s/'/''/g"; }
@@ -47,6 +58,16 @@ role() {
     sed -n 's/^pgbalancer\.io\/role="\(primary\|replica\)"$/\1/p' "$PGB_ROLE_FROM_LABELS" 2>/dev/null || true
   else
     cat "$CONF/role" 2>/dev/null || true
+  fi
+}
+
+# Whether the controller says the cluster has had a primary (Docker: the file `initialised`
+# next to the role file; Kubernetes: the pod's `pgbalancer.io/initialised` label).
+initialised() {
+  if [ -n "${PGB_ROLE_FROM_LABELS:-}" ]; then
+    grep -q '^pgbalancer\.io/initialised="true"$' "$PGB_ROLE_FROM_LABELS" 2>/dev/null
+  else
+    [ -e "$CONF/initialised" ]
   fi
 }
 
@@ -109,10 +130,31 @@ CONF
   touch "$PGDATA/standby.signal"
 }
 
+# The database system identifier of the server at PGB_PRIMARY_HOST (a replication
+# connection's IDENTIFY_SYSTEM), or nothing when it does not answer within 3 s.
+primary_system() {
+  PGPASSFILE="$SECRETS/pgpass" PGCONNECT_TIMEOUT=2 timeout 3 psql -XAtqw \
+    "host=$src port=5432 user=replicator dbname=replication replication=true" \
+    -c IDENTIFY_SYSTEM 2>/dev/null | cut -d'|' -f1
+}
+
+# Data made by another database system (a volume left by an earlier cluster of the same
+# name, or mounted by mistake) can never stream from or rewind to this primary. Nothing is
+# moved or removed: the start fails, naming both systems, until the volume is dealt with.
+# When the primary does not answer, the data starts as it is (it streams once it can).
+refuse_foreign_data() {
+  theirs=$(primary_system)
+  ours=$(LC_ALL=C pg_controldata "$PGDATA" 2>/dev/null | sed -n 's/^Database system identifier: *//p')
+  if [ -n "$theirs" ] && [ -n "$ours" ] && [ "$theirs" != "$ours" ]; then
+    fail "the data directory $PGDATA belongs to another database system (identifier $ours; the primary's is $theirs), so it cannot replicate from $src: remove this instance's volume (or move its data away) to clone afresh"
+  fi
+}
+
 # A former primary joins the current one: pg_rewind, else a fresh clone with the old data
 # kept aside (once: a second diverged copy is never made, the start fails instead).
 rejoin() {
   wait_for_primary
+  refuse_foreign_data
   log "rejoining as a replica of $src"
   # The server always runs as PID 1 of its container (exec below). After a crash its
   # postmaster.pid names PID 1, which is this script now: pg_rewind's single-user recovery
@@ -128,8 +170,7 @@ rejoin() {
     return 0
   fi
   if [ -e "$PGDATA.diverged" ]; then
-    log "pg_rewind failed and $PGDATA.diverged already holds an earlier diverged copy; refusing to set another aside: move it away to continue"
-    exit 1
+    fail "pg_rewind failed and $PGDATA.diverged already holds an earlier diverged copy; refusing to set another aside: move it away to continue"
   fi
   log "pg_rewind failed: keeping the diverged data in $PGDATA.diverged and cloning afresh"
   mv "$PGDATA" "$PGDATA.diverged"
@@ -154,7 +195,7 @@ if [ -z "$given" ]; then
   # Bounded: after 10 minutes the container exits and its restart policy tries again.
   i=0
   while [ -z "$given" ] && [ "$i" -lt 3000 ]; do sleep 0.2; i=$((i + 1)); given=$(role); done
-  [ -n "$given" ] || { log "no role given"; exit 1; }
+  [ -n "$given" ] || fail "no role given"
 fi
 log "role: $given"
 
@@ -166,16 +207,19 @@ if [ -n "${PGB_ROLE_FROM_LABELS:-}" ] && [ "$given" = primary ] && [ -s "$PGDATA
   until pgbalancer-live --api; do
     [ "$i" -eq 0 ] && log "the API server does not answer: not starting as primary until it does"
     i=$((i + 1))
-    [ "$i" -lt 600 ] || { log "the API server did not answer for 10 minutes"; exit 1; }
+    [ "$i" -lt 600 ] || fail "the API server did not answer for 10 minutes"
     sleep 1
   done
   given=$(role)
-  [ -n "$given" ] || { log "no role given"; exit 1; }
+  [ -n "$given" ] || fail "no role given"
   log "role: $given"
 fi
 
 if [ ! -s "$PGDATA/PG_VERSION" ]; then
   if [ "$given" = primary ]; then
+    if initialised; then
+      fail "this instance is to be the primary, but its data directory is empty and the cluster has had a primary: its data is lost, and a new empty database is not made in its place. A replica that holds the data takes over (automated failover); to start an empty cluster instead, remove the cluster and create it again"
+    fi
     rm -rf "$PGDATA"
     initialise_primary
   else
@@ -183,6 +227,8 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
   fi
 elif [ "$given" = replica ] && [ ! -e "$PGDATA/standby.signal" ]; then
   rejoin
+elif [ "$given" = replica ]; then
+  refuse_foreign_data
 fi
 if [ "$given" = replica ]; then
   follow_primary

@@ -84,11 +84,17 @@ pub struct ObservedInstance {
     /// The engine's own readiness (Kubernetes: the pod's Ready condition, which checks
     /// streaming on standbys), used when SQL could not reach the instance.
     pub engine_ready: Option<bool>,
+    /// Its database system identifier (`pg_control_system()`), when it answered.
+    pub system_identifier: Option<u64>,
     /// Physical replication slots on it (name → in use); read on the primary only.
     pub slots: Option<BTreeMap<String, bool>>,
     /// Its `postgres` database has the `pgbalancer` schema (see [`crate::pg::login_lookup`]);
     /// read on a writable instance only.
     pub lookup_schema: Option<bool>,
+    /// Why its last start failed, in the entrypoint's words, while it does not accept
+    /// connections (Docker: its log's last entrypoint line, when a refusal; Kubernetes: the
+    /// container's last termination message, while it is not running again).
+    pub start_failure: Option<String>,
 }
 
 /// A standby's WAL receiver (`pg_stat_wal_receiver`).
@@ -166,6 +172,10 @@ pub enum Action {
     Fence(u32),
     /// Promote standby `ordinal` (`pg_promote()`).
     Promote(u32),
+    /// Restart standby `ordinal`, whose data another database system made (it can never
+    /// stream from the primary): its entrypoint then refuses to start and says why. Its
+    /// storage is kept as it is.
+    RestartForeign(u32),
 }
 
 impl Action {
@@ -211,6 +221,10 @@ impl std::fmt::Display for Action {
             }
             Action::Fence(o) => write!(f, "fence instance {o} (stop it, mark it a replica)"),
             Action::Promote(o) => write!(f, "promote instance {o}"),
+            Action::RestartForeign(o) => write!(
+                f,
+                "restart instance {o} (its data belongs to another database system; kept)"
+            ),
         }
     }
 }

@@ -134,7 +134,9 @@ impl StoredCluster {
 
     /// The plan of this cluster, with the target primary as primary.
     pub fn plan(&self) -> crate::plan::Plan {
-        crate::plan::Plan::new(&self.cluster, self.target_primary)
+        let mut plan = crate::plan::Plan::new(&self.cluster, self.target_primary);
+        plan.initialised = self.current_primary.is_some();
+        plan
     }
 }
 

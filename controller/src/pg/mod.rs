@@ -259,21 +259,25 @@ pub struct Position {
     pub in_recovery: bool,
     /// Timeline the instance writes (primary) or last received/checkpointed (standby).
     pub timeline: Option<u32>,
-    /// WAL received (standby) or written (primary), in bytes from `0/0`.
+    /// WAL received (standby) or written (primary), in bytes from `0/0`. A standby that has
+    /// not streamed since it started (its primary is gone) reports what it replayed from its
+    /// own WAL, which is all it holds: it can still be chosen to replace that primary.
     pub received_lsn: Option<u64>,
     /// WAL replayed (standby) or written (primary), in bytes from `0/0`.
     pub replayed_lsn: Option<u64>,
     /// The standby's WAL receiver, when one runs.
     pub receiver: Option<WalReceiver>,
+    /// The database system identifier: the same on a primary and all its standbys.
+    pub system_identifier: Option<u64>,
 }
 
 const POSITION: &str = "\
 SELECT r,
-  pg_wal_lsn_diff(CASE WHEN r THEN pg_last_wal_receive_lsn() ELSE pg_current_wal_lsn() END, '0/0')::bigint,
+  pg_wal_lsn_diff(CASE WHEN r THEN GREATEST(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn()) ELSE pg_current_wal_lsn() END, '0/0')::bigint,
   pg_wal_lsn_diff(CASE WHEN r THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END, '0/0')::bigint,
   CASE WHEN r THEN COALESCE(w.received_tli, (SELECT timeline_id FROM pg_control_checkpoint()))
        ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END,
-  w.status, w.sender_host
+  w.status, w.sender_host, (SELECT system_identifier FROM pg_control_system())
 FROM (SELECT pg_is_in_recovery() AS r) s LEFT JOIN pg_stat_wal_receiver w ON true";
 
 /// Role, timeline, LSNs and WAL receiver of the instance `client` is connected to.
@@ -293,6 +297,7 @@ pub async fn position(client: &Client) -> Result<Position, PgError> {
             status,
             sender_host: row.get(5),
         }),
+        system_identifier: row.get::<_, Option<i64>>(6).map(|v| v as u64),
     })
 }
 
@@ -307,6 +312,7 @@ pub async fn observe_instance(client: &Client, seen: &mut crate::backend::Observ
         seen.received_lsn = position.received_lsn;
         seen.replayed_lsn = position.replayed_lsn;
         seen.receiver = position.receiver;
+        seen.system_identifier = position.system_identifier;
     }
     if let Ok(slots) = slots(client).await {
         seen.slots = Some(slots.into_iter().collect());

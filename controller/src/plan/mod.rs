@@ -116,6 +116,11 @@ pub struct Plan {
     pub balancer: BalancerPlan,
     /// Docker-only settings.
     pub local: LocalPlan,
+    /// The cluster has had a primary (the record names a current one): its database exists,
+    /// so an instance given the primary role with an empty data directory must not make a
+    /// new, empty one (its entrypoint refuses; a replica holding the data takes over).
+    /// Runtime state, part of no object's hash.
+    pub initialised: bool,
 }
 
 /// PostgreSQL settings shared by all instances.
@@ -337,6 +342,7 @@ impl Plan {
                     .unwrap_or_else(|| "127.0.0.1".into()),
             },
             cluster: name,
+            initialised: false,
         }
     }
 

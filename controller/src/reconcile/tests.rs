@@ -775,3 +775,46 @@ fn unseen_balancer_nodes_are_unknown_and_an_empty_list_is_not() {
     );
     assert!(!pending(&plan(1), &observed, &record).is_empty());
 }
+
+#[test]
+fn a_replica_of_another_database_system_is_restarted_and_named() {
+    let mut observed = converged(2);
+    let replica = observed.instances.get_mut(&2).unwrap();
+    replica.system_identifier = Some(42);
+    replica.streaming = false;
+    let actions = decide(&plan(2), &observed, &Record::settled(0));
+    assert!(actions.contains(&Action::RestartForeign(2)), "{actions:?}");
+    assert!(!actions.contains(&Action::RestartForeign(1)), "{actions:?}");
+    let waiting = pending(&plan(2), &observed, &Record::settled(0));
+    assert_eq!(
+        waiting,
+        [
+            "demo-2 holds the data of another database system (identifier 42; the primary's is \
+          7000) and cannot stream from the primary"
+        ]
+    );
+    // Not while the primary changes, nor while the primary's system is not seen.
+    let moving_actions = decide(&plan(2), &observed, &moving(0, 1));
+    assert!(!moving_actions.contains(&Action::RestartForeign(2)));
+    let mut unseen = observed.clone();
+    unseen.instances.get_mut(&0).unwrap().system_identifier = None;
+    let actions = decide(&plan(2), &unseen, &Record::settled(0));
+    assert!(!actions.contains(&Action::RestartForeign(2)), "{actions:?}");
+    // Once its entrypoint refuses to start, it is left alone, and why is said.
+    let refused = observed.instances.get_mut(&2).unwrap();
+    *refused = ObservedInstance {
+        name: "demo-2".into(),
+        state: "restarting".into(),
+        start_failure: Some("the data directory belongs to another database system".into()),
+        ..ObservedInstance::default()
+    };
+    let actions = decide(&plan(2), &observed, &Record::settled(0));
+    assert!(!actions.contains(&Action::RestartForeign(2)), "{actions:?}");
+    assert_eq!(
+        pending(&plan(2), &observed, &Record::settled(0)),
+        [
+            "demo-2 not running: it cannot start: the data directory belongs to another database \
+          system"
+        ]
+    );
+}

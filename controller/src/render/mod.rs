@@ -19,6 +19,8 @@ pub const CONFIG_DIR: &str = "/etc/pgbalancer";
 /// Path, relative to [`CONFIG_DIR`], of the file holding an instance's role (`primary` or
 /// `replica`) on Docker; the entrypoint obeys it at every start.
 pub const ROLE_FILE: &str = "role";
+/// Present (Docker) when the cluster has had a primary: see [`crate::plan::Plan::initialised`].
+pub const INITIALISED_FILE: &str = "initialised";
 /// Directory of the PostgreSQL data volume in the image.
 pub const DATA_VOLUME_DIR: &str = "/var/lib/pgbalancer";
 /// `PGDATA` inside the data volume (a subdirectory, so a volume's `lost+found` does no harm).

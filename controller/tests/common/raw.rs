@@ -102,6 +102,13 @@ impl Raw {
 
 /// Parse (unnamed statement), Bind (unnamed portal, no parameters, text results), Execute.
 pub fn run(sql: &str) -> BytesMut {
+    let mut out = bind(sql);
+    frontend::execute("", 0, &mut out).unwrap();
+    out
+}
+
+/// Parse (unnamed statement) and Bind (unnamed portal, no parameters, text results) only.
+pub fn bind(sql: &str) -> BytesMut {
     let mut out = BytesMut::new();
     frontend::parse("", sql, std::iter::empty(), &mut out).unwrap();
     out.put_u8(b'B');
@@ -110,7 +117,6 @@ pub fn run(sql: &str) -> BytesMut {
     out.put_i16(0);
     out.put_i16(0);
     out.put_i16(0);
-    frontend::execute("", 0, &mut out).unwrap();
     out
 }
 

@@ -10,6 +10,7 @@ pub mod images;
 pub mod objects;
 mod ports;
 pub mod preflight;
+mod start_failure;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -20,7 +21,7 @@ use bollard::models::{
 };
 use bollard::query_parameters::{
     CreateContainerOptions, ListContainersOptions, RemoveContainerOptions, RemoveVolumeOptions,
-    StopContainerOptions, UploadToContainerOptions,
+    RestartContainerOptions, StopContainerOptions, UploadToContainerOptions,
 };
 use bollard::Docker;
 use futures::future::join_all;
@@ -144,6 +145,11 @@ impl DockerBackend {
             seen.probed = true;
             if let Ok(client) = self.superuser(plan, port).await {
                 pg::observe_instance(&client, &mut seen).await;
+            }
+        }
+        if !seen.accepting {
+            if let Some(id) = c.id.as_deref() {
+                seen.start_failure = start_failure::start_failure(&self.docker, id).await;
             }
         }
         seen
@@ -428,7 +434,7 @@ impl DockerBackend {
             .instance(ordinal)
             .ok_or_else(|| DockerError::Missing(format!("instance {ordinal}")))?;
         let id = self.container_of(plan, labels::POSTGRES, ordinal).await?;
-        let role_file = objects::files_tar(&[objects::role_file(role)])
+        let role_file = objects::files_tar(&objects::runtime_files(plan, role))
             .map_err(|e| DockerError::Conflict(format!("configuration archive: {e}")))?;
         self.upload(&id, role_file).await?;
         let network = &plan.local.network;
@@ -746,6 +752,17 @@ impl Backend for DockerBackend {
             Action::CreateLoginLookup(o) => self.create_login_lookup(plan, o).await,
             Action::Fence(o) => self.fence(plan, o).await,
             Action::Promote(o) => self.promote(plan, o).await,
+            Action::RestartForeign(o) => {
+                let id = self.container_of(plan, labels::POSTGRES, o).await?;
+                let options = RestartContainerOptions {
+                    t: Some(10),
+                    ..Default::default()
+                };
+                self.docker
+                    .restart_container(&id, Some(options))
+                    .await
+                    .map_err(DockerError::api(format!("restart instance {o}")))
+            }
         }
     }
 }

@@ -320,10 +320,23 @@ pub fn role_file(role: Role) -> ConfigFile {
     }
 }
 
-/// Instance files for upload, with the role file of `role`.
+/// The role file, and the mark of a cluster that has had a primary when `plan` says so.
+pub fn runtime_files(plan: &Plan, role: Role) -> Vec<ConfigFile> {
+    let mut files = vec![role_file(role)];
+    if plan.initialised {
+        files.push(ConfigFile {
+            path: render::INITIALISED_FILE,
+            contents: "yes\n".into(),
+            secret: false,
+        });
+    }
+    files
+}
+
+/// Instance files for upload, with the runtime files of `role`.
 pub fn instance_files(plan: &Plan, role: Role, creds: &Credentials) -> std::io::Result<Vec<u8>> {
     let mut files = render::postgres_files(plan, creds);
-    files.push(role_file(role));
+    files.extend(runtime_files(plan, role));
     files_tar(&files)
 }
 

@@ -76,6 +76,28 @@ fn pod_running(pod: &Pod) -> bool {
         && pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
 }
 
+/// The `postgres` container's termination message (the entrypoint's refusal to start) while
+/// it is not running again: a start that keeps failing, named.
+fn start_failure(pod: &Pod) -> Option<String> {
+    let status = pod
+        .status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .iter()
+        .find(|c| c.name == "postgres")?;
+    let state = status.state.as_ref()?;
+    if state.running.is_some() {
+        return None;
+    }
+    let ended = state
+        .terminated
+        .as_ref()
+        .or(status.last_state.as_ref()?.terminated.as_ref())?;
+    let message = ended.message.as_deref()?.trim();
+    (!message.is_empty()).then(|| message.to_owned())
+}
+
 fn role_label(pod: &Pod) -> Option<Role> {
     match pod.labels().get(labels::ROLE).map(String::as_str) {
         Some("primary") => Some(Role::Primary),
@@ -263,8 +285,12 @@ impl KubeBackend<'_> {
         if role_label(&pod) == Some(role) {
             return Ok(());
         }
-        let patch =
-            serde_json::json!({ "metadata": { "labels": { labels::ROLE: role.as_str() } } });
+        let mut marks = serde_json::Map::new();
+        marks.insert(labels::ROLE.into(), role.as_str().into());
+        if plan.initialised {
+            marks.insert(labels::INITIALISED.into(), "true".into());
+        }
+        let patch = serde_json::json!({ "metadata": { "labels": marks } });
         self.metrics.wrote("patch", "Pod");
         pods.patch(
             &pod.name_any(),
@@ -280,20 +306,29 @@ impl KubeBackend<'_> {
     /// and rejoins (pg_rewind) once the new primary is promoted; the old one takes no writes.
     async fn fence(&self, plan: &Plan, ordinal: u32) -> Result<(), Error> {
         self.label(plan, ordinal, Role::Replica).await?;
-        let pods: Api<Pod> = api(&self.client, self.namespace());
-        if let Some(pod) = self.instance_pods(plan).await?.remove(&ordinal) {
-            self.metrics.wrote("delete", "Pod");
-            match pods
-                .delete(&pod.name_any(), &DeleteParams::default().grace_period(10))
-                .await
-            {
-                Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => return Err(e.into()),
-            }
-            tracing::info!(pod = %pod.name_any(), "fenced the old primary");
+        if let Some(pod) = self.delete_pod(plan, ordinal).await? {
+            tracing::info!(%pod, "fenced the old primary");
         }
         Ok(())
+    }
+
+    /// Deletes instance `ordinal`'s pod (its StatefulSet starts it again on the same volume),
+    /// and names it; `None` when it has none.
+    async fn delete_pod(&self, plan: &Plan, ordinal: u32) -> Result<Option<String>, Error> {
+        let pods: Api<Pod> = api(&self.client, self.namespace());
+        let Some(pod) = self.instance_pods(plan).await?.remove(&ordinal) else {
+            return Ok(None);
+        };
+        self.metrics.wrote("delete", "Pod");
+        match pods
+            .delete(&pod.name_any(), &DeleteParams::default().grace_period(10))
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+        Ok(Some(pod.name_any()))
     }
 
     /// A superuser connection to instance `ordinal`'s pod.
@@ -364,6 +399,7 @@ impl KubeBackend<'_> {
             up_to_date: desired.is_none_or(|d| hash_of(&d) == hash_of(sts)),
             engine_ready: Some(pod.is_some_and(pod_ready)),
             marked: pod.and_then(role_label),
+            start_failure: pod.and_then(start_failure),
             ..ObservedInstance::default()
         };
         let ip = pod.and_then(|p| p.status.as_ref()?.pod_ip.clone());
@@ -495,6 +531,12 @@ impl Backend for KubeBackend<'_> {
             Action::CreateLoginLookup(ordinal) => self.create_login_lookup(plan, ordinal).await,
             Action::Fence(ordinal) => self.fence(plan, ordinal).await,
             Action::Promote(ordinal) => self.promote(plan, ordinal).await,
+            Action::RestartForeign(ordinal) => {
+                if let Some(pod) = self.delete_pod(plan, ordinal).await? {
+                    tracing::warn!(%pod, "restarted: its data belongs to another database system");
+                }
+                Ok(())
+            }
         }
     }
 }

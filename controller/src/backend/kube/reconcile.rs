@@ -150,6 +150,7 @@ async fn reconcile_inner(
     };
     let record = record_of(&name, previous.as_ref());
     let mut plan = Plan::kubernetes(cluster, record.target);
+    plan.initialised = record.current.is_some();
     let creds = credentials(cluster, &plan, &owner, ctx).await?;
     let (problem, digest) = balancer_tls(&plan, &owner, ctx).await?;
     let (digest, report) = {

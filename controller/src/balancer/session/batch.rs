@@ -245,6 +245,7 @@ impl Session {
                 self.batch.failed = batch.failed;
                 self.batch.raised = batch.raised;
                 self.batch.settings = batch.settings;
+                self.batch.set_portals = batch.set_portals;
                 self.current = Some(target);
                 if let Some(server) = self.servers.get(&target) {
                     self.cancel.set(&server.backend, server.key);

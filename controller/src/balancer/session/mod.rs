@@ -49,8 +49,10 @@ struct Batch {
     /// The replica holding a read-only transaction got the raising statement for this batch
     /// (`replica_txn`): it skips the rest up to `Sync`.
     raised: bool,
-    /// Session settings (`SET`, `RESET`) the batch binds, to record once they succeeded.
+    /// Session settings (`SET`, `RESET`) the batch executes, to record once they succeeded.
     settings: Vec<Arc<[u8]>>,
+    /// Portals the batch bound to a `SET` or `RESET`: executing one makes a setting.
+    set_portals: Vec<(String, Arc<[u8]>)>,
 }
 
 /// A session after startup.
@@ -281,13 +283,15 @@ impl Session {
             }
             b'B' => {
                 let mut body = m.body();
-                let _portal = wire::take_bytes(&mut body)?;
+                let portal = wire::take_name(&mut body)?;
                 let name = wire::take_name(&mut body)?;
                 if self.leave_flushed_replica(self.class_of(&name)).await? {
                     return Ok(());
                 }
+                // Binding a portal replaces the one of that name.
+                self.batch.set_portals.retain(|(p, _)| *p != portal);
                 if let Some(st) = self.statements.get(&name).filter(|s| s.class == Class::Set) {
-                    self.batch.settings.push(st.sql.clone());
+                    self.batch.set_portals.push((portal, st.sql.clone()));
                 }
                 self.uses(&name);
                 self.push(m).await
@@ -307,7 +311,15 @@ impl Session {
                 self.statements.remove(&name);
                 self.push(m).await
             }
-            b'D' | b'E' | b'C' => self.push(m).await,
+            b'E' => {
+                // A setting is made when its portal runs, not when it is bound.
+                let portal = wire::take_name(&mut m.body())?;
+                if let Some((_, sql)) = self.batch.set_portals.iter().find(|(p, _)| *p == portal) {
+                    self.batch.settings.push(sql.clone());
+                }
+                self.push(m).await
+            }
+            b'D' | b'C' => self.push(m).await,
             b'H' => {
                 self.push(m).await?;
                 if self.skip_to_sync.is_some() {
