@@ -218,15 +218,19 @@ pub fn failover_candidates(
     policy: &FailoverPolicy,
     last_primary_lsn: Option<u64>,
 ) -> Result<Vec<(u32, u64)>, String> {
+    let synchronous = plan.postgres.synchronous;
     let seen: Vec<(u32, u64)> = plan
         .instances
         .iter()
         .filter(|i| i.ordinal != current)
         .filter_map(|i| Some((i.ordinal, observed.instances.get(&i.ordinal)?)))
         .filter(|(_, s)| s.running && s.in_recovery == Some(true))
+        // With a quorum, a position must be all a standby holds: one that only replayed
+        // (nothing streamed since it started) may hold an acknowledged commit beyond it.
+        .filter(|(_, s)| synchronous.is_none() || !s.replay_only)
         .filter_map(|(o, s)| Some((o, s.received_lsn?)))
         .collect();
-    if let Some(number) = plan.postgres.synchronous {
+    if let Some(number) = synchronous {
         let standbys = plan.instances.len().saturating_sub(1);
         let needed = standbys.saturating_sub(number as usize) + 1;
         if seen.len() < needed {
@@ -521,9 +525,18 @@ pub fn decide(plan: &Plan, observed: &Observed, record: &Record) -> Vec<Action> 
         }
     }
     actions.extend(runtime_state(plan, observed));
+    // Restarted only once it has run a while: a start that did not refuse (its primary did
+    // not answer in time) is tried again at most that often, not on every pass.
     actions.extend(
         foreign_replicas(plan, observed, record)
             .into_iter()
+            .filter(|(ordinal, ..)| {
+                observed
+                    .instances
+                    .get(ordinal)
+                    .and_then(|s| s.running_for)
+                    .is_some_and(|t| t >= FOREIGN_RESTART_AFTER)
+            })
             .map(|(ordinal, ..)| Action::RestartForeign(ordinal)),
     );
     let all_ready = plan
@@ -586,6 +599,10 @@ pub fn decide(plan: &Plan, observed: &Observed, record: &Record) -> Vec<Action> 
     }
     actions
 }
+
+/// How long a replica of another database system runs before it is restarted (see
+/// [`foreign_replicas`]).
+pub const FOREIGN_RESTART_AFTER: Duration = Duration::from_secs(20);
 
 /// Replicas running on data another database system made (a volume left by an earlier
 /// cluster of the same name, or a primary whose volume was lost and made afresh): their

@@ -117,12 +117,6 @@ async fn the_native_engine_serves_like_one_server_and_follows_a_failover() {
     assert_success(&s.pgbalancer(&["down", NAME]));
 }
 
-/// A batch that a `Flush` sent to a replica (it began with a read) and that goes on with a
-/// write: the write runs on the primary, and the client sees one answer per message and one
-/// `ReadyForQuery` for its `Sync`, as on one server, also with batches pipelined before it on
-/// the same replica. When the replica's part failed, the rest of the batch is skipped, as a
-/// server skips to `Sync` after an error, and nothing of it runs; an error of a batch before
-/// it does not count.
 /// A `SET` bound but never executed makes no setting: it is not replayed on the other
 /// servers the session reads from (only running its portal would have set it).
 async fn a_bound_setting_never_run_sets_nothing(balancer: u16, password: &str) {
@@ -145,6 +139,12 @@ async fn a_bound_setting_never_run_sets_nothing(balancer: u16, password: &str) {
     }
 }
 
+/// A batch that a `Flush` sent to a replica (it began with a read) and that goes on with a
+/// write: the write runs on the primary, and the client sees one answer per message and one
+/// `ReadyForQuery` for its `Sync`, as on one server, also with batches pipelined before it on
+/// the same replica. When the replica's part failed, the rest of the batch is skipped, as a
+/// server skips to `Sync` after an error, and nothing of it runs; an error of a batch before
+/// it does not count.
 async fn a_write_after_a_flush_moves_to_the_primary(balancer: u16, password: &str) {
     use common::raw::{self, Raw};
     let mut c = connect(balancer as u64, "app", password, "app").await;

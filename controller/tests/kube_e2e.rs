@@ -299,15 +299,19 @@ async fn operator_in_cluster_runs_a_real_cluster() {
                     .as_str()
                     .unwrap_or_default()
                     .to_owned(),
+                // Marked after the cluster had a primary: neither pod may make a new, empty
+                // database should its volume come back empty.
+                p["metadata"]["labels"]["pgbalancer.io/initialised"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
             )
         })
         .collect::<Vec<_>>();
+    let marked = |name: &str, role: &str| (name.to_owned(), role.to_owned(), "true".to_owned());
     assert_eq!(
         labels,
-        [
-            ("demo-0-0".to_owned(), "replica".to_owned()),
-            ("demo-1-0".to_owned(), "primary".to_owned())
-        ]
+        [marked("demo-0-0", "replica"), marked("demo-1-0", "primary")]
     );
     let wrote = eventually(60, || async {
         through_balancer("INSERT INTO marks VALUES (4)").is_some()

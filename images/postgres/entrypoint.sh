@@ -218,7 +218,7 @@ fi
 if [ ! -s "$PGDATA/PG_VERSION" ]; then
   if [ "$given" = primary ]; then
     if initialised; then
-      fail "this instance is to be the primary, but its data directory is empty and the cluster has had a primary: its data is lost, and a new empty database is not made in its place. A replica that holds the data takes over (automated failover); to start an empty cluster instead, remove the cluster and create it again"
+      fail "this instance is to be the primary, but its data directory is empty and the cluster has had a primary: its data is lost, and a new empty database is not made in its place. A replica that holds the data takes over by automated failover; when none does, remove the cluster with its volumes and create it again to start empty"
     fi
     rm -rf "$PGDATA"
     initialise_primary

@@ -84,6 +84,11 @@ pub struct ObservedInstance {
     /// The engine's own readiness (Kubernetes: the pod's Ready condition, which checks
     /// streaming on standbys), used when SQL could not reach the instance.
     pub engine_ready: Option<bool>,
+    /// A standby that has streamed nothing since it started: `received_lsn` is what it
+    /// replayed, and it may hold more WAL than that.
+    pub replay_only: bool,
+    /// How long its server process has been running, when the engine says.
+    pub running_for: Option<std::time::Duration>,
     /// Its database system identifier (`pg_control_system()`), when it answered.
     pub system_identifier: Option<u64>,
     /// Physical replication slots on it (name → in use); read on the primary only.

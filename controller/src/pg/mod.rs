@@ -269,6 +269,9 @@ pub struct Position {
     pub receiver: Option<WalReceiver>,
     /// The database system identifier: the same on a primary and all its standbys.
     pub system_identifier: Option<u64>,
+    /// A standby whose received position is what it replayed (nothing streamed since it
+    /// started): it may hold more WAL than that, not yet replayed.
+    pub replay_only: bool,
 }
 
 const POSITION: &str = "\
@@ -277,7 +280,8 @@ SELECT r,
   pg_wal_lsn_diff(CASE WHEN r THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END, '0/0')::bigint,
   CASE WHEN r THEN COALESCE(w.received_tli, (SELECT timeline_id FROM pg_control_checkpoint()))
        ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END,
-  w.status, w.sender_host, (SELECT system_identifier FROM pg_control_system())
+  w.status, w.sender_host, (SELECT system_identifier FROM pg_control_system()),
+  r AND pg_last_wal_receive_lsn() IS NULL
 FROM (SELECT pg_is_in_recovery() AS r) s LEFT JOIN pg_stat_wal_receiver w ON true";
 
 /// Role, timeline, LSNs and WAL receiver of the instance `client` is connected to.
@@ -298,6 +302,7 @@ pub async fn position(client: &Client) -> Result<Position, PgError> {
             sender_host: row.get(5),
         }),
         system_identifier: row.get::<_, Option<i64>>(6).map(|v| v as u64),
+        replay_only: row.get::<_, Option<bool>>(7).unwrap_or(false),
     })
 }
 
@@ -313,6 +318,7 @@ pub async fn observe_instance(client: &Client, seen: &mut crate::backend::Observ
         seen.replayed_lsn = position.replayed_lsn;
         seen.receiver = position.receiver;
         seen.system_identifier = position.system_identifier;
+        seen.replay_only = position.replay_only;
     }
     if let Ok(slots) = slots(client).await {
         seen.slots = Some(slots.into_iter().collect());

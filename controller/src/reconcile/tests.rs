@@ -611,6 +611,24 @@ fn synchronous_failover_waits_for_enough_replicas_to_cover_the_quorum() {
 }
 
 #[test]
+fn a_standby_that_only_replayed_counts_without_a_quorum_only() {
+    // Replica 2 restarted and streamed nothing since: its position is what it replayed.
+    let mut observed = primary_lost(&[(1, 900), (2, 1000)]);
+    observed.instances.get_mut(&2).unwrap().replay_only = true;
+    let record = Record::settled(0);
+    let wait = Duration::from_secs(9);
+    // Asynchronous: it is a candidate like any other (it holds at least that much).
+    assert_eq!(
+        failover(&plan(2), &observed, &record, &policy(), wait, None),
+        Some(failing(0, 2))
+    );
+    // ANY 1 of 2: it may hold an acknowledged commit past what it replayed, so it does not
+    // count towards the replicas that must report, and failover waits.
+    let why = failover_candidates(&synchronous(2, 1), &observed, 0, &policy(), None);
+    assert!(why.unwrap_err().contains("1 of the 2"));
+}
+
+#[test]
 fn synchronous_failover_ignores_the_lag_bound_and_takes_the_most_wal() {
     // The primary's last LSN was far ahead, but nothing past the quorum was acknowledged.
     let observed = primary_lost(&[(1, 10), (2, 20)]);
@@ -782,6 +800,17 @@ fn a_replica_of_another_database_system_is_restarted_and_named() {
     let replica = observed.instances.get_mut(&2).unwrap();
     replica.system_identifier = Some(42);
     replica.streaming = false;
+    // Just started: named, not restarted yet.
+    replica.running_for = Some(Duration::from_secs(3));
+    let actions = decide(&plan(2), &observed, &Record::settled(0));
+    assert!(!actions.contains(&Action::RestartForeign(2)), "{actions:?}");
+    let waiting = pending(&plan(2), &observed, &Record::settled(0));
+    assert!(
+        waiting[0].contains("another database system"),
+        "{waiting:?}"
+    );
+    let replica = observed.instances.get_mut(&2).unwrap();
+    replica.running_for = Some(FOREIGN_RESTART_AFTER);
     let actions = decide(&plan(2), &observed, &Record::settled(0));
     assert!(actions.contains(&Action::RestartForeign(2)), "{actions:?}");
     assert!(!actions.contains(&Action::RestartForeign(1)), "{actions:?}");

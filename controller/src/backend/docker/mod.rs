@@ -16,8 +16,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use bollard::models::{
-    ContainerSummary, Ipam, IpamConfig, NetworkConnectRequest, NetworkCreateRequest,
-    NetworkDisconnectRequest, VolumeCreateRequest,
+    ContainerInspectResponse, ContainerSummary, Ipam, IpamConfig, NetworkConnectRequest,
+    NetworkCreateRequest, NetworkDisconnectRequest, VolumeCreateRequest,
 };
 use bollard::query_parameters::{
     CreateContainerOptions, ListContainersOptions, RemoveContainerOptions, RemoveVolumeOptions,
@@ -138,9 +138,12 @@ impl DockerBackend {
             running,
             up_to_date,
             host_port,
-            marked: self.holds_rw_alias(plan, c).await,
             ..Default::default()
         };
+        if let Some(inspected) = self.inspect(c).await {
+            seen.marked = rw_alias_of(plan, &inspected);
+            seen.running_for = running_for(&inspected);
+        }
         if let (true, Some(port)) = (running, host_port) {
             seen.probed = true;
             if let Ok(client) = self.superuser(plan, port).await {
@@ -174,20 +177,12 @@ impl DockerBackend {
     /// Whether the container holds the `<cluster>-rw` alias on the cluster's network, as a
     /// role mark; `None` when the engine could not say or the container is not on the network.
     async fn holds_rw_alias(&self, plan: &Plan, c: &ContainerSummary) -> Option<Role> {
+        rw_alias_of(plan, &self.inspect(c).await?)
+    }
+
+    async fn inspect(&self, c: &ContainerSummary) -> Option<ContainerInspectResponse> {
         let id = c.id.as_deref()?;
-        let inspected = self.docker.inspect_container(id, None).await.ok()?;
-        // On the network with no aliases at all: it holds none, so it is not the primary.
-        let aliases = inspected
-            .network_settings?
-            .networks?
-            .remove(&plan.local.network)?
-            .aliases
-            .unwrap_or_default();
-        Some(if aliases.contains(&plan::rw_host(&plan.cluster)) {
-            Role::Primary
-        } else {
-            Role::Replica
-        })
+        self.docker.inspect_container(id, None).await.ok()
     }
 
     async fn observe_balancer(
@@ -765,6 +760,37 @@ impl Backend for DockerBackend {
             }
         }
     }
+}
+
+/// Whether the inspected container holds the `<cluster>-rw` alias on the cluster's network, as
+/// a role mark; `None` when it is not on the network.
+fn rw_alias_of(plan: &Plan, inspected: &ContainerInspectResponse) -> Option<Role> {
+    // On the network with no aliases at all: it holds none, so it is not the primary.
+    let aliases = inspected
+        .network_settings
+        .as_ref()?
+        .networks
+        .as_ref()?
+        .get(&plan.local.network)?
+        .aliases
+        .clone()
+        .unwrap_or_default();
+    Some(if aliases.contains(&plan::rw_host(&plan.cluster)) {
+        Role::Primary
+    } else {
+        Role::Replica
+    })
+}
+
+/// How long the inspected container has been running; `None` when it does not run.
+fn running_for(inspected: &ContainerInspectResponse) -> Option<Duration> {
+    let state = inspected.state.as_ref()?;
+    if state.running != Some(true) {
+        return None;
+    }
+    let started: k8s_openapi::jiff::Timestamp = state.started_at.as_deref()?.parse().ok()?;
+    let since = k8s_openapi::jiff::Timestamp::now().duration_since(started);
+    Duration::try_from(since).ok()
 }
 
 /// Containers managed by this project, of one cluster or of all.

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{ContainerStatus, PersistentVolumeClaim, Pod};
 use k8s_openapi::NamespaceResourceScope;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, Resource, ResourceExt};
@@ -76,16 +76,33 @@ fn pod_running(pod: &Pod) -> bool {
         && pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
 }
 
-/// The `postgres` container's termination message (the entrypoint's refusal to start) while
-/// it is not running again: a start that keeps failing, named.
-fn start_failure(pod: &Pod) -> Option<String> {
-    let status = pod
-        .status
+/// The `postgres` container's status in `pod`.
+fn postgres_status(pod: &Pod) -> Option<&ContainerStatus> {
+    pod.status
         .as_ref()?
         .container_statuses
         .as_ref()?
         .iter()
-        .find(|c| c.name == "postgres")?;
+        .find(|c| c.name == "postgres")
+}
+
+/// How long the `postgres` container has been running; `None` when it does not run.
+fn running_for(pod: &Pod) -> Option<std::time::Duration> {
+    let started = postgres_status(pod)?
+        .state
+        .as_ref()?
+        .running
+        .as_ref()?
+        .started_at
+        .as_ref()?;
+    let since = k8s_openapi::jiff::Timestamp::now().duration_since(started.0);
+    std::time::Duration::try_from(since).ok()
+}
+
+/// The `postgres` container's termination message (the entrypoint's refusal to start) while
+/// it is not running again: a start that keeps failing, named.
+fn start_failure(pod: &Pod) -> Option<String> {
+    let status = postgres_status(pod)?;
     let state = status.state.as_ref()?;
     if state.running.is_some() {
         return None;
@@ -93,7 +110,7 @@ fn start_failure(pod: &Pod) -> Option<String> {
     let ended = state
         .terminated
         .as_ref()
-        .or(status.last_state.as_ref()?.terminated.as_ref())?;
+        .or_else(|| status.last_state.as_ref()?.terminated.as_ref())?;
     let message = ended.message.as_deref()?.trim();
     (!message.is_empty()).then(|| message.to_owned())
 }
@@ -400,6 +417,7 @@ impl KubeBackend<'_> {
             engine_ready: Some(pod.is_some_and(pod_ready)),
             marked: pod.and_then(role_label),
             start_failure: pod.and_then(start_failure),
+            running_for: pod.and_then(running_for),
             ..ObservedInstance::default()
         };
         let ip = pod.and_then(|p| p.status.as_ref()?.pod_ip.clone());
