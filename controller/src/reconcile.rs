@@ -7,6 +7,7 @@
 //! from every balancer before it is deleted; the primary is never removed (the plan always
 //! holds it).
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
@@ -34,7 +35,22 @@ pub enum ConvergeError<E: std::error::Error + 'static> {
     /// What runs contradicts the record of the primary; nothing was touched.
     #[error("{0}")]
     Conflict(String),
+    /// The planned primary keeps refusing to start (its entrypoint said why): waiting longer
+    /// changes nothing. Only a failover (the controller's, once the command returns) or the
+    /// user can.
+    #[error(
+        "{instance}, the primary, cannot start: {why}. The controller takes over once this \
+         command returns (`pgbalancer status` shows what it does)"
+    )]
+    PrimaryCannotStart { instance: String, why: String },
+    /// A replica keeps refusing to start (its entrypoint said why); only the user can help.
+    #[error("{instance} cannot start: {why}")]
+    ReplicaCannotStart { instance: String, why: String },
 }
+
+/// How long an instance may keep refusing to start before `converge` stops waiting (a
+/// refusal seen once may be a stale line of a container about to restart).
+pub const REFUSAL_GRACE: Duration = Duration::from_secs(10);
 
 /// Who is primary, durably (the CR status on Kubernetes, the state file locally). A change
 /// of primary first moves `target`, then acts, then sets `current`; every step is observed
@@ -756,6 +772,45 @@ pub async fn apply_all<B: Backend>(
     results
 }
 
+/// The refusal to start an instance of `plan` has kept up for [`REFUSAL_GRACE`] (the
+/// primary's first), as the error that ends waiting; `since` remembers when each began.
+fn lasting_refusal<E: std::error::Error + 'static>(
+    plan: &Plan,
+    observed: &Observed,
+    since: &mut BTreeMap<u32, Instant>,
+) -> Option<ConvergeError<E>> {
+    let refusing: BTreeMap<u32, &String> = plan
+        .instances
+        .iter()
+        .filter_map(|i| {
+            let why = observed.instances.get(&i.ordinal)?.start_failure.as_ref()?;
+            Some((i.ordinal, why))
+        })
+        .collect();
+    since.retain(|o, _| refusing.contains_key(o));
+    let now = Instant::now();
+    for o in refusing.keys() {
+        since.entry(*o).or_insert(now);
+    }
+    let lasting = |ordinal: u32| {
+        since
+            .get(&ordinal)
+            .is_some_and(|t| now.duration_since(*t) >= REFUSAL_GRACE)
+    };
+    let primary = plan.primary();
+    if lasting(primary.ordinal) {
+        return Some(ConvergeError::PrimaryCannotStart {
+            instance: primary.name.clone(),
+            why: refusing[&primary.ordinal].clone(),
+        });
+    }
+    let replica = plan.instances.iter().find(|i| lasting(i.ordinal))?;
+    Some(ConvergeError::ReplicaCannotStart {
+        instance: replica.name.clone(),
+        why: refusing[&replica.ordinal].clone(),
+    })
+}
+
 /// Drives `backend` until the cluster matches `plan`, reporting each action through `report`.
 /// `record` is the durable record of the primary (`plan` is planned with its target); each
 /// time it advances it is handed to `save` before anything else is done.
@@ -770,6 +825,7 @@ pub async fn converge<B: Backend>(
     let started = Instant::now();
     let mut last_pending = String::new();
     let mut last_actions = Vec::new();
+    let mut refused_since: BTreeMap<u32, Instant> = BTreeMap::new();
     loop {
         let observing = Instant::now();
         let observed = backend
@@ -789,6 +845,9 @@ pub async fn converge<B: Backend>(
         let waiting = pending(plan, &observed, &record);
         if actions.is_empty() && waiting.is_empty() {
             return Ok((observed, record));
+        }
+        if let Some(e) = lasting_refusal(plan, &observed, &mut refused_since) {
+            return Err(e);
         }
         if started.elapsed() > timeout {
             return Err(ConvergeError::Timeout {

@@ -131,19 +131,30 @@ CONF
 }
 
 # The database system identifier of the server at PGB_PRIMARY_HOST (a replication
-# connection's IDENTIFY_SYSTEM), or nothing when it does not answer within 3 s.
+# connection's IDENTIFY_SYSTEM), asked for up to $1 seconds (the primary may be starting
+# too); nothing when it did not answer.
 primary_system() {
-  PGPASSFILE="$SECRETS/pgpass" PGCONNECT_TIMEOUT=2 timeout 3 psql -XAtqw \
-    "host=$src port=5432 user=replicator dbname=replication replication=true" \
-    -c IDENTIFY_SYSTEM 2>/dev/null | cut -d'|' -f1
+  asked_until=$(($(date +%s) + $1))
+  while :; do
+    id=$(PGPASSFILE="$SECRETS/pgpass" PGCONNECT_TIMEOUT=2 timeout 3 psql -XAtqw \
+      "host=$src port=5432 user=replicator dbname=replication replication=true" \
+      -c IDENTIFY_SYSTEM 2>/dev/null | cut -d'|' -f1)
+    if [ -n "$id" ] || [ "$(date +%s)" -ge "$asked_until" ]; then
+      printf '%s' "$id"
+      return 0
+    fi
+    sleep 1
+  done
 }
 
 # Data made by another database system (a volume left by an earlier cluster of the same
 # name, or mounted by mistake) can never stream from or rewind to this primary. Nothing is
 # moved or removed: the start fails, naming both systems, until the volume is dealt with.
-# When the primary does not answer, the data starts as it is (it streams once it can).
+# When the primary does not answer within 30 s, the data starts as it is (it streams once
+# it can; the controller restarts it if it turns out foreign and it can log in to it).
 refuse_foreign_data() {
-  theirs=$(primary_system)
+  theirs=$(primary_system 30)
+  [ -n "$theirs" ] || log "$src did not answer for 30 s: starting without comparing database systems"
   ours=$(LC_ALL=C pg_controldata "$PGDATA" 2>/dev/null | sed -n 's/^Database system identifier: *//p')
   if [ -n "$theirs" ] && [ -n "$ours" ] && [ "$theirs" != "$ours" ]; then
     fail "the data directory $PGDATA belongs to another database system (identifier $ours; the primary's is $theirs), so it cannot replicate from $src: remove this instance's volume (or move its data away) to clone afresh"

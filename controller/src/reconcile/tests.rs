@@ -847,3 +847,38 @@ fn a_replica_of_another_database_system_is_restarted_and_named() {
         ]
     );
 }
+
+#[test]
+fn waiting_stops_once_a_refusal_to_start_has_lasted_the_primarys_first() {
+    type E = std::io::Error;
+    let refusing = |observed: &mut Observed, o: u32, why: &str| {
+        let seen = observed.instances.get_mut(&o).unwrap();
+        seen.running = false;
+        seen.start_failure = Some(why.into());
+    };
+    let mut observed = converged(2);
+    let mut since = BTreeMap::new();
+    assert!(lasting_refusal::<E>(&plan(2), &observed, &mut since).is_none());
+    assert!(since.is_empty());
+    // Seen once: it may be a stale line; it is remembered, not acted on.
+    refusing(&mut observed, 2, "foreign data");
+    assert!(lasting_refusal::<E>(&plan(2), &observed, &mut since).is_none());
+    assert!(since.contains_key(&2));
+    since.insert(2, Instant::now() - REFUSAL_GRACE);
+    let e = lasting_refusal::<E>(&plan(2), &observed, &mut since).unwrap();
+    assert_eq!(e.to_string(), "demo-2 cannot start: foreign data");
+    // The primary's refusal is the one named.
+    refusing(&mut observed, 0, "empty data");
+    since.insert(0, Instant::now() - REFUSAL_GRACE);
+    let e = lasting_refusal::<E>(&plan(2), &observed, &mut since).unwrap();
+    assert!(
+        e.to_string()
+            .starts_with("demo-0, the primary, cannot start: empty data."),
+        "{e}"
+    );
+    // A refusal that ended is forgotten: seen again, it starts over.
+    observed.instances.get_mut(&0).unwrap().start_failure = None;
+    observed.instances.get_mut(&2).unwrap().start_failure = None;
+    assert!(lasting_refusal::<E>(&plan(2), &observed, &mut since).is_none());
+    assert!(since.is_empty());
+}
